@@ -1,0 +1,20 @@
+"""bnlint: a BatchNorm linter for PyTorch and ONNX models.
+
+Importing bnlint is cheap: torch, onnx and networkx are imported only by the code that needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from bnlint.findings import Report
+
+
+def lint(path_or_module: Any, data: Any = None, config: Any = None, **options: Any) -> "Report":
+    """Lint a model file, folder, or live nn.Module; see bnlint.api.lint."""
+    from bnlint.api import lint as _lint
+
+    return _lint(path_or_module, data=data, config=config, **options)

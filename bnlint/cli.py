@@ -1,0 +1,209 @@
+"""Command-line wiring only: parse flags, build a Config, call the API, pick a reporter, exit.
+
+Exit codes: 0 clean (nothing at or above --fail-on), 1 findings at or above it,
+2 bad usage or at least one input that could not be read (other files are still linted).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import click
+
+from bnlint import __version__
+from bnlint.errors import BnlintError
+
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+FORMATS = ("text", "json", "sarif", "github", "junit")
+
+
+class DefaultCheckGroup(click.Group):
+    """`bnlint PATH...` means `bnlint check PATH...`; `bnlint rules` and `bnlint rule CODE` stay commands."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["check", *args]
+        return super().parse_args(ctx, args)
+
+
+def _split_codes(values: Sequence[str]) -> tuple[str, ...] | None:
+    codes = tuple(c.strip().upper() for v in values for c in v.split(",") if c.strip())
+    return codes or None
+
+
+@click.group(cls=DefaultCheckGroup, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
+@click.version_option(__version__, prog_name="bnlint")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """bnlint: find BatchNorm problems in PyTorch and ONNX model files.
+
+    \b
+    bnlint model.pt                      static checks
+    bnlint model.pt --data sample.npz    plus drift / batch checks on your data
+    bnlint rules                         the rule table
+    bnlint rule BN403                    one rule's documentation
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@main.command("check")
+@click.argument("paths", nargs=-1, type=click.Path(), required=False)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True, help="Output format.")
+@click.option("--select", multiple=True, help="Only these rule codes or prefixes (comma-separated, repeatable).")
+@click.option("--ignore", multiple=True, help="Skip these rule codes or prefixes (comma-separated, repeatable).")
+@click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]), default=None, help="Lowest severity that makes the exit code 1 [default: warning].")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report to FILE instead of stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="Findings only: no summary, no progress.")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Read settings from this TOML file instead of the nearest pyproject.toml/bnlint.toml.")
+@click.option("--reference", type=click.Path(), default=None, help="Checkpoint fine-tuning started from (enables BN407).")
+@click.option("--data", type=click.Path(), default=None, help="Sample of the data the model now sees (.npz, .npy or a folder of shards): enables BN6xx.")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=KEY", help="Map a model input to an array in --data (repeatable).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size for the analysis pass [default: 32].")
+@click.option("--train-batch-size", type=click.IntRange(min=1), default=None, help="Batch size used in training (else from a Lightning checkpoint).")
+@click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Architecture for state dicts: package.module:factory or path/to/file.py:factory.")
+@click.option("--arch-kwargs", default=None, metavar="JSON", help='Keyword arguments for the factory, e.g. \'{"num_classes": 10}\'.')
+@click.option("--trust", is_flag=True, help="Allow running code from the input file (needed only to run a pickled nn.Module).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Report only findings not in this baseline file.")
+@click.option("--write-baseline", is_flag=True, help="Write the current findings to --baseline and exit 0.")
+def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tuple[str, ...], fail_on: str | None,
+          output: str | None, quiet: bool, color: str, config_path: str | None, reference: str | None,
+          data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
+          arch: str | None, arch_kwargs: str | None, trust: bool, device: str, baseline: str | None,
+          write_baseline: bool) -> None:
+    """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx files)."""
+    from bnlint.api import lint_paths
+    from bnlint.config import load_config
+
+    try:
+        config = load_config(config_path).with_overrides(
+            select=_split_codes(select), ignore=_split_codes(ignore), fail_on=fail_on
+        )
+        if write_baseline and not baseline:
+            raise BnlintError("--write-baseline needs --baseline FILE")
+        dynamic = _dynamic_options(data, inputs, batch_size, train_batch_size, arch, arch_kwargs, trust, device, quiet, config) if data else None
+        if not paths:
+            if data:
+                raise BnlintError("--data needs a model file to run")
+            # Nothing to lint (e.g. a pre-commit hook with no model files staged): clean exit.
+            sys.exit(EXIT_CLEAN)
+        report = lint_paths(paths, config, reference=reference, dynamic=dynamic)
+        if baseline:
+            from bnlint.baseline import apply_baseline, write_baseline_file
+
+            if write_baseline:
+                count = write_baseline_file(report, baseline)
+                click.echo(f"bnlint: wrote {count} findings to {baseline}", err=True)
+                sys.exit(EXIT_CLEAN)
+            apply_baseline(report, baseline)
+    except BnlintError as exc:
+        click.echo(f"bnlint: error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+
+    for note in report.notes:
+        click.echo(f"bnlint: {note}", err=True)
+    _write(report, _rules_run(config, dynamic is not None), fmt, output, quiet, color)
+    sys.exit(exit_code(report, config.fail_level()))
+
+
+def exit_code(report: Any, fail_level: Any) -> int:
+    if report.errors:
+        return EXIT_ERROR
+    worst = report.worst()
+    if fail_level is not None and worst is not None and worst >= fail_level:
+        return EXIT_FINDINGS
+    return EXIT_CLEAN
+
+
+def _dynamic_options(data: str, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
+                     arch: str | None, arch_kwargs: str | None, trust: bool, device: str, quiet: bool, config: Any) -> Any:
+    import json
+
+    from bnlint.dynamic import DynamicOptions
+
+    mapping: dict[str, str] = {}
+    for item in inputs:
+        name, sep, key = item.partition("=")
+        if not sep or not name or not key:
+            raise BnlintError(f"--input expects NAME=KEY, got {item!r}")
+        mapping[name] = key
+    kwargs: dict[str, Any] = {}
+    if arch_kwargs:
+        try:
+            kwargs = json.loads(arch_kwargs)
+        except json.JSONDecodeError as exc:
+            raise BnlintError(f"--arch-kwargs is not valid JSON: {exc.msg}") from None
+        if not isinstance(kwargs, dict):
+            raise BnlintError("--arch-kwargs must be a JSON object")
+    return DynamicOptions(
+        data=data, inputs=mapping, batch_size=batch_size, train_batch_size=train_batch_size, arch=arch,
+        arch_kwargs=kwargs, trust=trust, device=device, quiet=quiet or not sys.stderr.isatty(),
+    )
+
+
+def _rules_run(config: Any, dynamic: bool) -> dict[str, Any]:
+    """The rules that ran: enabled by the config, and the dynamic ones only when data was given."""
+    from bnlint.rules import all_rules
+
+    return {code: spec for code, spec in all_rules().items() if config.code_enabled(code) and (dynamic or spec.scope != "dynamic")}
+
+
+def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, quiet: bool, color: str) -> None:
+    from bnlint.report import write_report
+
+    if output:
+        try:
+            stream = open(output, "w", encoding="utf-8", newline="\n")
+        except OSError as exc:
+            click.echo(f"bnlint: error: cannot write {output}: {exc.strerror}", err=True)
+            sys.exit(EXIT_ERROR)
+    else:
+        stream = click.get_text_stream("stdout")
+    use_color = color == "always" or (color == "auto" and output is None and stream.isatty())
+    try:
+        write_report(report, rules, fmt, stream, color=use_color, quiet=quiet, tool_version=__version__)
+    finally:
+        if output:
+            stream.close()
+
+
+@main.command("rules")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
+def rules_command(fmt: str) -> None:
+    """List every rule: code, name, default severity, summary."""
+    import json
+
+    from bnlint.rules import all_rules
+
+    specs = all_rules().values()
+    if fmt == "json":
+        rows = [{"code": s.code, "name": s.name, "severity": s.severity.label, "family": s.family, "summary": s.summary, "fix": s.fix} for s in specs]
+        click.echo(json.dumps(rows, indent=2))
+    elif fmt == "markdown":
+        click.echo("| code | name | severity | what it finds |\n|---|---|---|---|")
+        for s in specs:
+            click.echo(f"| {s.code} | {s.name} | {s.severity.label} | {s.summary} |")
+    else:
+        width = max(len(s.name) for s in specs)
+        for s in specs:
+            click.echo(f"{s.code}  {s.name:<{width}}  {s.severity.label:<7}  {s.summary}")
+
+
+@main.command("rule")
+@click.argument("code")
+def rule_command(code: str) -> None:
+    """Show one rule's documentation page."""
+    from bnlint.rules import all_rules
+
+    spec = all_rules().get(code.strip().upper())
+    if spec is None:
+        click.echo(f"bnlint: error: unknown rule code {code!r} (see `bnlint rules`)", err=True)
+        sys.exit(EXIT_ERROR)
+    click.echo(f"# {spec.code} {spec.name} ({spec.severity.label})\n\n{spec.summary}\n\nFix: {spec.fix}\n\n{spec.doc}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

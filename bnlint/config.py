@@ -1,0 +1,138 @@
+"""One frozen Config, read from [tool.bnlint] in the nearest pyproject.toml or bnlint.toml.
+
+Command-line flags win over the file; the file wins over the defaults here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from bnlint.errors import UsageError
+from bnlint.findings import Severity
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# Documented thresholds (README "Configuration"); rules read them through Config.threshold.
+DEFAULT_THRESHOLDS: dict[str, float] = {
+    "min_var_plus_eps": 1e-8,  # BN103: below this 1/sqrt(var+eps) > 1e4
+    "few_updates": 20,  # BN105: num_batches_tracked below this (0.9**20 = 12% weight left on init)
+    "variance_outlier_ratio": 1e4,  # BN106: channel var vs layer median, either direction
+    "dead_gamma": 1e-6,  # BN108: |gamma| at or below this is a dead channel
+    "max_scale": 1e4,  # BN109: |gamma|/sqrt(var+eps) above this overflows fp16 once folded
+    "folded_scale_outlier_ratio": 100.0,  # BN503: channel weight norm vs layer median
+    "unusual_momentum": 0.5,  # BN304: torch momentum at or above this looks like Keras' convention
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    select: tuple[str, ...] = ()  # code prefixes; empty selects every rule
+    ignore: tuple[str, ...] = ()
+    fail_on: str = "warning"  # error | warning | info | never
+    per_layer_ignores: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # glob -> code prefixes
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    dynamic: Mapping[str, Any] = field(default_factory=dict)  # [tool.bnlint.dynamic] options
+    source: str | None = None  # the file the config was read from
+
+    def threshold(self, name: str, default: float | None = None) -> float:
+        if name in self.thresholds:
+            return float(self.thresholds[name])
+        if name in DEFAULT_THRESHOLDS:
+            return DEFAULT_THRESHOLDS[name]
+        if default is None:
+            raise KeyError(name)
+        return default
+
+    def fail_level(self) -> Severity | None:
+        return None if self.fail_on == "never" else Severity.parse(self.fail_on)
+
+    def code_enabled(self, code: str) -> bool:
+        """The longest matching prefix of select or ignore wins (flake8's rule); ties go to ignore."""
+        selected = max((len(p) for p in self.select if code.startswith(p)), default=-1)
+        if not self.select:
+            selected = 0  # an empty select list selects everything, at the weakest length
+        ignored = max((len(p) for p in self.ignore if code.startswith(p)), default=-1)
+        return selected >= 0 and selected > ignored
+
+    def layer_ignored(self, layer: str | None, code: str) -> bool:
+        if layer is None:
+            return False
+        return any(
+            fnmatch.fnmatchcase(layer, pattern) and any(code.startswith(p) for p in codes)
+            for pattern, codes in self.per_layer_ignores.items()
+        )
+
+    def with_overrides(self, **changes: Any) -> "Config":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _codes(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{where}: expected a list of rule codes")
+    return tuple(v.strip().upper() for v in value if v.strip())
+
+
+def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
+    known = {"select", "ignore", "fail-on", "per-layer-ignores", "thresholds", "dynamic"}
+    unknown = set(table) - known
+    if unknown:
+        raise UsageError(f"{source or 'config'}: unknown [tool.bnlint] key(s): {', '.join(sorted(unknown))}")
+    fail_on = str(table.get("fail-on", "warning")).lower()
+    if fail_on not in ("error", "warning", "info", "never"):
+        raise UsageError(f"{source}: fail-on must be error, warning, info or never")
+    per_layer = table.get("per-layer-ignores", {})
+    if not isinstance(per_layer, dict):
+        raise UsageError(f"{source}: per-layer-ignores must be a table of glob = [codes]")
+    thresholds = table.get("thresholds", {})
+    unknown_thresholds = set(thresholds) - set(DEFAULT_THRESHOLDS)
+    if unknown_thresholds:
+        raise UsageError(f"{source}: unknown threshold(s): {', '.join(sorted(unknown_thresholds))}")
+    return Config(
+        select=_codes(table.get("select", []), f"{source}: select"),
+        ignore=_codes(table.get("ignore", []), f"{source}: ignore"),
+        fail_on=fail_on,
+        per_layer_ignores={g: _codes(c, f"{source}: per-layer-ignores") for g, c in per_layer.items()},
+        thresholds={k: float(v) for k, v in thresholds.items()},
+        dynamic=dict(table.get("dynamic", {})),
+        source=source,
+    )
+
+
+def find_config_file(start: Path) -> Path | None:
+    """The nearest bnlint.toml, or pyproject.toml with a [tool.bnlint] table, from start upwards."""
+    here = start.resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / "bnlint.toml"
+        if candidate.is_file():
+            return candidate
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file() and "bnlint" in _read_toml(candidate).get("tool", {}):
+            return candidate
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read configuration: {exc}") from None
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None, start: Path | None = None) -> Config:
+    path = Path(explicit) if explicit else find_config_file(start or Path.cwd())
+    if path is None:
+        return Config()
+    data = _read_toml(path)
+    table = data.get("tool", {}).get("bnlint", data if path.name == "bnlint.toml" else {})
+    return from_table(table, str(path))

@@ -1,0 +1,28 @@
+"""Typed errors. Every user-facing failure is one of these, never an assert or a bare exception."""
+
+from __future__ import annotations
+
+
+class BnlintError(Exception):
+    """Base class: the message is one line, shown to the user as-is."""
+
+
+class InputError(BnlintError):
+    """An input file cannot be read (missing, wrong format, truncated, corrupt). Exit code 2."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class DataError(InputError):
+    """The --data sample cannot be used with this model (shape, dtype, NaN, missing key)."""
+
+
+class UsageError(BnlintError):
+    """Bad command-line usage or configuration. Exit code 2."""
+
+
+class TrustRequired(InputError):
+    """The requested job would run code from the input file and --trust was not given."""

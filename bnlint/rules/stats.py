@@ -1,0 +1,425 @@
+"""BN1xx: health of the stored statistics and affine parameters of each BatchNorm layer."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from bnlint.findings import Severity
+from bnlint.model import BN_TENSORS, BNLayer
+from bnlint.rules._util import TORCH_DEFAULT_MOMENTUM, channel_text, channels, eps_of, num
+from bnlint.rules.registry import Hit, rule
+
+FP16_MAX = 65504.0
+
+
+@rule(
+    code="BN101",
+    name="nonfinite-stats",
+    severity=Severity.ERROR,
+    summary="A BatchNorm tensor holds NaN or Inf.",
+    fix="Find the overflow (often fp16/AMP) that produced it, then re-estimate the statistics with "
+    "torch.optim.swa_utils.update_bn or precise BN on training data.",
+)
+def nonfinite_stats(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+    """## What it does
+    Checks `weight`, `bias`, `running_mean` and `running_var` of every BatchNorm layer for NaN
+    and infinite values.
+
+    ## Why is this bad?
+    In eval mode BatchNorm computes `(x - running_mean) / sqrt(running_var + eps) * weight + bias`
+    for every sample: one NaN channel turns that channel of every output into NaN, and the NaN
+    spreads through every later layer. Running statistics typically become NaN when a train-mode
+    forward pass overflowed under mixed precision: the update `(1 - momentum) * old + momentum * batch`
+    keeps the NaN forever.
+
+    ## Example
+    `running_var[3] = nan` after an AMP step that overflowed.
+
+    ## Use instead
+    Fix the overflow (keep BatchNorm in float32, check the loss scaler), then recompute the
+    running statistics over training data with `torch.optim.swa_utils.update_bn(loader, model)`.
+
+    ## References
+    - pytorch/pytorch#90342 and #96798 (NaN running statistics under AMP).
+    - timgaripov/swa#8.
+    """
+    counts = {}
+    parts = []
+    for tensor in BN_TENSORS:
+        values = layer.array(tensor)
+        if values is None:
+            continue
+        nan, inf = np.isnan(values), np.isinf(values)
+        if nan.any() or inf.any():
+            counts[tensor] = {"nan": int(nan.sum()), "inf": int(inf.sum()), "channels": channels(nan | inf, limit=16)}
+            parts.append(f"{tensor} has {int(nan.sum())} NaN and {int(inf.sum())} Inf (channels {channel_text(nan | inf)})")
+    if counts:
+        yield Hit(message="; ".join(parts), layer=layer.name, values={"tensors": counts})
+
+
+@rule(
+    code="BN102",
+    name="negative-running-var",
+    severity=Severity.ERROR,
+    summary="running_var holds negative values.",
+    fix="Re-estimate the statistics (update_bn / precise BN); a variance can never be negative.",
+)
+def negative_running_var(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+    """## What it does
+    Finds channels whose stored running variance is below zero.
+
+    ## Why is this bad?
+    A variance is never negative. `sqrt(running_var + eps)` of a negative number below `-eps`
+    is NaN, so the channel outputs NaN in eval mode; just above `-eps` it divides by a tiny
+    number. Negative variances come from corrupted files, bad weight conversion or averaging
+    bugs, never from BatchNorm itself.
+
+    ## Example
+    `running_var[0] = -0.5`.
+
+    ## Use instead
+    Re-estimate the statistics over training data with `torch.optim.swa_utils.update_bn`.
+
+    ## References
+    - pytorch/vision#2599 (invalid variances in converted checkpoints).
+    """
+    var = layer.array("running_var")
+    if var is None:
+        return
+    negative = var < 0
+    if negative.any():
+        yield Hit(
+            message=f"running_var is negative in {int(negative.sum())} of {var.size} channels "
+            f"(channels {channel_text(negative)}; min {num(float(var[negative].min()))})",
+            layer=layer.name,
+            values={"count": int(negative.sum()), "min": float(var[negative].min()), "channels": channels(negative, 16)},
+        )
+
+
+@rule(
+    code="BN103",
+    name="near-zero-variance",
+    severity=Severity.ERROR,
+    summary="running_var + eps is so close to zero that the channel blows up at inference.",
+    fix="Use eps >= 1e-5 and keep BatchNorm buffers in float32; re-estimate the statistics.",
+)
+def near_zero_variance(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+    """## What it does
+    Finds channels where `running_var + eps` (the denominator of eval-mode BatchNorm) is below
+    the `min_var_plus_eps` threshold (default 1e-8, i.e. a gain above 1e4 per unit of gamma).
+
+    ## Why is this bad?
+    In eval mode each channel is multiplied by `weight / sqrt(running_var + eps)`. With `eps=0`
+    and a variance that is zero (a dead ReLU upstream), denormal, or underflowed in fp16, that
+    factor is huge or infinite: any input that differs from `running_mean` becomes Inf or NaN.
+
+    ## Example
+    `BatchNorm2d(64, eps=0)` with `running_var[7] = 0.0`.
+
+    ## Use instead
+    Keep `eps` at PyTorch's default 1e-5 (or the value the model was trained with), store
+    BatchNorm buffers in float32, and re-estimate statistics after any conversion.
+
+    ## References
+    - pytorch/vision#2599 and PR #1947 (eps and zero variances in detection models).
+    """
+    var = layer.array("running_var")
+    if var is None:
+        return
+    eps = eps_of(layer)
+    denominator = var + eps
+    tiny = np.isfinite(denominator) & (var >= 0) & (denominator < ctx.config.threshold("min_var_plus_eps"))
+    if tiny.any():
+        smallest = float(denominator[tiny].min())
+        yield Hit(
+            message=f"running_var + eps is below {num(ctx.config.threshold('min_var_plus_eps'))} in "
+            f"{int(tiny.sum())} channels (channels {channel_text(tiny)}; min {num(smallest)} with eps {num(eps)})",
+            layer=layer.name,
+            values={"count": int(tiny.sum()), "min_var_plus_eps": smallest, "eps": eps, "channels": channels(tiny, 16)},
+        )
+
+
+def _is_default_stats(layer: BNLayer) -> bool:
+    mean, var = layer.array("running_mean"), layer.array("running_var")
+    return mean is not None and var is not None and bool(np.all(mean == 0) and np.all(var == 1))
+
+
+@rule(
+    code="BN104",
+    name="stats-never-updated",
+    severity=Severity.ERROR,
+    summary="Running statistics are still at their initial values (mean 0, var 1).",
+    fix="Re-estimate the statistics on training data: torch.optim.swa_utils.update_bn(loader, model) or precise BN.",
+)
+def stats_never_updated(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+    """## What it does
+    Finds layers whose `running_mean` is exactly all zeros and `running_var` exactly all ones:
+    the values `reset_running_stats()` sets, which no real data produces. It looks at the values,
+    not at `num_batches_tracked` (converted and old checkpoints carry genuine statistics with a
+    counter of 0).
+
+    ## Why is this bad?
+    In eval mode BatchNorm normalises with these stored values. If the weights were trained
+    with batch statistics but the running statistics were never updated (training code that
+    never ran BN in train mode, weights copied without buffers, a fresh `AveragedModel`), every
+    inference normalises with mean 0 / var 1 instead of the real activation statistics and the
+    outputs are wrong, although training accuracy looked fine.
+
+    ## Example
+    A layer with trained `weight`/`bias` but `running_mean == 0`, `running_var == 1`,
+    `num_batches_tracked == 0`.
+
+    ## Use instead
+    Run `torch.optim.swa_utils.update_bn(train_loader, model)` (or fvcore's precise BN) to
+    estimate the statistics, then save again. A layer whose weights are also at initial values
+    is simply untrained (reported as a warning).
+
+    ## References
+    - cleinc/bts#90; PyTorch forums, "running_mean and running_var are all zeros / ones".
+    - `torch.optim.swa_utils.update_bn` documentation.
+    """
+    if layer.is_known("track_running_stats") and layer.track_running_stats is False:
+        return
+    if not _is_default_stats(layer):
+        return
+    weight, bias = layer.array("weight"), layer.array("bias")
+    trained = (weight is not None and not np.all(weight == 1)) or (bias is not None and not np.all(bias == 0))
+    counter = "absent" if layer.num_batches_tracked is None else str(layer.num_batches_tracked)
+    if trained:
+        yield Hit(
+            message=f"running_mean is all 0 and running_var all 1 (never updated; num_batches_tracked {counter}) "
+            "while weight/bias are trained: eval mode normalises with the wrong statistics",
+            layer=layer.name,
+            values={"num_batches_tracked": layer.num_batches_tracked, "weights_trained": True},
+        )
+    else:
+        yield Hit(
+            message=f"layer is entirely at its initial values (running stats 0/1, weight 1, bias 0; "
+            f"num_batches_tracked {counter}): the model looks untrained",
+            layer=layer.name,
+            values={"num_batches_tracked": layer.num_batches_tracked, "weights_trained": False},
+            severity=Severity.WARNING,
+        )
+
+
+@rule(
+    code="BN105",
+    name="few-stat-updates",
+    severity=Severity.WARNING,
+    summary="The running statistics were updated by very few batches.",
+    fix="Re-estimate the statistics over many batches (update_bn, or precise BN with ~200 batches).",
+)
+def few_stat_updates(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+    """## What it does
+    Reports layers whose `num_batches_tracked` is positive but below the `few_updates` threshold
+    (default 20), and says how much of the initial values (mean 0, var 1) is still mixed into the
+    stored statistics.
+
+    ## Why is this bad?
+    With PyTorch's default `momentum=0.1` each train-mode batch moves the running statistics
+    10% of the way to the batch's statistics, so after k batches the initial values still weigh
+    `0.9**k` (35% after 10, 12% after 20). The stored statistics are then a mix of arbitrary
+    initial values and the noise of a few batches.
+
+    ## Example
+    A checkpoint saved after 3 training steps: `num_batches_tracked == 3`.
+
+    ## Use instead
+    Train longer, or estimate the population statistics directly with
+    `torch.optim.swa_utils.update_bn` (cumulative average over a whole loader).
+
+    ## References
+    - Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm" (precise BN).
+    """
+    count = layer.num_batches_tracked
+    if count is None or count <= 0 or count >= ctx.config.threshold("few_updates") or _is_default_stats(layer):
+        return
+    momentum = layer.momentum if layer.is_known("momentum") else TORCH_DEFAULT_MOMENTUM
+    if momentum is None:  # cumulative average: the initial values are gone after the first batch
+        message = f"running statistics are the average of only {count} batches (num_batches_tracked {count})"
+        leftover = 0.0
+    else:
+        leftover = (1.0 - float(momentum)) ** count
+        message = (
+            f"running statistics were updated by only {count} batches: the initial values (mean 0, var 1) "
+            f"still make up {leftover:.0%} of them (momentum {num(float(momentum))})"
+        )
+    yield Hit(message=message, layer=layer.name, values={"num_batches_tracked": count, "initial_weight": leftover})
+
+
+@rule(
+    code="BN106",
+    name="variance-outlier",
+    severity=Severity.WARNING,
+    summary="A channel's running_var is orders of magnitude away from the rest of its layer.",
+    fix="Check the data and the conversion that produced these statistics; re-estimate them on training data.",
+)
+def variance_outlier(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+    """## What it does
+    Compares each channel's running variance with the median over the layer's live channels
+    (dead channels, `|weight| <= dead_gamma`, are left to BN108) and reports channels more than
+    `variance_outlier_ratio` (default 1e4) times above or below it.
+
+    ## Why is this bad?
+    Channels of one layer see activations of similar scale; a variance 10,000 times the median
+    usually means a corrupted buffer, a single exploding batch caught by the running average,
+    or a unit mismatch in a conversion. At inference such a channel is squashed to ~0 (or, far
+    below the median, amplified).
+
+    ## Example
+    `running_var = [0.9, 1.1, 1.0, 2.3e6]`.
+
+    ## Use instead
+    Re-estimate the statistics on clean training data; inspect the data pipeline for outliers.
+
+    ## References
+    - Xilinx/brevitas#388 (extreme BN statistics break quantisation).
+    """
+    var = layer.array("running_var")
+    if var is None or var.size < 4:
+        return
+    weight = layer.array("weight")
+    live = np.isfinite(var) & (var > 0)
+    if weight is not None and weight.size == var.size:
+        live &= np.abs(weight) > ctx.config.threshold("dead_gamma")
+    if live.sum() < 4:
+        return
+    median = float(np.median(var[live]))
+    ratio = ctx.config.threshold("variance_outlier_ratio")
+    outlier = live & ((var > median * ratio) | (var < median / ratio))
+    if outlier.any():
+        worst = int(np.flatnonzero(outlier)[np.argmax(np.abs(np.log(var[outlier] / median)))])
+        yield Hit(
+            message=f"running_var of {int(outlier.sum())} channels is more than {num(ratio)}x away from the layer "
+            f"median {num(median)} (channels {channel_text(outlier)}; worst channel {worst}: {num(float(var[worst]))})",
+            layer=layer.name,
+            values={"median": median, "count": int(outlier.sum()), "channels": channels(outlier, 16), "worst": float(var[worst])},
+        )
+
+
+@rule(
+    code="BN107",
+    name="variance-overflows-fp16",
+    severity=Severity.WARNING,
+    summary="running_var exceeds 65504 and becomes Inf when the model is cast to half precision.",
+    fix="Keep BatchNorm in float32 (model.half() excluding BN, or autocast), or fold BN in float32 before casting.",
+)
+def variance_overflows_fp16(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+    """## What it does
+    Finds running variances larger than 65504, the largest finite float16 value.
+
+    ## Why is this bad?
+    `model.half()` casts BatchNorm buffers too: those variances become `+inf`, the channel's
+    gain `1/sqrt(inf)` becomes 0 and the channel is silently zeroed at inference. Converted
+    models legitimately carry variances up to ~5e5, so the file is fine in float32 — the cast is
+    what breaks it.
+
+    ## Example
+    `running_var[12] = 3.1e5` in a layer of a model deployed with `.half()`.
+
+    ## Use instead
+    Keep BatchNorm in float32 under mixed precision, or fold BN into the preceding convolution
+    in float32 before casting.
+
+    ## References
+    - Keras casts BatchNorm inputs to float32 for this reason (mixed precision guide).
+    """
+    var = layer.array("running_var")
+    if var is None:
+        return
+    big = np.isfinite(var) & (var > FP16_MAX)
+    if big.any():
+        yield Hit(
+            message=f"running_var exceeds the float16 maximum 65504 in {int(big.sum())} channels "
+            f"(channels {channel_text(big)}; max {num(float(var[big].max()))}): a half-precision cast makes them Inf",
+            layer=layer.name,
+            values={"count": int(big.sum()), "max": float(var[big].max()), "channels": channels(big, 16)},
+        )
+
+
+@rule(
+    code="BN108",
+    name="dead-channels",
+    severity=Severity.INFO,
+    summary="Channels whose BatchNorm weight (gamma) is ~0 output a constant.",
+    fix="Prune the channels, or check whether weight decay / L1 sparsity drove them to zero on purpose.",
+)
+def dead_channels(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+    """## What it does
+    Counts channels with `|weight| <= dead_gamma` (default 1e-6).
+
+    ## Why is this bad?
+    Such a channel outputs `bias` whatever its input: it carries no information. That is often
+    deliberate (network slimming prunes by `|gamma|`), but a large share of dead channels can
+    also mean a dead ReLU upstream or a broken initialisation. Drift metrics weight channels by
+    `|gamma|` for the same reason.
+
+    ## Example
+    `weight[[3, 9, 17]] == 0.0`.
+
+    ## Use instead
+    Prune the channels (and the matching filters of the preceding convolution) or investigate
+    why they died.
+
+    ## References
+    - Liu et al. 2017, "Learning Efficient Convolutional Networks through Network Slimming".
+    - Eric-mingjie/rethinking-network-pruning#50.
+    """
+    weight = layer.array("weight")
+    if weight is None:
+        return
+    dead = np.isfinite(weight) & (np.abs(weight) <= ctx.config.threshold("dead_gamma"))
+    if dead.any():
+        yield Hit(
+            message=f"{int(dead.sum())} of {weight.size} channels have |weight| <= {num(ctx.config.threshold('dead_gamma'))} "
+            f"and output a constant (channels {channel_text(dead)})",
+            layer=layer.name,
+            values={"count": int(dead.sum()), "channels": channels(dead, 64)},
+        )
+
+
+@rule(
+    code="BN109",
+    name="scale-overflow",
+    severity=Severity.WARNING,
+    summary="The effective gain |weight|/sqrt(running_var + eps) is so large that folding or fp16 overflows.",
+    fix="Fold BN in float32, use per-channel quantisation, and check the tiny variances behind the gain.",
+)
+def scale_overflow(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+    """## What it does
+    Computes each channel's effective gain `|weight| / sqrt(running_var + eps)` and reports
+    channels above `max_scale` (default 1e4).
+
+    ## Why is this bad?
+    Folding BatchNorm into the preceding convolution multiplies that convolution's filter by the
+    gain. A gain of 1e4 on a filter weight of 10 already exceeds float16's 65504, and per-tensor
+    int8 quantisation loses every other channel to that one channel's range.
+
+    ## Example
+    `weight[5] = 50`, `running_var[5] = 1e-9`, `eps = 1e-12`: gain 1.6e6.
+
+    ## Use instead
+    Fold in float32, quantise per channel, and find out why the variance is so small (BN103).
+
+    ## References
+    - Xilinx/brevitas#388.
+    """
+    var = layer.array("running_var")
+    if var is None:
+        return
+    weight = layer.array("weight")
+    gamma = np.ones_like(var) if weight is None or weight.size != var.size else np.abs(weight)
+    denominator = var + eps_of(layer)
+    usable = np.isfinite(denominator) & (denominator > 0) & np.isfinite(gamma)
+    gain = np.zeros_like(var)
+    gain[usable] = gamma[usable] / np.sqrt(denominator[usable])
+    big = gain > ctx.config.threshold("max_scale")
+    if big.any():
+        yield Hit(
+            message=f"effective gain |weight|/sqrt(running_var + eps) exceeds {num(ctx.config.threshold('max_scale'))} in "
+            f"{int(big.sum())} channels (channels {channel_text(big)}; max {num(float(gain.max()))})",
+            layer=layer.name,
+            values={"count": int(big.sum()), "max_gain": float(gain.max()), "channels": channels(big, 16)},
+        )

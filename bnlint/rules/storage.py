@@ -1,0 +1,155 @@
+"""BN2xx: how the BatchNorm state is stored (dtypes, eps, averaged and DataParallel checkpoints)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from bnlint.findings import Severity
+from bnlint.model import BN_TENSORS, BNLayer, ModelInfo
+from bnlint.rules.registry import Hit, rule
+
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+@rule(
+    code="BN201",
+    name="half-precision-buffers",
+    severity=Severity.WARNING,
+    summary="BatchNorm tensors are stored in float16/bfloat16.",
+    fix="Keep BatchNorm in float32: cast the rest of the model, or use autocast instead of model.half().",
+)
+def half_precision_buffers(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+    """## What it does
+    Reports BatchNorm layers whose `running_mean`, `running_var`, `weight` or `bias` are stored
+    in float16 or bfloat16.
+
+    ## Why is this bad?
+    float16 cannot hold variances above 65504 (they become Inf) nor below ~6e-8 (they flush to
+    zero, and with a small eps the channel's gain explodes); bfloat16 keeps the range but only
+    ~3 significant digits, so the running averages lose the small updates momentum makes.
+    Mixed-precision frameworks keep BatchNorm in float32 for these reasons.
+
+    ## Example
+    A state dict saved after `model.half()`: `bn1.running_var.dtype == torch.float16`.
+
+    ## Use instead
+    Use `torch.autocast` for mixed precision (BatchNorm stays float32) or convert the rest of
+    the model while keeping BatchNorm modules in float32.
+
+    ## References
+    - PyTorch AMP docs (ops that autocast to float32 include batch_norm).
+    - Keras mixed precision guide (BatchNormalization computes in float32).
+    """
+    half = {t: layer.dtype(t) for t in BN_TENSORS if layer.dtype(t) in HALF_DTYPES}
+    if half:
+        listed = ", ".join(f"{t} ({d})" for t, d in half.items())
+        yield Hit(message=f"BatchNorm tensors stored in half precision: {listed}", layer=layer.name, values={"dtypes": half})
+
+
+@rule(
+    code="BN202",
+    name="zero-eps",
+    severity=Severity.ERROR,
+    summary="eps is 0 (or negative): a zero variance divides by zero.",
+    fix="Set eps to the value the model was trained with, PyTorch's default 1e-5 if unsure.",
+)
+def zero_eps(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+    """## What it does
+    Reports BatchNorm layers constructed with `eps <= 0`.
+
+    ## Why is this bad?
+    eps keeps `1/sqrt(running_var + eps)` finite. Variances of exactly zero are common (a
+    channel after a dead ReLU, padding-only inputs), and with `eps=0` they give Inf or NaN
+    outputs in eval mode, and in train mode on a constant batch.
+
+    ## Example
+    `nn.BatchNorm2d(64, eps=0.0)`.
+
+    ## Use instead
+    `nn.BatchNorm2d(64)` (eps=1e-5), or the eps the original framework used (Keras: 1e-3).
+
+    ## References
+    - pytorch/vision#2599 and PR #1947.
+    """
+    if layer.is_known("eps") and layer.eps is not None and layer.eps <= 0:
+        yield Hit(message=f"eps is {layer.eps!r}: channels with zero variance divide by zero", layer=layer.name, values={"eps": layer.eps})
+
+
+@rule(
+    code="BN203",
+    name="averaged-checkpoint",
+    severity=Severity.WARNING,
+    summary="An SWA/EMA averaged checkpoint: its BatchNorm statistics are not averaged and must be re-estimated.",
+    fix="Run torch.optim.swa_utils.update_bn(train_loader, averaged_model) before saving or evaluating.",
+    scope="model",
+)
+def averaged_checkpoint(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+    """## What it does
+    Detects checkpoints of `torch.optim.swa_utils.AveragedModel` (an `n_averaged` buffer), used
+    for SWA and EMA weights.
+
+    ## Why is this bad?
+    `AveragedModel` averages parameters, not BatchNorm buffers (unless `use_buffers=True`): the
+    averaged weights come with running statistics that belong to no model — a copy from when
+    averaging started, or from the last model. The statistics must be recomputed for the
+    averaged weights, which is what `update_bn` does. bnlint cannot tell from the file whether
+    that happened; `--data` with training-distribution data measures it (BN601).
+
+    ## Example
+    A state dict with keys `n_averaged`, `module.conv1.weight`, `module.bn1.running_mean`, ...
+
+    ## Use instead
+    `torch.optim.swa_utils.update_bn(train_loader, swa_model)` after the last averaging step.
+
+    ## References
+    - PyTorch docs, "Stochastic Weight Averaging" (`update_bn`).
+    - mosaicml/composer#624.
+    """
+    buffers = model.metadata.get("averaged_buffers") or []
+    if buffers and model.layers:
+        yield Hit(
+            message=f"averaged (SWA/EMA) checkpoint ({', '.join(buffers[:3])}): BatchNorm running statistics are not "
+            f"averaged with the weights; make sure update_bn re-estimated them for {len(model.layers)} BN layers",
+            values={"averaged_buffers": list(buffers)},
+        )
+
+
+@rule(
+    code="BN204",
+    name="dataparallel-prefix",
+    severity=Severity.INFO,
+    summary="Keys carry a `module.` prefix (DataParallel/DDP) and BatchNorm is not SyncBatchNorm.",
+    fix="Consider SyncBatchNorm (or precise BN after training) when the per-device batch was small.",
+    scope="model",
+)
+def dataparallel_prefix(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+    """## What it does
+    Notes state dicts saved from `nn.DataParallel` / `DistributedDataParallel` (every key starts
+    with `module.`) whose BatchNorm layers are plain BatchNorm, not SyncBatchNorm.
+
+    ## Why is this bad?
+    Under data parallelism each device normalises with the statistics of its own slice of the
+    batch. With small per-device batches those statistics are noisy, training and inference
+    statistics disagree, and accuracy drops. The prefix also makes `load_state_dict` fail on an
+    unwrapped model.
+
+    ## Example
+    `module.layer1.0.bn1.running_mean` in a model trained with 8 GPUs x 2 images.
+
+    ## Use instead
+    `nn.SyncBatchNorm.convert_sync_batchnorm(model)` for small per-device batches; strip the
+    prefix with `torch.nn.modules.utils.consume_prefix_in_state_dict_if_present`.
+
+    ## References
+    - pytorch/pytorch#49794.
+    """
+    prefix = model.metadata.get("key_prefix") or ""
+    if model.metadata.get("averaged_buffers"):
+        return  # AveragedModel wraps its model as `module`: that prefix says nothing about DataParallel
+    plain = [layer.name for layer in model.layers if layer.kind != "SyncBatchNorm"]
+    if prefix.startswith("module.") and plain:
+        yield Hit(
+            message=f"keys carry the DataParallel/DDP prefix {prefix!r} and {len(plain)} BN layers are plain BatchNorm "
+            "(each device normalised with its own slice of the batch)",
+            values={"prefix": prefix, "plain_bn_layers": len(plain)},
+        )

@@ -1,0 +1,75 @@
+"""Configuration: [tool.bnlint] discovery, validation, prefix selection and per-layer ignores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bnlint.config import DEFAULT_THRESHOLDS, Config, load_config
+from bnlint.errors import UsageError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_a_config_file(tmp_path: Path) -> None:
+    config = load_config(start=tmp_path)
+    assert config == Config()
+    assert config.threshold("max_scale") == DEFAULT_THRESHOLDS["max_scale"]
+
+
+def test_nearest_pyproject_with_a_bnlint_table_wins(tmp_path: Path) -> None:
+    write(tmp_path / "pyproject.toml", '[tool.bnlint]\nignore = ["BN108"]\nfail-on = "error"\n')
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    write(tmp_path / "a" / "pyproject.toml", "[project]\nname = 'x'\n")  # no [tool.bnlint]: skipped
+    config = load_config(start=nested)
+    assert config.ignore == ("BN108",) and config.fail_on == "error"
+    assert config.source == str(tmp_path / "pyproject.toml")
+
+
+def test_bnlint_toml_and_per_layer_ignores(tmp_path: Path) -> None:
+    write(tmp_path / "bnlint.toml", '[per-layer-ignores]\n"backbone.*" = ["BN4"]\n[thresholds]\nmax_scale = 100\n')
+    config = load_config(start=tmp_path)
+    assert config.layer_ignored("backbone.layer1.bn", "BN403")
+    assert not config.layer_ignored("head.bn", "BN403")
+    assert not config.layer_ignored("backbone.bn", "BN101")
+    assert config.threshold("max_scale") == 100
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('[tool.bnlint]\nselct = ["BN1"]\n', "unknown [tool.bnlint] key"),
+        ('[tool.bnlint]\nfail-on = "sometimes"\n', "fail-on"),
+        ('[tool.bnlint]\n[tool.bnlint.thresholds]\nmax_sacle = 1\n', "unknown threshold"),
+        ("[tool.bnlint\n", "cannot read configuration"),
+    ],
+)
+def test_bad_config_is_a_usage_error(tmp_path: Path, text: str, problem: str) -> None:
+    write(tmp_path / "pyproject.toml", text)
+    with pytest.raises(UsageError, match=problem.replace("[", r"\[")):
+        load_config(tmp_path / "pyproject.toml")
+
+
+@pytest.mark.parametrize(
+    "select, ignore, code, enabled",
+    [
+        ((), (), "BN101", True),
+        ((), ("BN1",), "BN101", False),
+        (("BN1",), (), "BN201", False),
+        (("BN1",), ("BN10",), "BN101", False),
+        (("BN101",), ("BN1",), "BN101", True),  # the longer prefix wins
+        (("BN1",), ("BN1",), "BN101", False),  # a tie goes to ignore
+    ],
+)
+def test_longest_prefix_wins(select: tuple[str, ...], ignore: tuple[str, ...], code: str, enabled: bool) -> None:
+    assert Config(select=select, ignore=ignore).code_enabled(code) is enabled
+
+
+def test_flags_override_file_values() -> None:
+    config = Config(ignore=("BN1",), fail_on="error").with_overrides(ignore=("BN2",), fail_on=None)
+    assert config.ignore == ("BN2",) and config.fail_on == "error"

@@ -1,0 +1,39 @@
+"""Every rule is declared once, with a unique code, a kebab-case name, a fix and a full doc page."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bnlint.rules import FAMILIES, all_rules
+from bnlint.rules.registry import DOC_HEADINGS
+
+RULES = all_rules()
+
+
+def test_codes_and_names_are_unique() -> None:
+    names = [spec.name for spec in RULES.values()]
+    assert len(names) == len(set(names))
+    assert all(code == spec.code for code, spec in RULES.items())
+
+
+@pytest.mark.parametrize("code", sorted(RULES))
+def test_rule_is_fully_documented(code: str) -> None:
+    spec = RULES[code]
+    assert re.fullmatch(r"BN\d{3}", code) and code[:3] in FAMILIES
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", spec.name)
+    assert spec.summary.strip() and spec.fix.strip()
+    positions = [spec.doc.find(heading) for heading in DOC_HEADINGS]
+    assert all(p >= 0 for p in positions), f"{code} doc lacks a heading: {dict(zip(DOC_HEADINGS, positions))}"
+    assert positions == sorted(positions), f"{code} doc headings out of order"
+    for heading, start in zip(DOC_HEADINGS, positions):
+        body = spec.doc[start + len(heading):].split("\n## ", 1)[0]
+        assert body.strip(), f"{code}: empty section {heading}"
+
+
+def test_no_rule_claims_eval_mode_updates_statistics() -> None:
+    """The popular mistake: eval mode only reads running statistics."""
+    wrong = re.compile(r"eval(uation)?[- ]mode (updates|keeps updating|accumulates)", re.IGNORECASE)
+    for spec in RULES.values():
+        assert not wrong.search(spec.doc + spec.summary + spec.fix), spec.code
