@@ -1,0 +1,156 @@
+"""Lazy tensors over bytes in a file: nothing is read until a rule calls `.numpy()`.
+
+A `ByteSource` says where one storage's bytes are (a byte range of a plain file, or a compressed
+zip member). A `LazyTensor` is a strided view of a storage, like a torch tensor, and reads only
+the byte range its view covers. Used by the torch (zip, legacy) and safetensors loaders.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bnlint.errors import InputError
+
+# Stored dtype name -> (numpy dtype code without byte order, element size).
+# bfloat16 has no numpy dtype: it is read as uint16 and widened to float32 (exact).
+DTYPES: dict[str, tuple[str, int]] = {
+    "float64": ("f8", 8),
+    "float32": ("f4", 4),
+    "float16": ("f2", 2),
+    "bfloat16": ("u2", 2),
+    "int64": ("i8", 8),
+    "int32": ("i4", 4),
+    "int16": ("i2", 2),
+    "int8": ("i1", 1),
+    "uint8": ("u1", 1),
+    "uint16": ("u2", 2),
+    "uint32": ("u4", 4),
+    "uint64": ("u8", 8),
+    "bool": ("b1", 1),
+    "complex64": ("c8", 8),
+    "complex128": ("c16", 16),
+}
+
+# Element sizes of dtypes we can describe but not decode (their tensors raise on .numpy()).
+OPAQUE_SIZES: dict[str, int] = {
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "qint8": 1,
+    "quint8": 1,
+    "qint32": 4,
+    "complex32": 4,
+}
+
+
+def element_size(dtype: str) -> int:
+    if dtype in DTYPES:
+        return DTYPES[dtype][1]
+    return OPAQUE_SIZES.get(dtype, 1)
+
+
+@dataclass
+class ByteSource:
+    """Where a storage's bytes lie: `length` bytes at `offset` of `path`, or inside zip member `member`."""
+
+    path: str
+    offset: int = 0
+    length: int = 0
+    member: str | None = None  # set only for compressed zip members (read through zipfile)
+
+    def read(self, start: int, count: int) -> bytes:
+        if start < 0 or count < 0 or start + count > self.length:
+            raise InputError(self.path, f"tensor view [{start}, {start + count}) lies outside its storage of {self.length} bytes")
+        if self.member is not None:
+            # Compressed members cannot be read at an offset: read the member (rare: torch stores).
+            try:
+                with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as handle:
+                    handle.seek(start)
+                    data = handle.read(count)
+            except (OSError, zipfile.BadZipFile, KeyError) as exc:
+                raise InputError(self.path, f"cannot read zip member {self.member}: {exc}") from None
+        else:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    data = os.pread(fd, count, self.offset + start)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise InputError(self.path, f"cannot read tensor data: {exc.strerror or exc}") from None
+        if len(data) != count:
+            raise InputError(self.path, "file is truncated: tensor data ends early")
+        return data
+
+
+@dataclass
+class StorageRef:
+    """A torch storage as named in a pickle; `source` may be attached after unpickling (legacy files)."""
+
+    key: str
+    dtype: str
+    numel: int
+    location: str = "cpu"
+    source: ByteSource | None = None
+    big_endian: bool = False
+
+
+@dataclass
+class LazyTensor:
+    """A strided view of a storage (TensorRef protocol). Reads its bytes on `.numpy()` only."""
+
+    storage: StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    requires_grad: bool = False
+    view_dtype: str | None = None  # set when the tensor dtype differs from the storage's (untyped storage)
+    is_parameter: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.size
+
+    @property
+    def dtype(self) -> str:
+        return self.view_dtype or self.storage.dtype
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.size:
+            count *= dim
+        return count
+
+    def numpy(self) -> np.ndarray:
+        dtype = self.dtype
+        path = self.storage.source.path if self.storage.source else "<tensor>"
+        if dtype not in DTYPES:
+            raise InputError(path, f"tensor dtype {dtype} cannot be read")
+        code, itemsize = DTYPES[dtype]
+        order = ">" if self.storage.big_endian and itemsize > 1 else "<"
+        stored = np.dtype(order + code if code != "b1" else "?")
+        if self.numel == 0:
+            return np.zeros(self.size, dtype=np.float32 if dtype == "bfloat16" else stored.newbyteorder("="))
+        if self.storage.source is None:
+            raise InputError(path, f"storage {self.storage.key} has no data in the file")
+        if any(s < 0 for s in self.stride) or len(self.stride) != len(self.size):
+            raise InputError(path, f"tensor has an invalid stride {self.stride}")
+        # Read only the elements this view can touch: [offset, offset + extent).
+        extent = 1 + sum((dim - 1) * step for dim, step in zip(self.size, self.stride))
+        raw = self.storage.source.read(self.offset * itemsize, extent * itemsize)
+        flat = np.frombuffer(raw, dtype=stored)
+        view = np.lib.stride_tricks.as_strided(
+            flat, shape=self.size, strides=tuple(step * itemsize for step in self.stride), writeable=False
+        )
+        array = np.array(view, dtype=stored.newbyteorder("="))  # a writable native-order copy
+        if dtype == "bfloat16":
+            # bfloat16 is the top half of a float32: shift into place, bit-exact.
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array
