@@ -1,0 +1,501 @@
+"""ONNX loader: every BatchNormalization node (opsets 1 to 15) as a BNLayer, plus the node graph.
+
+The file is parsed once (protobuf); tensors stay inside the parsed proto, or in their external
+data file, until a rule calls `.numpy()`, so loading costs about one `onnx.load`. External data
+is resolved here rather than by onnx, so that a location escaping the model's folder (absolute
+path, `..`, a symlink out) is refused before anything is read.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import ChainMap, Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterator
+
+import networkx as nx
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from bnlint.errors import InputError
+from bnlint.model import ArrayTensor, BNLayer, ModelInfo, TensorRef
+
+BN_OP_VERSIONS = (1, 6, 7, 9, 14, 15)  # opsets in which BatchNormalization changed
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm")  # ops a following BN can be folded into
+OTHER_NORMS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
+_PACKED = {"int4": 2, "uint4": 2, "float4e2m1": 2, "int2": 4, "uint2": 4}  # elements per byte
+# A BN's mean/var source, most telling first: one batch-dependent input makes the pair batch-dependent.
+_STATS_PRIORITY = ("computed", "input", "unknown", "missing", "constant", "initializer")
+_MAX_CHAIN = 64  # Identity/Cast hops followed before giving up (a malformed graph may loop)
+
+
+def _dtype_name(data_type: int) -> str:
+    """numpy-style name of an ONNX element type: FLOAT -> float32, DOUBLE -> float64, BFLOAT16 -> bfloat16."""
+    try:
+        name = onnx.TensorProto.DataType.Name(data_type).lower()
+    except ValueError:
+        return f"unknown({data_type})"
+    return {"float": "float32", "double": "float64"}.get(name, name)
+
+
+def _nbytes(proto: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's raw data must hold, or None for types without a fixed element size."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(proto.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    if proto.data_type == onnx.TensorProto.STRING:
+        return None
+    count = int(np.prod(proto.dims, dtype=np.int64)) if len(proto.dims) else 1
+    per_byte = _PACKED.get(_dtype_name(proto.data_type))
+    return -(-count // per_byte) if per_byte else count * itemsize
+
+
+@dataclass(frozen=True)
+class OnnxTensor:
+    """A TensorRef over an initializer or Constant tensor; decoded only when `.numpy()` is called."""
+
+    proto: onnx.TensorProto
+    path: str  # the model file, for error messages
+    external: Path | None = None  # checked data file when the bytes live outside the model
+    offset: int = 0
+    length: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.proto.dims)
+
+    @property
+    def dtype(self) -> str:
+        return _dtype_name(self.proto.data_type)
+
+    def numpy(self) -> np.ndarray:
+        proto = self.proto
+        if self.external is not None:
+            proto = onnx.TensorProto()
+            proto.CopyFrom(self.proto)  # no payload to copy: the bytes are external
+            del proto.external_data[:]
+            proto.data_location = onnx.TensorProto.DEFAULT
+            proto.raw_data = self._read_external()
+        try:
+            array = numpy_helper.to_array(proto)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(self.path, f"tensor {self.proto.name!r} cannot be decoded: {exc}") from None
+        if array.dtype.kind == "V":  # bfloat16 / float8 (ml_dtypes): widen, exactly, to float32
+            array = array.astype(np.float32)
+        return array
+
+    def _read_external(self) -> bytes:
+        size = _nbytes(self.proto)
+        count = self.length if self.length is not None else size
+        try:
+            with open(self.external, "rb") as handle:  # type: ignore[arg-type]
+                handle.seek(self.offset)
+                data = handle.read(-1 if count is None else count)
+        except OSError as exc:
+            raise InputError(self.path, f"cannot read external data for {self.proto.name!r}: {exc.strerror or exc}") from None
+        if size is not None and len(data) < size:
+            raise InputError(self.path, f"external data for {self.proto.name!r} is truncated ({len(data)} of {size} bytes)")
+        return data[:size] if size is not None else data
+
+
+@dataclass(frozen=True)
+class CastTensor:
+    """A stored tensor seen through a Cast node: the values the BN node actually receives."""
+
+    source: TensorRef
+    to: int  # ONNX element type
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.source.shape
+
+    @property
+    def dtype(self) -> str:
+        return _dtype_name(self.to)
+
+    def numpy(self) -> np.ndarray:
+        target = onnx.helper.tensor_dtype_to_np_dtype(self.to)
+        array = self.source.numpy().astype(target)
+        return array.astype(np.float32) if array.dtype.kind == "V" else array
+
+
+def _refuse(path: Path, name: str, problem: str) -> InputError:
+    return InputError(str(path), f"external data of tensor {name!r} {problem}; refusing to read it")
+
+
+def _external_ref(proto: onnx.TensorProto, path: Path) -> OnnxTensor:
+    """Check an external-data tensor's location, offset and length; never reads outside the folder."""
+    info = {entry.key: entry.value for entry in proto.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise _refuse(path, proto.name, "has no location")
+    # Both flavours of path syntax: a Windows-made file may use backslashes or a drive letter.
+    windows = PureWindowsPath(location)
+    if PurePosixPath(location).is_absolute() or windows.anchor or ".." in windows.parts:
+        raise _refuse(path, proto.name, f"points outside the model's folder ({location!r})")
+    folder = path.absolute().parent
+    target = (folder / location).resolve()  # resolves symlinks: a link out of the folder is refused
+    if not target.is_relative_to(folder.resolve()):
+        raise _refuse(path, proto.name, f"resolves outside the model's folder ({location!r} -> {target})")
+    if not target.is_file():
+        raise InputError(str(path), f"external data file {location!r} of tensor {proto.name!r} not found")
+    try:
+        offset = int(info.get("offset", "0"))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise InputError(str(path), f"tensor {proto.name!r}: external data offset/length is not a number") from None
+    size = target.stat().st_size
+    needed = _nbytes(proto)
+    available = (size - offset) if length is None else length
+    if offset < 0 or (length is not None and (length < 0 or offset + length > size)) or (
+        needed is not None and available < needed
+    ):
+        raise InputError(str(path), f"external data of tensor {proto.name!r} is truncated or out of range in {location!r}")
+    return OnnxTensor(proto, str(path), target, offset, length)
+
+
+def _tensor_ref(proto: onnx.TensorProto, path: Path) -> OnnxTensor:
+    if proto.data_location == onnx.TensorProto.EXTERNAL:
+        return _external_ref(proto, path)
+    return OnnxTensor(proto, str(path))
+
+
+def _constant_value(node: onnx.NodeProto, path: Path) -> TensorRef | None:
+    """The tensor a Constant node produces (value, value_float(s), value_int(s)); None for sparse/strings."""
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return _tensor_ref(attr.t, path)
+        if attr.name == "value_float":
+            return ArrayTensor(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return ArrayTensor(np.array(list(attr.floats), dtype=np.float32))
+        if attr.name == "value_int":
+            return ArrayTensor(np.array(attr.i, dtype=np.int64))
+        if attr.name == "value_ints":
+            return ArrayTensor(np.array(list(attr.ints), dtype=np.int64))
+    return None
+
+
+def _f32(value: Any) -> float:
+    """A float32 attribute as the shortest decimal that round-trips (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _torch_scope(node: onnx.NodeProto) -> tuple[str | None, str | None]:
+    """(module path, module class) from the dynamo exporter's node metadata, e.g. ("layer1.0.bn1", "...BatchNorm2d")."""
+    props = {p.key: p.value for p in node.metadata_props if p.key.startswith("pkg.torch.onnx.")}
+    found: list[str | None] = []
+    for key in ("pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy"):
+        try:  # a list literal of strings; literal_eval never runs code
+            scopes = ast.literal_eval(props[key]) if len(props.get(key, "")) < 10_000 else None
+        except (KeyError, ValueError, SyntaxError):
+            scopes = None
+        ok = isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str) and scopes[-2]
+        found.append(scopes[-2] if ok else None)  # the last entry is the aten op itself
+    return found[0], found[1]
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, graph in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", graph
+
+
+def _used_names(graph: onnx.GraphProto) -> Iterator[str]:
+    """Every tensor name read by a graph's nodes, including nested subgraphs (outer-scope reads)."""
+    for node in graph.node:
+        yield from node.input
+        for _, sub in _subgraphs(node):
+            yield from _used_names(sub)
+
+
+@dataclass
+class _Scope:
+    """Names visible in one (sub)graph; ChainMaps so that a body sees its outer graphs' names."""
+
+    tensors: ChainMap[str, tuple[str, TensorRef | None]]  # name -> ("initializer"|"constant", ref)
+    producers: ChainMap[str, onnx.NodeProto]
+    inputs: ChainMap[str, bool]  # runtime-fed names: graph inputs that are not initializers
+    consumers: Counter[str] = field(default_factory=Counter)
+    outputs: set[str] = field(default_factory=set)
+    data_dependent: dict[str, bool] = field(default_factory=dict)  # memo for _depends_on_input
+
+
+class _Reader:
+    def __init__(self, path: Path, opset: int | None) -> None:
+        self.path = path
+        self.opset = opset
+        self.found: list[tuple[tuple[int, int], BNLayer]] = []  # (sort key, layer)
+        self.names: Counter[str] = Counter()
+        self.ops: Counter[str] = Counter()
+        self.other_norms: list[str] = []
+        self.top_tensors: dict[str, TensorRef] = {}
+
+    def scope(self, graph: onnx.GraphProto, parent: _Scope | None) -> _Scope:
+        tensors: dict[str, tuple[str, TensorRef | None]] = {
+            init.name: ("initializer", _tensor_ref(init, self.path)) for init in graph.initializer
+        }
+        producers: dict[str, onnx.NodeProto] = {}
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    producers[out] = node
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                tensors[node.output[0]] = ("constant", _constant_value(node, self.path))
+        inputs = {value.name: True for value in graph.input if value.name not in tensors}
+        if parent is None:
+            scope = _Scope(ChainMap(tensors), ChainMap(producers), ChainMap(inputs))
+        else:
+            scope = _Scope(parent.tensors.new_child(tensors), parent.producers.new_child(producers), parent.inputs.new_child(inputs))
+        scope.consumers.update(name for node in graph.node for name in node.input if name)
+        scope.outputs = {value.name for value in graph.output}
+        return scope
+
+    def walk(self, graph: onnx.GraphProto, parent: _Scope | None, prefix: str, rank: dict[int, int] | None, outer: int) -> None:
+        scope = self.scope(graph, parent)
+        if parent is None:
+            self.top_tensors = {name: ref for name, (_, ref) in scope.tensors.maps[0].items() if ref is not None}
+        for index, node in enumerate(graph.node):
+            self.ops[node.op_type] += 1
+            key = (rank[index] if rank is not None else outer, index if rank is None else 0)
+            if node.op_type in OTHER_NORMS:
+                self.other_norms.append(prefix + (node.name or f"{node.op_type}_{index}"))
+            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+                self.found.append((key, self.layer(node, index, scope, prefix, top=rank is not None)))
+            for attr_name, sub in _subgraphs(node):
+                self.walk(sub, scope, f"{prefix}{node.name or f'{node.op_type}_{index}'}/{attr_name}/", None, key[0])
+
+    def resolve(self, name: str, scope: _Scope) -> tuple[str, TensorRef | None, str | None]:
+        """(source, tensor, producing op) of a BN parameter, looking through Identity and Cast."""
+        cast: int | None = None
+        for _ in range(_MAX_CHAIN):
+            if not name:
+                return "missing", None, None
+            if name in scope.tensors:
+                kind, ref = scope.tensors[name]
+                if ref is not None and cast is not None:
+                    ref = CastTensor(ref, cast)
+                return kind, ref, None
+            node = scope.producers.get(name)
+            if node is None:
+                return ("input" if name in scope.inputs else "unknown"), None, None
+            if node.op_type in ("Identity", "Cast") and node.input:
+                if node.op_type == "Cast" and cast is None:
+                    cast = next((a.i for a in node.attribute if a.name == "to"), None)
+                name = node.input[0]
+                continue
+            # Produced by other nodes: batch statistics if the graph's input feeds them, else a
+            # constant expression of stored tensors (e.g. DequantizeLinear of an initializer).
+            return ("computed" if self.depends_on_input(name, scope) else "constant"), None, node.op_type
+        return "unknown", None, None
+
+    def depends_on_input(self, name: str, scope: _Scope) -> bool:
+        """Whether a tensor's value depends on a runtime graph input (iterative DFS, memoised)."""
+        memo = scope.data_dependent
+        stack, seen, found = [name], set(), False
+        while stack and not found:
+            current = stack.pop()
+            if current in seen or not current or current in scope.tensors:
+                continue
+            seen.add(current)
+            if memo.get(current) or current in scope.inputs:
+                found = True
+                break
+            node = scope.producers.get(current)
+            if node is None:
+                found = True  # undefined name: fed from outside (e.g. a loop-carried value)
+                break
+            stack.extend(node.input)
+        memo[name] = found
+        return found
+
+    def feeding_nodes(self, names: list[str], scope: _Scope, stop: str) -> list[onnx.NodeProto]:
+        """Nodes that compute `names` (e.g. a BN's batch mean/var), not looking past tensor `stop`."""
+        stack, seen, nodes = list(names), set(), {}
+        while stack:
+            name = stack.pop()
+            if not name or name == stop or name in seen or name in scope.tensors:
+                continue
+            seen.add(name)
+            node = scope.producers.get(name)
+            if node is not None and id(node) not in nodes:
+                nodes[id(node)] = node
+                stack.extend(node.input)
+        return list(nodes.values())
+
+    def layer(self, node: onnx.NodeProto, index: int, scope: _Scope, prefix: str, top: bool) -> BNLayer:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        version = max(v for v in BN_OP_VERSIONS if v <= (self.opset or BN_OP_VERSIONS[-1]))
+        inputs = list(node.input) + [""] * max(0, 5 - len(node.input))
+        outputs = [out for out in node.output if out]
+        training_mode = int(attrs.get("training_mode", 0)) if version >= 14 else None
+        is_test = int(attrs.get("is_test", 0)) if version <= 6 else None  # spec default 0 = training
+        reasons = []
+        if training_mode == 1:
+            reasons.append("training_mode=1")
+        if is_test == 0:
+            reasons.append("is_test=0" if "is_test" in attrs else "is_test absent (its default 0 means training)")
+        if version <= 13 and len(outputs) > 1:
+            reasons.append(f"{len(outputs)} outputs (running/saved statistics are training outputs)")
+        tensors: dict[str, TensorRef] = {}
+        sources: dict[str, str] = {}
+        source_ops: dict[str, str] = {}
+        for key, name in zip(("weight", "bias", "running_mean", "running_var"), inputs[1:5]):
+            source, ref, op = self.resolve(name, scope)
+            sources[key] = source
+            if ref is not None:
+                tensors[key] = ref
+            if op is not None:
+                source_ops[key] = op
+        stats = [sources["running_mean"], sources["running_var"]]
+        stats_source = next(s for s in _STATS_PRIORITY if s in stats)
+        name = prefix + (node.name or f"BatchNormalization_{index}")
+        self.names[name] += 1
+        if self.names[name] > 1:  # duplicate node names: keep layer names unique
+            name = f"{name}#{self.names[name]}"
+        shape = next((ref.shape for key in ("weight", "running_mean", "bias", "running_var") if (ref := tensors.get(key))), None)
+        producer = scope.producers.get(inputs[0])
+        bias_name = None
+        if producer is not None and producer.op_type in LINEAR_OPS and len(producer.input) > 2 and producer.input[2]:
+            bias_name = producer.input[2]
+        # Uses of X by the nodes computing this BN's own batch mean/var do not stop folding or
+        # make a bias useful: count only the other consumers.
+        own_uses = 0
+        if stats_source == "computed":
+            own_uses = sum(list(n.input).count(inputs[0]) for n in self.feeding_nodes(inputs[3:5], scope, inputs[0]))
+        raw_momentum = _f32(attrs.get("momentum", 0.9))
+        layer = BNLayer(
+            name=name,
+            kind="BatchNormalization",
+            framework="onnx",
+            channels=int(shape[0]) if shape else None,
+            tensors=tensors,
+            eps=_f32(attrs.get("epsilon", 1e-5)),
+            momentum=float(Decimal(1) - Decimal(str(raw_momentum))),  # ONNX (Keras) convention -> PyTorch's
+            training=bool(reasons),
+            known={"eps", "momentum", "training"},
+        )
+        torch_module, torch_class = _torch_scope(node)
+        layer.extra.update(
+            torch_module=torch_module,
+            torch_class=torch_class,
+            opset=self.opset,
+            op_version=version,
+            node=index if top else None,
+            subgraph=prefix.rstrip("/") or None,
+            node_inputs=list(node.input),
+            node_outputs=list(node.output),
+            raw_momentum=raw_momentum,
+            training_mode=training_mode,
+            is_test=is_test,
+            spatial=int(attrs.get("spatial", 1)) if version <= 7 else None,
+            training_reasons=reasons,
+            param_sources=sources,
+            stats_source=stats_source,
+            stats_ops=sorted(set(source_ops[k] for k in ("running_mean", "running_var") if k in source_ops)),
+            producer_op=producer.op_type if producer is not None else None,
+            producer_node=(producer.name or None) if producer is not None else None,
+            producer_has_bias=bias_name is not None if producer is not None and producer.op_type in LINEAR_OPS else None,
+            producer_bias=bias_name,
+            producer_exclusive=scope.consumers[inputs[0]] - own_uses == 1 and inputs[0] not in scope.outputs,
+        )
+        return layer
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read: {exc.strerror or exc}") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)  # what onnx.load does, without its external-data loading
+    except (DecodeError, ValueError, RuntimeError, RecursionError):
+        raise InputError(str(path), "not a valid ONNX file (truncated or corrupt protobuf)") from None
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise InputError(str(path), "not a valid ONNX file (no ir_version or no graph)")
+    return model
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None) for d in tensor_type.shape.dim]
+
+
+def build_graph(graph: onnx.GraphProto) -> nx.DiGraph:
+    """One node per top-level ONNX node (key: its index), edges producer -> consumer."""
+    g = nx.DiGraph(name=graph.name)
+    produced: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        g.add_node(index, op_type=node.op_type, name=node.name, domain=node.domain, inputs=list(node.input), outputs=list(node.output))
+        for out in node.output:
+            if out:
+                produced[out] = index
+    for index, node in enumerate(graph.node):
+        names = list(node.input)
+        for _, sub in _subgraphs(node):
+            names.extend(_used_names(sub))  # a body reading an outer tensor depends on its producer
+        for name in names:
+            source = produced.get(name)
+            if source is not None and source != index:
+                g.add_edge(source, index, tensor=name)
+    g.graph["inputs"] = [value.name for value in graph.input]
+    g.graph["outputs"] = [value.name for value in graph.output]
+    return g
+
+
+def load_onnx(path: Path) -> ModelInfo:
+    """Read an ONNX file safely. Raises InputError (one line) for anything unreadable."""
+    path = Path(path)
+    model = _parse(path)
+    opsets = {(entry.domain or "ai.onnx"): int(entry.version) for entry in model.opset_import}
+    opset = opsets.get("ai.onnx")
+    graph = build_graph(model.graph)
+    notes = []
+    try:
+        order = list(nx.lexicographical_topological_sort(graph))
+    except nx.NetworkXUnfeasible:
+        order = list(range(len(model.graph.node)))
+        notes.append("the ONNX graph has a cycle; layers are listed in file order")
+    reader = _Reader(path, opset)
+    reader.walk(model.graph, None, "", {node: rank for rank, node in enumerate(order)}, 0)
+    layers = [layer for _, layer in sorted(reader.found, key=lambda item: item[0])]
+    for rank, layer in enumerate(layers):
+        layer.order = rank
+    function_bns = sum(node.op_type == "BatchNormalization" for function in model.functions for node in function.node)
+    if function_bns:
+        notes.append(f"{function_bns} BatchNormalization node(s) inside ONNX local functions were not linted")
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue  # old exporters list initializers as inputs too (keep_initializers_as_inputs)
+        dims = _dims(value)
+        elem = value.type.tensor_type.elem_type
+        inputs.append({"name": value.name, "shape": dims, "batch": dims[0] if dims else None, "dtype": _dtype_name(elem) if elem else None})
+    linear = reader.ops["Conv"] + reader.ops["Gemm"]
+    producer = f"{model.producer_name} {model.producer_version}".strip()
+    metadata: dict[str, Any] = {
+        "producer": producer or None,
+        "opset": opset,
+        "opsets": opsets,
+        "ir_version": int(model.ir_version),
+        "inputs": inputs,
+        "folded_bn": not layers and linear > 0 and not reader.other_norms,
+        "other_norms": reader.other_norms,
+        "external_data": any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer),
+        "onnx_model": model,  # for dynamic analysis / rules; not serialisable, never printed
+        "onnx_tensors": reader.top_tensors,  # lazy refs of initializers and Constant outputs, by name
+    }
+    return ModelInfo(path=str(path), format="onnx", layers=layers, graph=graph, metadata=metadata, notes=notes)

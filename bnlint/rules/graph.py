@@ -1,0 +1,511 @@
+"""BN404-BN406 (mode baked into an ONNX/TorchScript graph) and BN5xx (graph structure).
+
+These rules read what the ONNX loader records: `layer.extra` (training reasons, where mean/var
+come from, the op feeding the BN) and `model.graph` / `model.metadata` (graph inputs, lazy
+initializer tensors). Layers from other formats lack those keys and are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+import networkx as nx
+import numpy as np
+
+from bnlint.findings import Severity
+from bnlint.model import BNLayer, ModelInfo, TensorRef
+from bnlint.rules._util import channel_text, channels, num
+from bnlint.rules.registry import Hit, rule
+
+if TYPE_CHECKING:
+    from bnlint.engine import RuleContext
+
+FOLDABLE_OPS = ("Conv", "ConvTranspose", "Gemm")  # a following inference BN folds into these
+CONV_OPS = ("Conv", "ConvTranspose")  # BN506 is about convolutions (as planned), not Linear/Gemm
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MIN_CHANNELS = 4  # fewer output channels give no meaningful median for BN503
+
+
+def _node_label(data: dict[str, Any], index: int) -> str:
+    return data.get("name") or f"{data.get('op_type', 'node')}_{index}"
+
+
+def _onnx_tensor(model: ModelInfo, name: str) -> TensorRef | None:
+    return (model.metadata.get("onnx_tensors") or {}).get(name) if name else None
+
+
+def _is_float(ref: TensorRef) -> bool:
+    return ref.dtype.startswith(("float", "bfloat"))
+
+
+@rule(
+    code="BN404",
+    name="onnx-training-mode",
+    severity=Severity.ERROR,
+    summary="An ONNX BatchNormalization node runs in training mode (batch statistics).",
+    fix="Export with model.eval() and torch.onnx.export(..., training=torch.onnx.TrainingMode.EVAL), "
+    "or rewrite the node to its inference form (one output, training_mode=0).",
+)
+def onnx_training_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Finds ONNX `BatchNormalization` nodes that compute training statistics: `training_mode=1`
+    (opset 14 and later), more than one output (opsets 7 to 13: the running and saved
+    mean/variance outputs exist only in training mode), or `is_test=0` (opsets 1 and 6, where
+    0 is also the default when the attribute is absent).
+
+    ## Why is this bad?
+    In training mode the node normalises each batch with that batch's own mean and variance
+    and ignores the stored `input_mean`/`input_var` for its output. At inference that makes a
+    sample's result depend on the other samples in its batch, and a batch of one sample with
+    no spatial extent collapses every channel to the bias. onnxruntime runs such a node without
+    complaint and returns these batch-dependent outputs.
+
+    ## Example
+    `torch.onnx.export(model, x, "m.onnx", dynamo=False, training=torch.onnx.TrainingMode.TRAINING)`
+    writes `BatchNormalization(..., training_mode=1)` with three outputs (opset 14+) or five
+    outputs (opset 9 to 13).
+
+    ## Use instead
+    Call `model.eval()` and export with the default `training=torch.onnx.TrainingMode.EVAL`;
+    the node then has one output and uses the stored running statistics.
+
+    ## References
+    - ONNX operator spec: BatchNormalization (versions 1, 6, 7, 9, 14, 15).
+    - microsoft/onnxscript#1791 and #1338; microsoft/onnxruntime#29790.
+    """
+    if layer.framework != "onnx" or not layer.training:
+        return
+    reasons = list(layer.extra.get("training_reasons") or ["training mode"])
+    opset = layer.extra.get("opset")
+    yield Hit(
+        message=f"BatchNormalization computes batch statistics ({'; '.join(reasons)}; opset {opset}): "
+        "outputs depend on the rest of the batch and the stored running statistics are not used",
+        layer=layer.name,
+        values={"reasons": reasons, "opset": opset, "outputs": len([o for o in layer.extra.get("node_outputs", []) if o])},
+    )
+
+
+@rule(
+    code="BN405",
+    name="traced-in-train-mode",
+    severity=Severity.ERROR,
+    summary="A TorchScript graph calls batch_norm with training=True baked in.",
+    fix="Call model.eval() first, then re-run torch.jit.trace (or script) and save again.",
+    scope="model",
+)
+def traced_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Reports TorchScript `batch_norm` calls whose `training` argument is the constant `True`,
+    as `torch.jit.trace` records them when the model was traced in train mode.
+
+    ## Why is this bad?
+    Tracing records the values it saw, not the `self.training` flag: a model traced in train
+    mode keeps `torch.batch_norm(x, weight, bias, running_mean, running_var, True, 0.1, 1e-05, ...)`
+    and the `num_batches_tracked` update in its graph. Calling `.eval()` on the loaded module
+    changes nothing, so every inference call normalises with the batch's statistics and keeps
+    overwriting the running statistics with inference data.
+
+    ## Example
+    ```python
+    model.train()
+    traced = torch.jit.trace(model, example)
+    traced.save("model.pt")  # code contains batch_norm(..., True, 0.1, 1e-05, True)
+    ```
+
+    ## Use instead
+    ```python
+    model.eval()
+    traced = torch.jit.trace(model, example)
+    ```
+
+    ## References
+    - pytorch/pytorch#29177 and #71929 (traced BatchNorm keeps training behaviour).
+    - PyTorch docs: `torch.jit.trace` (ops that behave differently in training and eval mode keep
+      the mode they were traced in, whatever mode the ScriptModule is later put in).
+    """
+    for entry in model.metadata.get("traced_training_bn") or []:
+        layer, detail = None, str(entry)
+        if isinstance(entry, dict):
+            layer = entry.get("layer") or entry.get("module") or entry.get("name")
+            detail = str(entry.get("code") or entry.get("call") or entry.get("text") or entry.get("line") or "")
+        shown = f" ({detail.strip()[:160]})" if detail.strip() else ""
+        yield Hit(
+            message=f"TorchScript calls batch_norm with training=True baked in{shown}: .eval() cannot switch it off, "
+            "every call uses batch statistics and updates the running statistics",
+            layer=str(layer) if layer else None,
+            values={"entry": entry if isinstance(entry, (str, dict)) else str(entry)},
+        )
+
+
+@rule(
+    code="BN406",
+    name="batch-statistics-in-graph",
+    severity=Severity.ERROR,
+    summary="An ONNX BatchNormalization's mean/var are computed from the input batch, not stored.",
+    fix="Train with track_running_stats=True (or re-estimate running statistics) and export in eval mode; "
+    "if per-batch normalisation is intended, use InstanceNorm/GroupNorm instead.",
+)
+def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Finds ONNX `BatchNormalization` nodes whose mean and variance inputs are produced by other
+    nodes from the graph's input (ReduceMean, Sub, Mul, ...) instead of initializers or
+    `Constant` nodes.
+
+    ## Why is this bad?
+    Those inputs are the statistics of the current batch, so the node normalises every batch
+    with its own statistics even when `training_mode=0`: results depend on batch composition
+    and a single sample is normalised against itself. Both PyTorch exporters produce this
+    graph for `BatchNorm(track_running_stats=False)`, which has no running statistics and uses
+    batch statistics in eval mode too.
+
+    ## Example
+    `nn.BatchNorm2d(64, track_running_stats=False)` exported with `torch.onnx.export`:
+    `ReduceMean -> ... -> BatchNormalization(input_mean=<computed>, input_var=<computed>)`.
+
+    ## Use instead
+    Construct the layer with `track_running_stats=True`, estimate the running statistics on
+    training data (`torch.optim.swa_utils.update_bn`), call `model.eval()`, then export.
+
+    ## References
+    - PyTorch docs: `torch.nn.BatchNorm2d` ("track_running_stats").
+    - ONNX operator spec: BatchNormalization (`input_mean`, `input_var`).
+    """
+    if layer.framework != "onnx" or layer.extra.get("stats_source") != "computed":
+        return
+    ops = layer.extra.get("stats_ops") or []
+    by = f" by {', '.join(ops)}" if ops else ""
+    yield Hit(
+        message=f"mean/var are computed in the graph{by} from the input batch: every batch is normalised "
+        "with its own statistics (the export of a track_running_stats=False layer)",
+        layer=layer.name,
+        values={"stats_ops": ops, "training_mode": layer.extra.get("training_mode")},
+    )
+
+
+@rule(
+    code="BN501",
+    name="bn-folded",
+    severity=Severity.INFO,
+    summary="The ONNX graph has Conv/Gemm nodes but no BatchNormalization: BN was probably folded at export.",
+    fix="To lint the BN statistics, export with torch.onnx.export(..., dynamo=False, do_constant_folding=False) "
+    "(or dynamo=True, optimize=False).",
+    scope="model",
+)
+def bn_folded(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Notes ONNX graphs that contain convolutions or matrix products but no BatchNormalization
+    node and no other normalisation: the usual result of folding BN into the preceding layer.
+
+    ## Why is this bad?
+    It is not wrong: folding `W' = W * gamma / sqrt(var + eps)`, `b' = (b - mean) * gamma /
+    sqrt(var + eps) + beta` is exact in eval mode and faster. But the statistics are gone, so
+    bnlint cannot check them; a bad variance survives only as extreme or non-finite folded
+    weights (BN502, BN503). A network that never had BatchNorm also matches: read this as
+    "nothing to lint", not as a defect.
+
+    ## Example
+    A default `torch.onnx.export(model.eval(), x, "m.onnx")`: the dynamo exporter (default
+    optimize=True) folds every BN; the legacy exporter (`dynamo=False`) folds BN after Conv.
+
+    ## Use instead
+    Lint the PyTorch checkpoint, or export an unfolded copy for linting:
+    `torch.onnx.export(model.eval(), x, "lint.onnx", dynamo=False, do_constant_folding=False)`.
+
+    ## References
+    - PyTorch docs: `torch.onnx.export` (`do_constant_folding`, `optimize`).
+    - ONNX Runtime docs: graph optimizations (Conv/BatchNormalization fusion).
+    """
+    if model.format != "onnx" or not model.metadata.get("folded_bn"):
+        return
+    ops = [data.get("op_type") for _, data in model.graph.nodes(data=True)] if model.graph is not None else []
+    conv, gemm = ops.count("Conv"), ops.count("Gemm")
+    yield Hit(
+        message=f"no BatchNormalization node but {conv} Conv and {gemm} Gemm nodes: BatchNorm was probably folded "
+        "into their weights at export, so its statistics cannot be checked",
+        values={"conv": conv, "gemm": gemm},
+    )
+
+
+def _weight_nodes(model: ModelInfo, ops: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
+    if model.format != "onnx" or model.graph is None:
+        return
+    for index, data in model.graph.nodes(data=True):
+        if data.get("op_type") in ops:
+            yield index, data
+
+
+@rule(
+    code="BN502",
+    name="folded-weights-nonfinite",
+    severity=Severity.ERROR,
+    summary="Conv/Gemm weights or biases hold NaN or Inf.",
+    fix="Re-export from a checkpoint whose BN statistics are finite and positive (see BN101-BN103); fold in float32.",
+    scope="model",
+)
+def folded_weights_nonfinite(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Checks the stored weights and biases of every Conv, ConvTranspose, Gemm and MatMul node
+    of an ONNX graph for NaN and infinite values.
+
+    ## Why is this bad?
+    A non-finite weight makes every output it touches NaN. When BN was folded at export, this
+    is where a broken BatchNorm ends up: a NaN running statistic, a negative `running_var`
+    below `-eps`, or `var + eps == 0` turn `gamma / sqrt(var + eps)` into NaN or Inf, and
+    folding in half precision overflows above 65504.
+
+    ## Example
+    A Conv weight whose output channel 7 is all NaN because the folded BN had `running_var[7] = nan`.
+
+    ## Use instead
+    Fix the statistics in the source checkpoint (re-estimate them with
+    `torch.optim.swa_utils.update_bn`), keep BN in float32 while folding, and export again.
+
+    ## References
+    - pytorch/pytorch#90342 (NaN running statistics); Xilinx/brevitas#388 (overflow when folding BN).
+    """
+    for index, data in _weight_nodes(model, WEIGHT_OPS):
+        inputs = data.get("inputs") or []
+        bad: dict[str, dict[str, int]] = {}
+        for role, position in (("weight", 1), ("bias", 2)):
+            ref = _onnx_tensor(model, inputs[position] if len(inputs) > position else "")
+            if ref is None or not _is_float(ref):
+                continue
+            values = ref.numpy()
+            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+            if nan or inf:
+                bad[role] = {"nan": nan, "inf": inf, "size": int(values.size)}
+        if bad:
+            parts = [f"{role} has {c['nan']} NaN and {c['inf']} Inf of {c['size']} values" for role, c in bad.items()]
+            yield Hit(message=f"{data['op_type']}: {'; '.join(parts)}", layer=_node_label(data, index), values={"tensors": bad})
+
+
+def _channel_norms(weight: np.ndarray, op: str, trans_b: bool) -> np.ndarray | None:
+    """L2 norm per output channel: Conv weight (M, C/g, k...) by rows; Gemm/MatMul by output column."""
+    if op == "Conv" and weight.ndim >= 2:
+        rows = weight.reshape(weight.shape[0], -1)
+    elif op in ("Gemm", "MatMul") and weight.ndim == 2:
+        rows = weight if trans_b else weight.T
+    else:
+        return None
+    rows = rows.astype(np.float64, copy=False)
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows))
+
+
+def _trans_b(model: ModelInfo, index: int) -> bool:
+    """Gemm's transB, read from the kept ModelProto (graph node keys are indices into graph.node)."""
+    proto = model.metadata.get("onnx_model")
+    if proto is None or index >= len(proto.graph.node):
+        return False
+    node = proto.graph.node[index]
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+
+
+@rule(
+    code="BN503",
+    name="folded-scale-outlier",
+    severity=Severity.WARNING,
+    summary="A Conv/Gemm output channel's weight norm is far above the layer's median (a folded tiny variance?).",
+    fix="Check the source checkpoint's BN running_var for near-zero channels (BN103, BN109) and re-estimate them before export.",
+    scope="model",
+)
+def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    For each Conv, Gemm and MatMul node of an ONNX graph that is not itself followed by a
+    BatchNormalization node, computes the L2 norm of every output channel's weights and reports
+    channels whose norm exceeds `folded_scale_outlier_ratio` (default 100) times the node's
+    median channel norm. Channels far below the median are not reported: after folding they
+    are usually dead channels (`gamma ~ 0`), which are harmless.
+
+    ## Why is this bad?
+    Folding multiplies output channel `c` by `gamma[c] / sqrt(running_var[c] + eps)`. A
+    collapsed or tiny running variance therefore shows up as one channel hundreds of times
+    larger than its neighbours: it amplifies noise, overflows float16 (65504) and ruins
+    per-tensor int8 quantisation, whose scale is set by the largest channel.
+
+    ## Example
+    `running_var[12] = 1e-9` with `eps = 1e-5` and unit gamma folds into a channel about 300
+    times larger than channels with variance near 1.
+
+    ## Use instead
+    Lint the unfolded model (BN103, BN109 name the channel), re-estimate the running statistics,
+    and quantise per channel if large scales are genuine.
+
+    ## References
+    - Xilinx/brevitas#388 (folded BN scales overflow); pytorch/vision#2599 (near-zero running_var).
+    """
+    ratio_limit = ctx.config.threshold("folded_scale_outlier_ratio")
+    graph = model.graph
+    for index, data in _weight_nodes(model, ("Conv", "Gemm", "MatMul")):
+        if graph is not None and any(graph.nodes[s].get("op_type") == "BatchNormalization" for s in graph.successors(index)):
+            continue  # a BN right after rescales every channel: the raw weight norms do not matter
+        inputs = data.get("inputs") or []
+        ref = _onnx_tensor(model, inputs[1] if len(inputs) > 1 else "")
+        if ref is None or not _is_float(ref):
+            continue
+        norms = _channel_norms(ref.numpy(), data["op_type"], _trans_b(model, index))
+        if norms is None or norms.size < MIN_CHANNELS or not np.isfinite(norms).all():
+            continue  # non-finite weights are BN502's
+        median = float(np.median(norms))
+        if median <= 0:
+            continue
+        ratio = norms / median
+        outliers = ratio > ratio_limit
+        if outliers.any():
+            worst = int(np.argmax(ratio))
+            yield Hit(
+                message=f"{data['op_type']}: {int(outliers.sum())} of {norms.size} output channels have a weight norm over "
+                f"{num(ratio_limit)}x the median {num(median)} (channel {worst}: {num(float(ratio[worst]))}x; "
+                f"channels {channel_text(outliers)})",
+                layer=_node_label(data, index),
+                values={"median_norm": median, "max_ratio": float(ratio[worst]), "channels": channels(outliers, 16), "threshold": ratio_limit},
+            )
+
+
+@rule(
+    code="BN504",
+    name="fixed-batch-one-training",
+    severity=Severity.ERROR,
+    summary="A graph input with batch dimension fixed to 1 feeds a BatchNorm that uses batch statistics.",
+    fix="Export in eval mode (running statistics), or make the batch dimension dynamic and feed real batches.",
+    scope="model",
+)
+def fixed_batch_one_training(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Finds ONNX graph inputs whose first (batch) dimension is the constant 1 and that reach a
+    BatchNormalization node in training mode (BN404) or fed computed batch statistics (BN406).
+
+    ## Why is this bad?
+    Batch statistics from one sample are that sample's own statistics: with spatial extent each
+    channel is normalised per image (instance norm, not the trained behaviour); without it (a BN
+    after Gemm) the variance is exactly 0, every output equals the bias, and PyTorch refuses the
+    same input in training ("Expected more than 1 value per channel"). A fixed batch of 1 means
+    the graph can never see a real batch.
+
+    ## Example
+    A model exported with `training=torch.onnx.TrainingMode.TRAINING` and a `(1, 3, 224, 224)`
+    example input, without `dynamic_axes`.
+
+    ## Use instead
+    Export with `model.eval()` so the node uses its running statistics, or declare the batch
+    dimension dynamic (`dynamic_axes={"input": {0: "batch"}}`) if training-mode BN is intended.
+
+    ## References
+    - fastai/fastai#1352 ("Expected more than 1 value per channel when training").
+    - ONNX operator spec: BatchNormalization.
+    """
+    graph = model.graph
+    if model.format != "onnx" or graph is None:
+        return
+    batch_one = [entry["name"] for entry in model.metadata.get("inputs") or [] if entry.get("batch") == 1]
+    risky = {layer.extra.get("node"): layer for layer in model.layers
+             if layer.extra.get("node") is not None and (layer.training or layer.extra.get("stats_source") == "computed")}
+    if not batch_one or not risky:
+        return
+    fed_by: dict[int, list[str]] = {}
+    for name in batch_one:
+        starts = [n for n, data in graph.nodes(data=True) if name in (data.get("inputs") or [])]
+        reached = set(starts).union(*(nx.descendants(graph, n) for n in starts)) if starts else set()
+        for node in reached & risky.keys():
+            fed_by.setdefault(node, []).append(name)
+    for node, names in sorted(fed_by.items(), key=lambda item: risky[item[0]].order):
+        layer = risky[node]
+        yield Hit(
+            message=f"input {', '.join(repr(n) for n in names)} has batch dimension fixed to 1 and reaches this "
+            "BatchNormalization, which uses batch statistics: every sample is normalised with its own statistics",
+            layer=layer.name,
+            values={"inputs": names},
+        )
+
+
+@rule(
+    code="BN505",
+    name="unfused-bn",
+    severity=Severity.INFO,
+    summary="An inference BatchNormalization directly after Conv/Gemm could be folded into it.",
+    fix="Nothing to fix for linting (bnlint needs the unfolded BN); for deployment let the runtime fuse it "
+    "or export with constant folding.",
+)
+def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Notes BatchNormalization nodes in inference form (stored statistics, not training mode)
+    whose input comes straight from a Conv, ConvTranspose or Gemm node that feeds nothing else.
+
+    ## Why is this bad?
+    It is not a defect. In eval mode BN is a per-channel affine map, so the pair equals one
+    Conv/Gemm with `W' = W * gamma / sqrt(var + eps)` and `b' = (b - mean) * gamma /
+    sqrt(var + eps) + beta`: one op fewer, less memory traffic. ONNX Runtime fuses Conv+BN
+    when it loads the model; other runtimes and hand-written kernels may not.
+
+    ## Example
+    `Conv -> BatchNormalization -> Relu` from `torch.onnx.export(..., do_constant_folding=False)`,
+    or `Gemm -> BatchNormalization` (the legacy exporter does not fold BN after Linear).
+
+    ## Use instead
+    Keep this file for linting; deploy a folded export (default constant folding) or rely on
+    the runtime's fusion. Folding is exact only in eval mode.
+
+    ## References
+    - ONNX Runtime docs: graph optimizations (Conv BatchNormalization fusion).
+    - PyTorch docs: `torch.nn.utils.fusion.fuse_conv_bn_eval`.
+    """
+    op = layer.extra.get("producer_op")
+    if op not in FOLDABLE_OPS or layer.training or not layer.extra.get("producer_exclusive"):
+        return
+    if layer.extra.get("stats_source") not in ("initializer", "constant"):
+        return
+    producer = layer.extra.get("producer_node") or op
+    yield Hit(
+        message=f"follows {op} {producer!r} in an inference graph and could be folded into it",
+        layer=layer.name,
+        values={"producer_op": op, "producer": producer},
+    )
+
+
+@rule(
+    code="BN506",
+    name="conv-bias-before-bn",
+    severity=Severity.INFO,
+    summary="A Conv with a bias feeds a BatchNormalization directly: the bias is redundant.",
+    fix="Build the layer with bias=False (nn.Conv2d(..., bias=False)); BN's beta provides the offset.",
+)
+def conv_bias_before_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Notes a Conv or ConvTranspose node with a non-zero stored bias whose only consumer is a
+    BatchNormalization node (uses by the BN's own batch-statistics nodes do not count).
+
+    ## Why is this bad?
+    BN subtracts the per-channel mean of its input. In training the bias is removed exactly
+    (the batch mean includes it), so it gets zero gradient and is a wasted parameter; in eval
+    mode it only offsets `running_mean`. The original BN paper drops it for this reason.
+
+    ## Example
+    ```python
+    nn.Sequential(nn.Conv2d(64, 128, 3, bias=True), nn.BatchNorm2d(128))
+    ```
+
+    ## Use instead
+    ```python
+    nn.Sequential(nn.Conv2d(64, 128, 3, bias=False), nn.BatchNorm2d(128))
+    ```
+
+    ## References
+    - Ioffe & Szegedy 2015, "Batch Normalization", section 3.2 (the bias "can be ignored").
+    - PyTorch docs: `torch.nn.Conv2d` (`bias`).
+    """
+    op = layer.extra.get("producer_op")
+    if op not in CONV_OPS or not layer.extra.get("producer_has_bias") or not layer.extra.get("producer_exclusive"):
+        return
+    ref = _onnx_tensor(ctx.model, layer.extra.get("producer_bias") or "")
+    if ref is None or not _is_float(ref):
+        return  # a computed bias (e.g. the dynamo exporter's expanded zeros) cannot be judged
+    bias = np.asarray(ref.numpy(), dtype=np.float64)
+    largest = float(np.max(np.abs(bias))) if bias.size else 0.0
+    if largest == 0.0:
+        return  # an all-zero bias is an exporter artefact, not a trained parameter
+    producer = layer.extra.get("producer_node") or op
+    yield Hit(
+        message=f"{op} {producer!r} adds a bias (max |b| = {num(largest)}) right before this BatchNormalization, "
+        "which subtracts the channel mean: the bias is redundant",
+        layer=layer.name,
+        values={"producer_op": op, "producer": producer, "max_abs_bias": largest},
+    )
