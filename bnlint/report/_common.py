@@ -1,0 +1,112 @@
+"""Helpers shared by the reporters: value serialisation, rule text, paths and counts.
+
+Nothing here decides what to report: these only reshape what the engine produced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any, Iterable, Mapping
+from urllib.parse import quote
+
+from bnlint.findings import Finding, Report, Severity
+from bnlint.rules.registry import RuleSpec
+
+TOOL_NAME = "bnlint"
+# SARIF wants a page about the tool; the package index page is the one address known to exist.
+INFORMATION_URI = "https://pypi.org/project/bnlint/"
+
+# Keys the dynamic analysis puts in each FileResult.layer_stats entry (see text.py and the
+# JSON schema). Reporters read these names and nothing else; a missing key shows as "-".
+LAYER_STAT_KEYS = ("layer", "channels", "mean_abs_smd", "max_abs_smd", "max_kl", "frac_over_threshold")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def json_safe(value: Any) -> Any:
+    """A JSON-serialisable copy of a rule's `values`, valid under `json.dumps(allow_nan=False)`.
+
+    NaN and infinities become the strings "nan", "inf" and "-inf" (JSON has no literal for them,
+    and null would hide which one it was). Mapping keys are sorted so output is deterministic.
+    numpy scalars and arrays are unwrapped through `.tolist()`; anything else unknown becomes str().
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, Severity):  # before int: Severity is an IntEnum
+        return value.label
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((json_safe(v) for v in value), key=repr)
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalar or array, without importing numpy
+        return json_safe(value.tolist())
+    return str(value)
+
+
+def first_paragraph(doc: str) -> str:
+    """The first prose paragraph of a rule doc: the text under "## What it does", joined to one line."""
+    for block in re.split(r"\n\s*\n", doc.strip()):
+        lines = [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        if lines:
+            return " ".join(lines)
+    return ""
+
+
+def printable(text: str) -> str:
+    """Escape control characters (newlines, ESC, NUL) so a layer name read from a file can
+    neither break the one-line-per-finding layout nor send terminal escape sequences."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def artifact_uri(path: str) -> str:
+    """A URI reference for a model path: relative with forward slashes where possible.
+
+    Absolute paths under the working directory are made relative (code-scanning services resolve
+    them against the checkout); others become file:// URIs. Unsafe characters are percent-encoded.
+    """
+    windows = "\\" in path or PureWindowsPath(path).drive != ""
+    posix = PureWindowsPath(path).as_posix() if windows else path
+    if os.path.isabs(path):
+        try:
+            rel = os.path.relpath(path)
+        except ValueError:  # different drive on Windows
+            rel = None
+        if rel is not None and not rel.startswith(".."):
+            return quote(PureWindowsPath(rel).as_posix() if windows else rel, safe="/")
+        prefix = "file:///" if windows else "file://"
+        return prefix + quote(posix, safe="/:")
+    return quote(str(PurePosixPath(posix)), safe="/")
+
+
+def severity_counts(findings: Iterable[Finding]) -> dict[Severity, int]:
+    counts = {sev: 0 for sev in Severity}
+    for finding in findings:
+        counts[finding.severity] += 1
+    return counts
+
+
+def rule_name(rules: Mapping[str, RuleSpec], code: str) -> str | None:
+    spec = rules.get(code)
+    return spec.name if spec is not None else None
+
+
+def finding_codes(report: Report, rules: Mapping[str, RuleSpec]) -> list[str]:
+    """Every rule code in `rules` in their order, then codes seen only in findings (first seen first)."""
+    codes = list(rules)
+    for finding in report.findings:
+        if finding.code not in rules and finding.code not in codes:
+            codes.append(finding.code)
+    return codes

@@ -1,0 +1,56 @@
+"""GitHub Actions workflow commands: one annotation per finding, one per unreadable file.
+
+    ::error file=PATH,title=BN101 nonfinite-stats::layer: message
+    ::warning ...   ::notice ...          (severity warning / info)
+
+No `line=`: a model file has no lines and inventing one would point reviewers at nothing.
+Escaping follows the runner's rules (actions/toolkit command.ts): in the message `%`, `\\r`
+and `\\n` become %25, %0D, %0A; property values additionally escape `:` (%3A) and `,` (%2C).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, TextIO
+
+from bnlint.findings import Finding, Report, Severity
+from bnlint.report._common import rule_name
+from bnlint.rules.registry import RuleSpec
+
+COMMANDS: dict[Severity, str] = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}
+
+
+def escape_data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def escape_property(text: str) -> str:
+    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def _command(kind: str, path: str, title: str, message: str) -> str:
+    return f"::{kind} file={escape_property(path)},title={escape_property(title)}::{escape_data(message)}"
+
+
+def format_finding(finding: Finding, rules: Mapping[str, RuleSpec]) -> str:
+    name = rule_name(rules, finding.code)
+    title = f"{finding.code} {name}" if name else finding.code
+    message = f"{finding.layer}: {finding.message}" if finding.layer is not None else finding.message
+    return _command(COMMANDS[finding.severity], finding.path, title, message)
+
+
+def write(
+    report: Report,
+    rules: Mapping[str, RuleSpec],
+    stream: TextIO,
+    *,
+    color: bool = False,
+    quiet: bool = False,
+    tool_version: str = "",
+) -> None:
+    """Write workflow commands. The runner renders them, so color, quiet and version do not apply."""
+    del color, quiet, tool_version
+    for result in report.files:
+        if result.error is not None:
+            stream.write(_command("error", result.path, "bnlint: unreadable file", result.error.message) + "\n")
+        for finding in result.findings:
+            stream.write(format_finding(finding, rules) + "\n")

@@ -1,0 +1,119 @@
+"""SARIF 2.1.0 (OASIS, errata01): one run, every rule described, one result per finding.
+
+Models have no lines, so no result carries a region: the artifact is the model file and the
+layer is a logical location (kind "member"). Files that could not be read are reported as
+toolExecutionNotifications of the single invocation, which is then not executionSuccessful.
+Loader notes become notifications of level "note".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping, TextIO
+
+from bnlint.findings import Finding, Report, Severity
+from bnlint.report._common import INFORMATION_URI, TOOL_NAME, artifact_uri, finding_codes, first_paragraph, json_safe
+from bnlint.rules.registry import RuleSpec
+
+SARIF_VERSION = "2.1.0"
+SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
+
+LEVELS: dict[Severity, str] = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
+
+
+def _descriptor(spec: RuleSpec) -> dict[str, Any]:
+    doc = spec.doc or spec.summary
+    descriptor: dict[str, Any] = {
+        "id": spec.code,
+        "name": spec.name,
+        "shortDescription": {"text": spec.summary},
+        "fullDescription": {"text": first_paragraph(doc) or spec.summary},
+        "help": {"text": doc, "markdown": doc},
+        "defaultConfiguration": {"level": LEVELS[spec.severity]},
+    }
+    if spec.family:
+        descriptor["properties"] = {"tags": [spec.family]}
+    return descriptor
+
+
+def _fingerprint(finding: Finding, uri: str) -> str:
+    """Stable identity across runs (code, file, layer): code-scanning services otherwise hash
+    source lines, which a binary model file does not have."""
+    key = "\0".join((finding.code, uri, finding.layer or ""))
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+def _result(finding: Finding, index: Mapping[str, int]) -> dict[str, Any]:
+    uri = artifact_uri(finding.path)
+    location: dict[str, Any] = {"physicalLocation": {"artifactLocation": {"uri": uri}}}
+    if finding.layer is not None:
+        location["logicalLocations"] = [{"name": finding.layer, "kind": "member"}]
+    result: dict[str, Any] = {"ruleId": finding.code}
+    if finding.code in index:
+        result["ruleIndex"] = index[finding.code]
+    result.update(
+        {
+            "level": LEVELS[finding.severity],
+            "message": {"text": finding.message},
+            "locations": [location],
+            "partialFingerprints": {"bnlintFinding/v1": _fingerprint(finding, uri)},
+            "properties": {"values": json_safe(dict(finding.values))},
+        }
+    )
+    return result
+
+
+def _notification(path: str, level: str, text: str) -> dict[str, Any]:
+    return {
+        "level": level,
+        "message": {"text": text},
+        "locations": [{"physicalLocation": {"artifactLocation": {"uri": artifact_uri(path)}}}],
+    }
+
+
+def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) -> dict[str, Any]:
+    # Only codes in the rule table get a descriptor (and so a ruleIndex); a stray code still
+    # appears as a result with its ruleId, which SARIF allows.
+    codes = [c for c in finding_codes(report, rules) if c in rules]
+    index = {code: i for i, code in enumerate(codes)}
+    notifications = []
+    for result in report.files:
+        if result.error is not None:
+            notifications.append(_notification(result.path, "error", f"{result.path}: {result.error.message}"))
+        notifications.extend(_notification(result.path, "note", f"{result.path}: {n}") for n in result.notes)
+    invocation: dict[str, Any] = {"executionSuccessful": not report.errors}
+    if notifications:
+        invocation["toolExecutionNotifications"] = notifications
+    driver = {
+        "name": TOOL_NAME,
+        "version": tool_version,
+        "informationUri": INFORMATION_URI,
+        "rules": [_descriptor(rules[c]) for c in codes],
+    }
+    return {
+        "$schema": SARIF_SCHEMA,
+        "version": SARIF_VERSION,
+        "runs": [
+            {
+                "tool": {"driver": driver},
+                "invocations": [invocation],
+                "results": [_result(f, index) for f in report.findings],
+            }
+        ],
+    }
+
+
+def write(
+    report: Report,
+    rules: Mapping[str, RuleSpec],
+    stream: TextIO,
+    *,
+    color: bool = False,
+    quiet: bool = False,
+    tool_version: str = "",
+) -> None:
+    """Write the SARIF log. color and quiet do not apply to machine output."""
+    del color, quiet
+    json.dump(to_dict(report, rules, tool_version), stream, indent=2, allow_nan=False, ensure_ascii=True)
+    stream.write("\n")

@@ -1,0 +1,134 @@
+"""Human output: one line per finding, grouped by file, then a drift table and a summary.
+
+    path:layer: CODE [severity] message      (path: CODE [severity] message when no layer)
+    path: error: message                     (a file that could not be read)
+    path: note: text                         (loader notes; not with quiet)
+
+Findings are printed in the order the engine produced them. Control characters in paths, layer
+names and messages are escaped (a model file controls its layer names; it must not control the
+terminal). quiet=True keeps finding and file-error lines only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence, TextIO
+
+from bnlint.findings import FileResult, Finding, Report, Severity
+from bnlint.report._common import printable, severity_counts
+from bnlint.rules.registry import RuleSpec
+
+# How many layers the drift table shows; the JSON output carries all of them.
+TOP_LAYERS = 10
+
+_RESET = "\x1b[0m"
+_BOLD = "\x1b[1m"
+_COLORS = {Severity.ERROR: "\x1b[1;31m", Severity.WARNING: "\x1b[33m", Severity.INFO: "\x1b[36m"}
+
+# (key, header, formatter) for the drift table; keys are documented in the JSON schema.
+_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("channels", "channels", "int"),
+    ("mean_abs_smd", "mean|SMD|", "num"),
+    ("max_abs_smd", "max|SMD|", "num"),
+    ("max_kl", "max KL", "num"),
+    ("frac_over_threshold", "over thr", "pct"),
+)
+
+
+def _paint(text: str, code: str, color: bool) -> str:
+    return f"{code}{text}{_RESET}" if color else text
+
+
+def format_finding(finding: Finding, *, color: bool = False) -> str:
+    path = _paint(printable(finding.path), _BOLD, color)
+    where = f"{path}:{printable(finding.layer)}:" if finding.layer is not None else f"{path}:"
+    tag = _paint(f"{finding.code} [{finding.severity.label}]", _COLORS[finding.severity], color)
+    return f"{where} {tag} {printable(finding.message)}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def summary_line(report: Report) -> str:
+    counts = severity_counts(report.findings)
+    unreadable = len(report.errors)
+    line = (
+        f"{_plural(counts[Severity.ERROR], 'error')}, {_plural(counts[Severity.WARNING], 'warning')}, "
+        f"{_plural(counts[Severity.INFO], 'info')} in {_plural(len(report.files), 'file')}"
+    )
+    return line + (f" ({unreadable} unreadable)" if unreadable else "")
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return printable(str(value))
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if kind == "int":
+        return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
+    if kind == "pct":
+        return f"{value:.1%}"
+    return f"{value:.3g}"
+
+
+def _drift_rank(stats: Mapping[str, Any]) -> float:
+    """Sort key: largest max|SMD| first; NaN counts as the worst (a broken layer), missing as none."""
+    value = stats.get("max_abs_smd")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.inf
+    return -math.inf if math.isnan(value) else -float(value)
+
+
+def drift_table(result: FileResult, limit: int = TOP_LAYERS) -> list[str]:
+    """The most drifted layers (by max|SMD|) as an aligned table; [] when there are no stats."""
+    if not result.layer_stats:
+        return []
+    # A stable sort keeps layer order among ties, so the first drifting layer stays first.
+    shown = sorted(result.layer_stats, key=_drift_rank)[:limit]
+    header = ["layer", *(title for _, title, _ in _COLUMNS)]
+    rows = [[_cell(s.get("layer"), "str"), *(_cell(s.get(k), kind) for k, _, kind in _COLUMNS)] for s in shown]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:]))
+        return "  " + "  ".join([first, *rest]).rstrip()
+
+    total = len(result.layer_stats)
+    title = f"{printable(result.path)}: drift by layer, top {len(shown)} of {total} by max|SMD|"
+    return [title, line(header), *(line(r) for r in rows)]
+
+
+def write(
+    report: Report,
+    rules: Mapping[str, RuleSpec],
+    stream: TextIO,
+    *,
+    color: bool = False,
+    quiet: bool = False,
+    tool_version: str = "",
+) -> None:
+    """Write the human-readable report. `rules` and `tool_version` are unused here."""
+    del rules, tool_version
+    lines: list[str] = []
+    for result in report.files:
+        if result.error is not None:
+            label = _paint("error", _COLORS[Severity.ERROR], color)
+            lines.append(f"{_paint(printable(result.path), _BOLD, color)}: {label}: {printable(result.error.message)}")
+        lines.extend(format_finding(f, color=color) for f in result.findings)
+        if not quiet:
+            lines.extend(f"{printable(result.path)}: note: {printable(n)}" for n in result.notes)
+            table = drift_table(result)
+            if table:  # a table stands apart from the finding lines around it
+                if lines and lines[-1]:
+                    lines.append("")
+                lines.extend([*table, ""])
+    if not quiet:
+        while lines and not lines[-1]:
+            lines.pop()
+        lines.extend(["", summary_line(report)] if lines else [summary_line(report)])
+    for text in lines:
+        stream.write(text + "\n")
