@@ -1,0 +1,137 @@
+"""CLI behaviour through click's CliRunner: flags, formats, exit codes, config, baseline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bnlint.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+HEALTHY = "fixtures/convnet_state_dict.pt"
+FAULTY = "fixtures/fault_nan_stats.pt"  # BN101 (error)
+INFO_ONLY = "fixtures/fault_dead_channels.pt"  # BN108 (info)
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+
+
+def run(*args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_healthy_file_exits_0_with_a_summary() -> None:
+    result = run(HEALTHY)
+    assert result.exit_code == 0, result.output
+    assert "0 errors" in result.output
+
+
+def test_faulty_file_exits_1_and_names_layer_and_code() -> None:
+    result = run(FAULTY)
+    assert result.exit_code == 1
+    assert "BN101" in result.output and "running_var" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        ((INFO_ONLY,), 0),
+        ((INFO_ONLY, "--fail-on", "info"), 1),
+        ((FAULTY, "--fail-on", "never"), 0),
+        ((FAULTY, "--ignore", "BN1"), 0),
+        ((FAULTY, "--select", "BN2,BN3"), 0),
+        ((FAULTY, "--select", "BN101"), 1),
+    ],
+)
+def test_fail_on_select_and_ignore(args: tuple[str, ...], code: int) -> None:
+    assert run(*args).exit_code == code
+
+
+def test_missing_file_is_one_line_exit_2() -> None:
+    result = run("does/not/exist.pt")
+    assert result.exit_code == 2
+    assert "does/not/exist.pt" in result.output and "no such file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_no_paths_is_a_clean_no_op() -> None:
+    """What a hook or a script passing an empty file list gets: exit 0, no output."""
+    result = run("check")
+    assert result.exit_code == 0 and result.output == ""
+
+
+def test_bare_command_prints_help() -> None:
+    result = run()
+    assert result.exit_code == 0 and "bnlint model.pt" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["json", "sarif", "github", "junit", "text"])
+def test_every_format_writes_to_output_file(tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"report.{fmt}"
+    result = run(FAULTY, "--format", fmt, "--output", str(out))
+    assert result.exit_code == 1 and result.stdout == ""
+    text = out.read_text()
+    assert "BN101" in text
+    if fmt in ("json", "sarif"):
+        json.loads(text)
+    if fmt == "junit":
+        ET.fromstring(text)
+    if fmt == "github":
+        assert text.startswith("::error file=fixtures/fault_nan_stats.pt")
+
+
+def test_color_always_uses_ansi_and_never_does_not() -> None:
+    assert "\x1b[" in run(FAULTY, "--color", "always").output
+    assert "\x1b[" not in run(FAULTY, "--color", "never").output
+
+
+def test_rules_table_and_rule_page() -> None:
+    table = run("rules")
+    assert table.exit_code == 0 and "BN403" in table.output and "frozen-bn-in-train-mode" in table.output
+    page = run("rule", "bn403")
+    assert page.exit_code == 0 and "## Why is this bad?" in page.output
+    assert run("rule", "BN999").exit_code == 2
+
+
+def test_config_file_is_read_and_flags_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(ROOT / FAULTY, tmp_path / "m.pt")
+    (tmp_path / "pyproject.toml").write_text('[tool.bnlint]\nignore = ["BN101"]\n')
+    monkeypatch.chdir(tmp_path)
+    assert run("m.pt").exit_code == 0
+    assert run("m.pt", "--ignore", "BN2").exit_code == 1
+    (tmp_path / "pyproject.toml").write_text('[tool.bnlint]\nbogus = 1\n')
+    result = run("m.pt")
+    assert result.exit_code == 2 and "unknown [tool.bnlint] key" in result.output
+
+
+def test_per_layer_ignore_by_glob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(ROOT / FAULTY, tmp_path / "m.pt")
+    monkeypatch.chdir(tmp_path)
+    layers = {f["layer"] for f in json.loads(run("m.pt", "--format", "json").stdout)["files"][0]["findings"]}
+    globs = "\n".join(f'"{layer}" = ["BN1"]' for layer in layers)
+    (tmp_path / "bnlint.toml").write_text(f"[per-layer-ignores]\n{globs}\n")
+    assert run("m.pt").exit_code == 0
+
+
+def test_baseline_round_trip_reports_only_new_findings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(ROOT / FAULTY, tmp_path / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    assert run("model.pt", "--baseline", "base.json", "--write-baseline").exit_code == 0
+    assert run("model.pt", "--baseline", "base.json").exit_code == 0
+    # A new fault appears in the same file: only it is reported.
+    shutil.copy(ROOT / "fixtures/fault_half_buffers.pt", tmp_path / "model.pt")
+    payload = json.loads(run("model.pt", "--baseline", "base.json", "--format", "json").stdout)
+    assert {f["code"] for f in payload["files"][0]["findings"]} == {"BN201"}
+    assert run("model.pt", "--baseline", "missing.json").exit_code == 2
+
+
+def test_bad_flag_values_exit_2() -> None:
+    assert run(HEALTHY, "--format", "xml").exit_code == 2
+    assert run(HEALTHY, "--input", "novalue", "--data", "x.npz").exit_code == 2
