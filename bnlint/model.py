@@ -7,7 +7,7 @@ where the bytes are, and only the tensors a rule asks for are ever read from dis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -123,7 +123,9 @@ class ModelInfo:
     format: str
     layers: list[BNLayer] = field(default_factory=list)
     modules: dict[str, ModuleRecord] = field(default_factory=dict)
-    graph: "nx.DiGraph | None" = None
+    # Builds the networkx graph on first use of `.graph`: importing networkx costs ~0.1 s,
+    # which a pre-commit run of rules that never walk the graph should not pay.
+    graph_factory: "Callable[[], nx.DiGraph] | None" = field(default=None, repr=False)
     # Format-specific facts rules may use. Documented keys:
     #   producer, opset (ONNX); hyper_parameters (Lightning); key_prefix ("module." etc.);
     #   averaged_buffers (names of n_averaged buffers: SWA/EMA); traced_training_bn (TorchScript
@@ -133,6 +135,15 @@ class ModelInfo:
     # Qualified names of pickle globals the safe reader refused to import (never executed).
     unsafe_globals: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    _graph: "nx.DiGraph | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def graph(self) -> "nx.DiGraph | None":
+        """The network as a networkx DiGraph (ONNX: one node per ONNX node, edges producer -> consumer)."""
+        if self._graph is None and self.graph_factory is not None:
+            self._graph = self.graph_factory()
+        return self._graph
 
     def layer(self, name: str) -> BNLayer | None:
         return next((layer for layer in self.layers if layer.name == name), None)

@@ -13,13 +13,15 @@ from collections import ChainMap, Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import networkx as nx
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 from bnlint.errors import InputError
 from bnlint.model import ArrayTensor, BNLayer, ModelInfo, TensorRef
@@ -433,8 +435,41 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None) for d in tensor_type.shape.dim]
 
 
-def build_graph(graph: onnx.GraphProto) -> nx.DiGraph:
+def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
+    """Node indices in topological order (file order where free; Kahn's algorithm), None on a cycle.
+
+    The ONNX spec requires sorted nodes, but files in the wild break it. Pure Python on purpose:
+    importing networkx for this would cost more than the whole lint of a typical file.
+    """
+    import heapq
+
+    produced = {out: index for index, node in enumerate(graph.node) for out in node.output if out}
+    children: list[list[int]] = [[] for _ in graph.node]
+    waiting = [0] * len(graph.node)
+    for index, node in enumerate(graph.node):
+        names = set(node.input)
+        for _, sub in _subgraphs(node):
+            names.update(_used_names(sub))
+        for source in {produced[n] for n in names if n in produced and produced[n] != index}:
+            children[source].append(index)
+            waiting[index] += 1
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for child in children[index]:
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                heapq.heappush(ready, child)
+    return order if len(order) == len(graph.node) else None
+
+
+def build_graph(graph: onnx.GraphProto) -> "nx.DiGraph":
     """One node per top-level ONNX node (key: its index), edges producer -> consumer."""
+    import networkx as nx
+
     g = nx.DiGraph(name=graph.name)
     produced: dict[str, int] = {}
     for index, node in enumerate(graph.node):
@@ -461,11 +496,9 @@ def load_onnx(path: Path) -> ModelInfo:
     model = _parse(path)
     opsets = {(entry.domain or "ai.onnx"): int(entry.version) for entry in model.opset_import}
     opset = opsets.get("ai.onnx")
-    graph = build_graph(model.graph)
     notes = []
-    try:
-        order = list(nx.lexicographical_topological_sort(graph))
-    except nx.NetworkXUnfeasible:
+    order = _topological_order(model.graph)
+    if order is None:
         order = list(range(len(model.graph.node)))
         notes.append("the ONNX graph has a cycle; layers are listed in file order")
     reader = _Reader(path, opset)
@@ -498,4 +531,7 @@ def load_onnx(path: Path) -> ModelInfo:
         "onnx_model": model,  # for dynamic analysis / rules; not serialisable, never printed
         "onnx_tensors": reader.top_tensors,  # lazy refs of initializers and Constant outputs, by name
     }
-    return ModelInfo(path=str(path), format="onnx", layers=layers, graph=graph, metadata=metadata, notes=notes)
+    return ModelInfo(
+        path=str(path), format="onnx", layers=layers, metadata=metadata, notes=notes,
+        graph_factory=lambda: build_graph(model.graph),
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-import networkx as nx
 import numpy as np
 
 from bnlint.findings import Severity
@@ -217,7 +216,7 @@ def bn_folded(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """
     if model.format != "onnx" or not model.metadata.get("folded_bn"):
         return
-    ops = [data.get("op_type") for _, data in model.graph.nodes(data=True)] if model.graph is not None else []
+    ops = [data["op_type"] for _, data in _nodes(model)]
     conv, gemm = ops.count("Conv"), ops.count("Gemm")
     yield Hit(
         message=f"no BatchNormalization node but {conv} Conv and {gemm} Gemm nodes: BatchNorm was probably folded "
@@ -226,11 +225,25 @@ def bn_folded(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     )
 
 
-def _weight_nodes(model: ModelInfo, ops: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
-    if model.format != "onnx" or model.graph is None:
+def _nodes(model: ModelInfo) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Top-level ONNX nodes as (index, attributes) read from the proto: cheap, no networkx."""
+    proto = model.metadata.get("onnx_model") if model.format == "onnx" else None
+    if proto is None:
         return
-    for index, data in model.graph.nodes(data=True):
-        if data.get("op_type") in ops:
+    for index, node in enumerate(proto.graph.node):
+        yield index, {"op_type": node.op_type, "name": node.name, "inputs": list(node.input), "outputs": list(node.output)}
+
+
+def _weight_nodes(model: ModelInfo, ops: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Nodes of these ops that no BatchNormalization follows: where a folded BN would have gone.
+
+    Where a BN node follows, its own statistics are linted directly (BN1xx) and the raw weights
+    are rescaled by it, so reading every convolution's weights would cost time for nothing.
+    """
+    nodes = list(_nodes(model))
+    bn_inputs = {data["inputs"][0] for _, data in nodes if data["op_type"] == "BatchNormalization" and data["inputs"]}
+    for index, data in nodes:
+        if data["op_type"] in ops and not bn_inputs.intersection(data["outputs"]):
             yield index, data
 
 
@@ -245,7 +258,8 @@ def _weight_nodes(model: ModelInfo, ops: tuple[str, ...]) -> Iterator[tuple[int,
 def folded_weights_nonfinite(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Checks the stored weights and biases of every Conv, ConvTranspose, Gemm and MatMul node
-    of an ONNX graph for NaN and infinite values.
+    of an ONNX graph that no BatchNormalization node follows (where a folded BN ends up) for
+    NaN and infinite values.
 
     ## Why is this bad?
     A non-finite weight makes every output it touches NaN. When BN was folded at export, this
@@ -334,10 +348,7 @@ def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     - Xilinx/brevitas#388 (folded BN scales overflow); pytorch/vision#2599 (near-zero running_var).
     """
     ratio_limit = ctx.config.threshold("folded_scale_outlier_ratio")
-    graph = model.graph
     for index, data in _weight_nodes(model, ("Conv", "Gemm", "MatMul")):
-        if graph is not None and any(graph.nodes[s].get("op_type") == "BatchNormalization" for s in graph.successors(index)):
-            continue  # a BN right after rescales every channel: the raw weight norms do not matter
         inputs = data.get("inputs") or []
         ref = _onnx_tensor(model, inputs[1] if len(inputs) > 1 else "")
         if ref is None or not _is_float(ref):
@@ -393,14 +404,16 @@ def fixed_batch_one_training(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit
     - fastai/fastai#1352 ("Expected more than 1 value per channel when training").
     - ONNX operator spec: BatchNormalization.
     """
-    graph = model.graph
-    if model.format != "onnx" or graph is None:
+    if model.format != "onnx":
         return
     batch_one = [entry["name"] for entry in model.metadata.get("inputs") or [] if entry.get("batch") == 1]
     risky = {layer.extra.get("node"): layer for layer in model.layers
              if layer.extra.get("node") is not None and (layer.training or layer.extra.get("stats_source") == "computed")}
-    if not batch_one or not risky:
+    graph = model.graph if batch_one and risky else None  # built (networkx imported) only when needed
+    if graph is None:
         return
+    import networkx as nx  # only here: the one rule that walks the graph
+
     fed_by: dict[int, list[str]] = {}
     for name in batch_one:
         starts = [n for n, data in graph.nodes(data=True) if name in (data.get("inputs") or [])]
