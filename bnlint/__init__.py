@@ -18,3 +18,9 @@ def lint(path_or_module: Any, data: Any = None, config: Any = None, **options: A
     from bnlint.api import lint as _lint
 
     return _lint(path_or_module, data=data, config=config, **options)
+
+
+# The training-loop guard: importing it does not import torch (that happens when a guard is created).
+from bnlint.training_guard import BatchNormGuard, BnlintGuardError, BnlintWarning, guard  # noqa: E402
+
+__all__ = ["BatchNormGuard", "BnlintGuardError", "BnlintWarning", "guard", "lint", "__version__"]

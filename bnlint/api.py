@@ -85,14 +85,33 @@ def lint_paths(
     *,
     reference: str | os.PathLike[str] | None = None,
     dynamic: Any = None,
+    skip_unrecognised: bool = False,
 ) -> Report:
+    """Lint every file; with skip_unrecognised, files in no model format become notes, not errors."""
     config = config or Config()
     files, notes = expand_paths(paths)
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
     for file in files:
+        if skip_unrecognised and _not_a_model(file, report):
+            continue
         report.files.append(lint_file(file, config, reference=reference_model, dynamic=dynamic))
     return report
+
+
+def _not_a_model(file: Path, report: Report) -> bool:
+    """True (and a note) for a file in no model format; missing/unreadable files are left to lint_file."""
+    from bnlint.errors import NotAModel
+    from bnlint.loaders import sniff
+
+    try:
+        sniff(file)
+    except NotAModel as exc:
+        report.notes.append(f"{_display(file)}: skipped: {exc.problem}")
+        return True
+    except InputError:
+        pass
+    return False
 
 
 def lint(

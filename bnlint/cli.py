@@ -68,12 +68,13 @@ def main(ctx: click.Context) -> None:
 @click.option("--trust", is_flag=True, help="Allow running code from the input file (needed only to run a pickled nn.Module).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Report only findings not in this baseline file.")
+@click.option("--skip-unrecognised", is_flag=True, help="Skip files in no model format (e.g. Git LFS pointers) with a note instead of an error (the pre-commit hook uses this).")
 @click.option("--write-baseline", is_flag=True, help="Write the current findings to --baseline and exit 0.")
 def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tuple[str, ...], fail_on: str | None,
           output: str | None, quiet: bool, color: str, config_path: str | None, reference: str | None,
           data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
           arch: str | None, arch_kwargs: str | None, trust: bool, device: str, baseline: str | None,
-          write_baseline: bool) -> None:
+          write_baseline: bool, skip_unrecognised: bool) -> None:
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx files)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
@@ -90,7 +91,7 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
                 raise BnlintError("--data needs a model file to run")
             # Nothing to lint (e.g. a pre-commit hook with no model files staged): clean exit.
             sys.exit(EXIT_CLEAN)
-        report = lint_paths(paths, config, reference=reference, dynamic=dynamic)
+        report = lint_paths(paths, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised)
         if baseline:
             from bnlint.baseline import apply_baseline, write_baseline_file
 

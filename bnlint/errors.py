@@ -16,6 +16,10 @@ class InputError(BnlintError):
         self.problem = problem
 
 
+class NotAModel(InputError):
+    """The file is in no format bnlint reads (not a model, or a Git LFS pointer); --skip-unrecognised makes it a note."""
+
+
 class DataError(InputError):
     """The --data sample cannot be used with this model (shape, dtype, NaN, missing key)."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bnlint.errors import InputError
+from bnlint.errors import InputError, NotAModel
 from bnlint.model import ModelInfo
 
 # Extensions searched for when a folder is given on the command line.
@@ -40,9 +40,11 @@ def sniff(path: Path) -> str:
         return "safetensors"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "pickle"
+    if head == b"version https://":  # before the .onnx check: an LFS pointer keeps the model's name
+        raise NotAModel(str(path), "a Git LFS pointer, not the model (run `git lfs pull`)")
     if path.suffix.lower() == ".onnx" or head[:1] in (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x3a", b"\x42"):
         return "onnx"
-    raise InputError(str(path), "not a recognised model file (expected a PyTorch checkpoint, TorchScript, safetensors or ONNX)")
+    raise NotAModel(str(path), "not a recognised model file (expected a PyTorch checkpoint, TorchScript, safetensors or ONNX)")
 
 
 def load_model(path: str | os.PathLike[str]) -> ModelInfo:
