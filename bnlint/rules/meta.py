@@ -14,7 +14,7 @@ from bnlint.rules.registry import Hit, rule
     name="unsafe-pickle-global",
     severity=Severity.ERROR,
     summary="The checkpoint's pickle references code outside the tensor allowlist (never executed).",
-    fix="Do not load this file with torch.load(weights_only=False) or pickle; re-save the weights from a trusted source.",
+    fix="Never load this file with pickle or torch.load without weights_only=True; re-save the weights from a trusted source.",
     scope="model",
 )
 def unsafe_pickle_global(model: ModelInfo, ctx: object) -> Iterator[Hit]:
@@ -24,7 +24,7 @@ def unsafe_pickle_global(model: ModelInfo, ctx: object) -> Iterator[Hit]:
     them: it replaces every unknown global with an inert stub.
 
     ## Why is this bad?
-    `torch.load(path, weights_only=False)` (the default before PyTorch 2.6) and `pickle.load`
+    `torch.load` without `weights_only=True` (the default before PyTorch 2.6) and `pickle.load`
     call whatever the file names. A checkpoint that names `os.system` runs a shell command on
     the machine of whoever loads it.
 
@@ -43,7 +43,7 @@ def unsafe_pickle_global(model: ModelInfo, ctx: object) -> Iterator[Hit]:
         names = sorted(set(model.unsafe_globals))
         yield Hit(
             message=f"pickle references {len(names)} unsafe callable(s): {', '.join(names[:5])} "
-            "(not executed; loading this file with torch.load(weights_only=False) would run them)",
+            "(not executed; torch.load without weights_only=True would run them)",
             values={"globals": names},
         )
 
