@@ -52,7 +52,7 @@ def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any
     try:
         model = load_model(path)
     except BnlintError as exc:
-        result.error = FileError(path=shown, message=_problem(exc))
+        result.error = FileError(path=shown, message=_problem(exc, path))
         return result
     model.path = shown
     result.format = model.format
@@ -66,7 +66,7 @@ def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any
 
             outcome = run_dynamic(model, dynamic, config)
         except BnlintError as exc:
-            result.error = FileError(path=shown, message=_problem(exc))
+            result.error = FileError(path=shown, message=_problem(exc, path))
             return result
         result.findings.extend(outcome.findings)
         result.layer_stats.extend(outcome.layer_stats)
@@ -75,8 +75,12 @@ def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any
     return result
 
 
-def _problem(exc: BnlintError) -> str:
-    return exc.problem if isinstance(exc, InputError) else str(exc)
+def _problem(exc: BnlintError, path: Path) -> str:
+    """The message for a FileError of `path`: the problem alone when it is about that file,
+    prefixed with the other file's name otherwise (a --data sample, a reference checkpoint)."""
+    if isinstance(exc, InputError) and Path(exc.path) == path:
+        return exc.problem
+    return str(exc)
 
 
 def lint_paths(

@@ -1,0 +1,277 @@
+"""The --data sample: .npz, .npy or a folder of .npy/.npz shards, streamed batch by batch.
+
+Arrays are never unpickled: object dtypes are refused, and any whole-array read goes through
+`np.load(allow_pickle=False)`. C-ordered arrays (nearly all) are read sequentially from the .npy
+bytes (inside the .npz zip too, compressed or not), one batch at a time, so memory stays flat
+however large the sample is; a Fortran-ordered .npy falls back to `np.load(mmap_mode="r")`.
+Every problem is a one-line DataError(path, problem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from bnlint.errors import DataError
+
+# When a model has one input and the file several arrays, these names are taken as the input.
+INPUT_NAMES = ("x", "input", "inputs", "data", "images", "image", "features", "X")
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One stored array: a .npy file, or one .npy inside an .npz."""
+
+    path: str
+    member: str | None  # name inside the zip, None for a plain .npy
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int  # where the data starts in a plain .npy
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[IO[bytes]]:
+        """A stream positioned at the first data byte; closes the zip archive too."""
+        with contextlib.ExitStack() as stack:
+            if self.member is None:
+                handle: IO[bytes] = stack.enter_context(open(self.path, "rb"))
+                handle.seek(self.offset)
+            else:
+                archive = stack.enter_context(zipfile.ZipFile(self.path))
+                handle = stack.enter_context(archive.open(self.member))
+                _read_header(handle, self.path)
+            yield handle
+
+    def read_all(self) -> np.ndarray:
+        if self.member is None:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        with np.load(self.path, allow_pickle=False) as archive:
+            return archive[self.member[: -len(".npy")]]
+
+
+def _read_header(handle: IO[bytes], path: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(handle)
+        else:
+            shape, fortran, dtype = fmt._read_array_header(handle, version)  # 3.0: utf-8 field names
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise DataError(path, f"not a valid .npy array ({exc})") from None
+    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
+
+
+def _npy_member(path: str) -> _Member:
+    try:
+        with open(path, "rb") as handle:
+            shape, fortran, dtype = _read_header(handle, path)
+            offset = handle.tell()
+    except FileNotFoundError:
+        raise DataError(path, "no such file") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+    return _Member(path, None, shape, dtype, fortran, offset)
+
+
+def _npz_members(path: str) -> dict[str, _Member]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise DataError(path, "no such file") from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(path, f"not a valid .npz archive ({exc})") from None
+    members: dict[str, _Member] = {}
+    with archive:
+        for name in archive.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with archive.open(name) as stream:
+                shape, fortran, dtype = _read_header(stream, f"{path}[{name[:-4]}]")
+            members[name[:-4]] = _Member(path, name, shape, dtype, fortran, 0)
+    if not members:
+        raise DataError(path, "the .npz archive holds no arrays")
+    return members
+
+
+class ArraySource:
+    """One named array, possibly split over shards along the sample axis, read in batches."""
+
+    def __init__(self, key: str, members: Sequence[_Member], where: str) -> None:
+        self.key = key
+        self.members = list(members)
+        self.where = where
+        first = members[0]
+        for member in members:
+            self._check(member)
+            if member.shape[1:] != first.shape[1:]:
+                raise DataError(member.path, f"array '{key}' has per-sample shape {member.shape[1:]} but the first shard has {first.shape[1:]}")
+        self.samples = sum(m.shape[0] for m in members)
+        self.sample_shape = first.shape[1:]
+        self.dtype = first.dtype
+        if self.samples == 0:
+            raise DataError(where, f"array '{key}' is empty (shape {_shape(first.shape, 0)})")
+
+    def _check(self, member: _Member) -> None:
+        label = f"array '{self.key}'"
+        if member.dtype.hasobject or member.dtype.kind not in "biuf":
+            kind = "object (would need pickle)" if member.dtype.hasobject else str(member.dtype)
+            raise DataError(member.path, f"{label} has non-numeric dtype {kind}; bnlint needs numbers (int, float or bool)")
+        if not member.shape:
+            raise DataError(member.path, f"{label} is a scalar; expected samples along the first axis")
+        if any(d == 0 for d in member.shape[1:]):
+            raise DataError(member.path, f"{label} is empty (shape {member.shape})")
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+        """Consecutive batches of `batch_size` samples (the last may be short), checked for NaN/Inf."""
+        total = self.samples if limit is None else min(limit, self.samples)
+        pending: list[np.ndarray] = []
+        held = done = 0
+        for member in self.members:
+            for chunk in self._read(member, batch_size):
+                chunk = chunk[: total - done - held]
+                if chunk.shape[0] == 0:
+                    break
+                pending.append(chunk)
+                held += chunk.shape[0]
+                while held >= batch_size or (held and done + held >= total):
+                    batch, pending, held = _split(pending, held, batch_size)
+                    self._check_finite(batch, done)
+                    done += batch.shape[0]
+                    yield batch
+            if done + held >= total:
+                break
+
+    def _read(self, member: _Member, batch_size: int) -> Iterator[np.ndarray]:
+        rows = member.shape[0]
+        if member.fortran and len(member.shape) > 1:
+            array = member.read_all()  # Fortran order cannot be read sample by sample from the bytes
+            for start in range(0, rows, batch_size):
+                yield np.ascontiguousarray(array[start : start + batch_size])
+            return
+        per_sample = int(np.prod(member.shape[1:], dtype=np.int64)) * member.dtype.itemsize
+        with member.open() as handle:
+            for start in range(0, rows, batch_size):
+                count = min(batch_size, rows - start)
+                batch = np.empty((count, *member.shape[1:]), dtype=member.dtype)  # writable, unlike frombuffer(bytes)
+                if handle.readinto(memoryview(batch.reshape(-1)).cast("B")) != count * per_sample:
+                    raise DataError(member.path, f"array '{self.key}' is truncated (expected {rows} samples)")
+                yield batch
+
+    def _check_finite(self, batch: np.ndarray, start: int) -> None:
+        if batch.dtype.kind != "f":
+            return
+        finite = np.isfinite(batch.reshape(batch.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            index = int(np.argmin(finite))
+            bad = "NaN" if np.isnan(batch[index]).any() else "Inf"
+            raise DataError(self.where, f"array '{self.key}' holds {bad} at sample {start + index}; drop or repair those samples")
+
+
+def _split(pending: list[np.ndarray], held: int, size: int) -> tuple[np.ndarray, list[np.ndarray], int]:
+    joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
+    batch, rest = joined[:size], joined[size:]
+    return batch, ([rest] if rest.shape[0] else []), held - batch.shape[0]
+
+
+def _shape(shape: tuple[int, ...], samples: int | str) -> str:
+    return "(" + ", ".join([str(samples), *(str(d) for d in shape[1:])]) + ")"
+
+
+class Dataset:
+    """Every array of a --data path, by key; shards of a folder are concatenated per key."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        folder = Path(self.path)
+        if folder.is_dir():
+            files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
+            if not files:
+                raise DataError(self.path, "folder holds no .npy or .npz shards")
+            kinds = {p.suffix for p in files}
+            if len(kinds) > 1:
+                raise DataError(self.path, "folder mixes .npy and .npz shards; use one kind")
+            shards = [self._members(str(p)) for p in files]
+            keys = list(shards[0])
+            for file, shard in zip(files, shards):
+                if list(shard) != keys:
+                    raise DataError(str(file), f"shard holds arrays {sorted(shard)} but the first shard holds {sorted(keys)}")
+            self.sources = {k: ArraySource(k, [s[k] for s in shards], self.path) for k in keys}
+        else:
+            if not folder.exists():
+                raise DataError(self.path, "no such file or folder")
+            members = self._members(self.path)
+            self.sources = {k: ArraySource(k, [m], self.path) for k, m in members.items()}
+
+    @staticmethod
+    def _members(path: str) -> dict[str, _Member]:
+        if path.endswith(".npy"):
+            return {"x": _npy_member(path)}
+        if path.endswith(".npz"):
+            return _npz_members(path)
+        raise DataError(path, "unsupported data file (expected .npz, .npy or a folder of them)")
+
+    def select(self, model_inputs: Sequence[str], mapping: Mapping[str, str]) -> list[ArraySource]:
+        """The arrays that feed the model's inputs, in the model's order."""
+        unknown = [name for name in mapping if name not in model_inputs]
+        if unknown and model_inputs:
+            raise DataError(self.path, f"--input names {', '.join(unknown)} but the model's inputs are {', '.join(model_inputs)}")
+        keys = list(self.sources)
+        chosen: list[ArraySource] = []
+        for name in model_inputs:
+            key = mapping.get(name) or self._guess(name, len(model_inputs))
+            if key not in self.sources:
+                raise DataError(self.path, f"no array '{key}' for model input '{name}' (arrays: {', '.join(keys)}); map one with --input {name}=KEY")
+            chosen.append(self.sources[key])
+        lengths = {s.key: s.samples for s in chosen}
+        if len(set(lengths.values())) > 1:
+            raise DataError(self.path, "model inputs have different sample counts: " + ", ".join(f"'{k}' {n}" for k, n in lengths.items()))
+        return chosen
+
+    def _guess(self, name: str, inputs: int) -> str:
+        if name in self.sources:
+            return name
+        if len(self.sources) == 1:
+            return next(iter(self.sources))
+        if inputs == 1:
+            common = [k for k in INPUT_NAMES if k in self.sources]
+            if len(common) == 1:
+                return common[0]
+        raise DataError(self.path, f"cannot tell which array feeds model input '{name}' (arrays: {', '.join(self.sources)}); say --input {name}=KEY")
+
+
+def check_layout(source: ArraySource, expected: Sequence[int | None] | None, input_name: str, where: str) -> None:
+    """Compare an array's per-sample shape with what the model input expects (None = any size)."""
+    if expected is None:
+        return
+    got = source.sample_shape
+    if len(got) == len(expected) and _fits(got, expected):
+        return
+    want = _shape((0, *[("?" if e is None else e) for e in expected]), "N")  # type: ignore[arg-type]
+    have = _shape((0, *got), "N")
+    hint = ""
+    if len(got) == len(expected) >= 2 and _fits(got, (*expected[1:], expected[0])):
+        hint = " (the data looks channels-last, NHWC; the model expects channels-first, NCHW: np.moveaxis(x, -1, 1))"
+    elif len(got) == len(expected) >= 2 and _fits(got, (expected[-1], *expected[:-1])):
+        hint = " (the data looks channels-first, NCHW; the model expects channels-last, NHWC: np.moveaxis(x, 1, -1))"
+    raise DataError(where, f"array '{source.key}' has shape {have} but model input '{input_name}' expects {want}{hint}")
+
+
+def _fits(got: Sequence[int], expected: Sequence[int | None]) -> bool:
+    return all(e is None or e == g for e, g in zip(expected, got))
+
+
+def zip_batches(sources: Sequence[ArraySource], batch_size: int, limit: int | None = None) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """(first sample index, one batch per source) in lockstep."""
+    start = 0
+    for batch in zip(*(s.batches(batch_size, limit) for s in sources)):
+        yield start, list(batch)
+        start += batch[0].shape[0]

@@ -1,0 +1,89 @@
+"""Forward hooks on the BatchNorm modules of a live nn.Module: always removed, whatever happens.
+
+A forward *pre*-hook sees exactly the tensor BatchNorm normalises. It reduces it on its own device
+to per-sample float32 mean and variance (one pass over memory the previous layer just wrote; the
+float64 merging in stats.py then touches only (N, C) numbers) and records the effective batch
+size, N * spatial values per channel, like fvcore's precise BN does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+FROZEN_BN_NAMES = ("FrozenBatchNorm2d", "FrozenBatchNorm")
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """torch BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants, and torchvision/detectron2 FrozenBatchNorm."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return isinstance(module, _BatchNorm) or type(module).__name__ in FROZEN_BN_NAMES
+
+
+def per_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Population variance and mean of each (sample, channel) over the other axes: (N, C) each."""
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # half/bfloat16 reductions lose too much
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    return torch.var_mean(flat, dim=2, correction=0)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, and restore each one's own flag afterwards."""
+    flags = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        yield module
+    finally:
+        for sub, flag in flags.items():
+            sub.training = flag
+
+
+@contextlib.contextmanager
+def record_inputs(layers: dict[str, nn.Module], add: Callable[[str, Any, Any, int], None]) -> Iterator[None]:
+    """Pre-hooks that pass each BN layer's per-sample input moments to `add`; removed in `finally`."""
+    handles = []
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] > 0:
+                var, mean = per_sample_moments(x)
+                add(name, var, mean, x[0, 0].numel())
+
+        return hook
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture_io(layers: dict[str, nn.Module], store: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> Iterator[None]:
+    """Keep a copy of each BN layer's input and output (for the few-sample batch-dependence run)."""
+    handles = []
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                store.setdefault(name, []).append((args[0].detach().clone(), output.detach().clone()))
+
+        return hook
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_hook(hook_for(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

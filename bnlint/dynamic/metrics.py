@@ -1,0 +1,225 @@
+"""Drift of a layer's target-data statistics from its stored running statistics, and its noise.
+
+Per channel, with v = variance + the layer's eps (what BatchNorm divides by):
+
+- SMD = (mean_t - running_mean) / sqrt(v_r): exactly the mean of the eval-mode normalised
+  activation on the target data (0 when the stored statistics fit).
+- LVR = ln(v_t / v_r): that activation's variance is e^LVR (0 when they fit).
+- KL(N_t || N_r) = 0.5 * (e^LVR - LVR - 1 + SMD^2): the Gaussian KL divergence, a function of
+  SMD and LVR only; about SMD^2/2 + LVR^2/4 for small drift.
+- W2 / sqrt(v_r) = sqrt(SMD^2 + (e^(LVR/2) - 1)^2): the 2-Wasserstein distance in the same units.
+
+Significance: the sample's own noise is measured with a delete-a-group jackknife over K
+interleaved groups of whole samples (see stats.py), giving per-channel standard errors of SMD and
+LVR. Their squares give the KL a finite sample shows with *no* drift at all (the noise floor,
+about SMD_se^2/2 + LVR_se^2/4 per channel); a layer's drift counts only when its mean KL stands
+well above that floor, so small samples do not raise false alarms. The effective sample size
+n_eff = var_t / SE(mean_t)^2 says how many independent values the sample was worth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bnlint.dynamic.stats import LayerMoments
+
+MIN_PSEUDO_BATCHES = 4  # below this, the spread of pseudo-batch statistics is too noisy to use
+
+
+def drift(mean_t: np.ndarray, var_t: np.ndarray, mean_r: np.ndarray, var_r: np.ndarray, eps: float) -> dict[str, np.ndarray]:
+    """Per-channel SMD, LVR, KL and W2 of N(mean_t, var_t) against N(mean_r, var_r), eps added to both."""
+    v_t, v_r = var_t + eps, np.maximum(var_r + eps, np.finfo(np.float64).tiny)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        smd = (mean_t - mean_r) / np.sqrt(v_r)
+        lvr = np.log(np.maximum(v_t, np.finfo(np.float64).tiny) / v_r)
+        kl = 0.5 * (np.expm1(lvr) - lvr + smd * smd)
+        w2 = np.sqrt(smd * smd + np.expm1(lvr / 2) ** 2)
+    return {"smd": smd, "lvr": lvr, "kl": kl, "w2": w2}
+
+
+def _leave_one_out(moments: LayerMoments) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance per channel with each non-empty group left out in turn: (G, C) each."""
+    count, mean, m2 = moments.group_count, moments.group_mean, moments.group_m2
+    keep = count > 0
+    count, mean, m2 = count[keep], mean[keep], m2[keep]
+    total = count.sum()
+    grand = (count[:, None] * mean).sum(0) / total
+    m2_total = m2.sum(0) + (count[:, None] * (mean - grand) ** 2).sum(0)
+    rest = (total - count)[:, None]
+    rest_mean = (total * grand - count[:, None] * mean) / rest
+    # Chan's update run backwards: M2 = M2_rest + M2_g + delta^2 * n_rest * n_g / n
+    rest_m2 = m2_total - m2 - (mean - rest_mean) ** 2 * rest * count[:, None] / total
+    return rest_mean, np.maximum(rest_m2, 0.0) / rest
+
+
+def _jackknife_se(estimates: np.ndarray) -> np.ndarray:
+    """Jackknife standard error from leave-one-group-out estimates along axis 0."""
+    groups = estimates.shape[0]
+    spread = estimates - estimates.mean(0)
+    return np.sqrt((groups - 1) / groups * (spread * spread).sum(0))
+
+
+@dataclass
+class LayerDrift:
+    """Every number the dynamic rules and the JSON output need about one layer."""
+
+    name: str
+    order: int  # execution (graph) order: drift onset is the first drifting layer in this order
+    channels: int
+    eps: float
+    samples: int
+    values_per_sample: int
+    mean_t: np.ndarray
+    var_t: np.ndarray
+    has_running_stats: bool
+    per_channel: dict[str, np.ndarray] = field(default_factory=dict)  # smd, lvr, kl, w2, se_smd, se_lvr
+    summary: dict[str, float | None] = field(default_factory=dict)
+    batch_size: int | None = None
+    batch_noise: dict[str, Any] = field(default_factory=dict)
+    calls_per_forward: int = 1
+
+    @property
+    def values_per_batch(self) -> int | None:
+        """Values per channel BatchNorm would see in one training batch of `batch_size` samples."""
+        return None if self.batch_size is None else self.batch_size * self.values_per_sample
+
+
+def analyse_layer(
+    name: str,
+    order: int,
+    moments: LayerMoments,
+    eps: float,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None = None,
+) -> LayerDrift:
+    mean_t, var_t = moments.totals()
+    channels = mean_t.size
+    has_stats = running_mean is not None and running_var is not None and running_mean.size == channels and running_var.size == channels
+    layer = LayerDrift(name=name, order=order, channels=channels, eps=eps, samples=moments.samples,
+                       values_per_sample=moments.values_per_sample, mean_t=mean_t, var_t=var_t, has_running_stats=has_stats)
+    groups = int((moments.group_count > 0).sum())
+    summary: dict[str, float | None] = {"groups": float(groups)}
+    if groups >= 2:
+        rest_mean, rest_var = _leave_one_out(moments)
+        se_mean = _jackknife_se(rest_mean)
+        se_logvar = _jackknife_se(np.log(rest_var + eps))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            n_eff = var_t / (se_mean * se_mean)
+        summary["effective_n"] = float(np.nanmedian(np.where(np.isfinite(n_eff), n_eff, np.nan))) if np.isfinite(n_eff).any() else None
+    else:
+        rest_mean = rest_var = None
+        se_mean = se_logvar = np.full(channels, np.nan)
+        summary["effective_n"] = None
+    if has_stats and running_mean is not None and running_var is not None:
+        metrics = drift(mean_t, var_t, running_mean, running_var, eps)
+        v_r = np.maximum(running_var + eps, np.finfo(np.float64).tiny)
+        metrics["se_smd"] = se_mean / np.sqrt(v_r)
+        metrics["se_lvr"] = se_logvar
+        layer.per_channel = metrics
+        finite = np.isfinite(metrics["kl"])
+        summary.update(_summaries(metrics, finite, weight))
+        floor = 0.5 * metrics["se_smd"] ** 2 + 0.25 * metrics["se_lvr"] ** 2
+        summary["noise_kl"] = float(np.mean(floor[finite])) if finite.any() and groups >= 2 else None
+        if rest_mean is not None and rest_var is not None:
+            loo_kl = [float(np.mean(drift(rest_mean[g], rest_var[g], running_mean, running_var, eps)["kl"][finite])) for g in range(groups)]
+            summary["kl_se"] = float(_jackknife_se(np.asarray(loo_kl)[:, None])[0])
+        else:
+            summary["kl_se"] = None
+    layer.summary = summary
+    if moments.batch_size:
+        layer.batch_size = moments.batch_size
+        layer.batch_noise = _batch_noise(moments, mean_t, var_t, eps)
+    return layer
+
+
+def _summaries(metrics: dict[str, np.ndarray], finite: np.ndarray, weight: np.ndarray | None) -> dict[str, float | None]:
+    if not finite.any():
+        return {"mean_kl": None, "max_kl": None, "nonfinite_channels": float((~finite).sum())}
+    smd, lvr, kl = np.abs(metrics["smd"][finite]), np.abs(metrics["lvr"][finite]), metrics["kl"][finite]
+    out: dict[str, float | None] = {
+        "mean_abs_smd": float(smd.mean()),
+        "max_abs_smd": float(smd.max()),
+        "mean_abs_lvr": float(lvr.mean()),
+        "max_abs_lvr": float(lvr.max()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "mean_w2": float(metrics["w2"][finite].mean()),
+        "max_channel": float(np.flatnonzero(finite)[int(np.argmax(kl))]),
+        "nonfinite_channels": float((~finite).sum()),
+    }
+    if weight is not None and weight.size == finite.size:
+        gamma = np.abs(weight[finite])
+        # channels a dead (gamma ~ 0) unit makes irrelevant should not dominate the summary
+        out["gamma_weighted_kl"] = float((gamma * kl).sum() / gamma.sum()) if gamma.sum() > 0 else None
+    return out
+
+
+def _batch_noise(moments: LayerMoments, mean_t: np.ndarray, var_t: np.ndarray, eps: float) -> dict[str, Any]:
+    """How far statistics of one training batch of B samples stray from the population's, per channel.
+
+    RMS over pseudo-batches of (batch mean - population mean) / sqrt(population var + eps) and of
+    ln((batch var + eps) / (population var + eps)): the shift and log-scale error of the
+    normalisation in training relative to inference. With fewer than MIN_PSEUDO_BATCHES full
+    pseudo-batches, the mean part falls back to sqrt(var across samples of sample means / B).
+    """
+    size = int(moments.batch_size or 0)
+    scale = np.sqrt(var_t + eps)
+    out: dict[str, Any] = {"batch_size": size, "values_per_batch": size * moments.values_per_sample,
+                           "pseudo_batches": moments.batches}
+    if moments.batches >= MIN_PSEUDO_BATCHES and moments.batch_mean_moments is not None and moments.batch_logvar_moments is not None:
+        count, mean_b, m2_b = moments.batch_mean_moments
+        rms_smd = np.sqrt(m2_b / count + (mean_b - mean_t) ** 2) / scale
+        count, logv_b, m2_l = moments.batch_logvar_moments
+        rms_lvr = np.sqrt(m2_l / count + (logv_b - np.log(var_t + eps)) ** 2)
+        out.update(method="pseudo-batches", rms_smd=rms_smd, rms_lvr=rms_lvr)
+    else:
+        rms_smd = np.sqrt(moments.sample_mean_var / max(size, 1)) / scale
+        out.update(method="analytic-mean", rms_smd=rms_smd, rms_lvr=None)
+    out["mean_rms_smd"] = float(np.mean(rms_smd))
+    out["mean_rms_lvr"] = None if out["rms_lvr"] is None else float(np.mean(out["rms_lvr"]))
+    return out
+
+
+def layer_record(layer: LayerDrift, thresholds: dict[str, float]) -> dict[str, Any]:
+    """The JSON-able statistics of one layer: summaries plus the full per-channel arrays."""
+    summary = dict(layer.summary)
+    record: dict[str, Any] = {
+        "layer": layer.name,
+        "order": layer.order,
+        "channels": layer.channels,
+        "samples": layer.samples,
+        "values_per_sample": layer.values_per_sample,
+        "values_per_channel": layer.samples * layer.values_per_sample,
+        "effective_n": summary.pop("effective_n", None),
+        "has_running_stats": layer.has_running_stats,
+        "calls_per_forward": layer.calls_per_forward,
+    }
+    record.update({k: _clean(v) for k, v in summary.items()})
+    kl = layer.per_channel.get("kl")
+    if kl is not None:
+        finite = np.isfinite(kl)
+        record["fraction_over_threshold"] = float((kl[finite] > thresholds["drift_kl"]).mean()) if finite.any() else None
+        noise = summary.get("noise_kl")
+        record["significance"] = None if not noise or summary.get("mean_kl") is None else float(summary["mean_kl"] or 0.0) / noise
+    record["channel"] = {"mean": _list(layer.mean_t), "var": _list(layer.var_t)}
+    record["channel"].update({k: _list(v) for k, v in layer.per_channel.items()})
+    if layer.batch_noise:
+        noise = dict(layer.batch_noise)
+        record["batch_noise"] = {k: (_list(v) if isinstance(v, np.ndarray) else _clean(v)) for k, v in noise.items()}
+    return record
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _clean(value.item())
+    return value
+
+
+def _list(values: np.ndarray) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]

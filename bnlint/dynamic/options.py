@@ -1,0 +1,110 @@
+"""Options and results of a dynamic run, and the [tool.bnlint.dynamic] settings with their defaults.
+
+Nothing here imports torch: the CLI builds DynamicOptions and the rules read the thresholds
+without loading any framework.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from bnlint.config import Config
+from bnlint.errors import UsageError
+from bnlint.findings import Finding
+
+# [tool.bnlint.dynamic] keys (dashes or underscores) and their defaults. The drift and batch-noise
+# thresholds come from measurements on the fixtures (README "Dynamic analysis").
+DYNAMIC_DEFAULTS: dict[str, Any] = {
+    "batch_size": 32,  # samples per forward pass
+    "device": "auto",  # cpu | cuda | auto (cuda when available)
+    "onnx_engine": "auto",  # onnxruntime | reference | auto (onnxruntime when installed)
+    "drift_kl": 0.05,  # BN601: layer mean Gaussian KL(target || stored) at or above this is drift
+    "drift_significance": 4.0,  # BN601: ... and at least this many times the sample's own noise floor
+    "batch_noise_smd": 0.2,  # BN604: RMS normalised batch-mean error at the training batch size
+    "batch_noise_lvr": 0.4,  # BN604: RMS log batch-variance error at the training batch size
+    "batch_dependence_rtol": 1e-3,  # BN606: max |single - batched| / max |batched| above this
+    "dependence_samples": 4,  # BN606: samples run one at a time and together
+}
+
+_INTEGER = {"batch_size", "dependence_samples"}
+_CHOICES = {"device": ("cpu", "cuda", "auto"), "onnx_engine": ("onnxruntime", "reference", "auto")}
+
+
+def dynamic_settings(config: Config) -> dict[str, Any]:
+    """The defaults overlaid with [tool.bnlint.dynamic]; unknown keys and bad values are UsageErrors."""
+    settings = dict(DYNAMIC_DEFAULTS)
+    where = config.source or "config"
+    for raw_key, value in config.dynamic.items():
+        key = raw_key.replace("-", "_")
+        if key not in DYNAMIC_DEFAULTS:
+            raise UsageError(f"{where}: unknown [tool.bnlint.dynamic] key {raw_key!r} (known: {', '.join(k.replace('_', '-') for k in DYNAMIC_DEFAULTS)})")
+        settings[key] = _check(key, value, where)
+    return settings
+
+
+def _check(key: str, value: Any, where: str) -> Any:
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise UsageError(f"{where}: dynamic {key.replace('_', '-')} must be one of {', '.join(_CHOICES[key])}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{where}: dynamic {key.replace('_', '-')} must be a number")
+    if key in _INTEGER:
+        if int(value) != value or value < 1:
+            raise UsageError(f"{where}: dynamic {key.replace('_', '-')} must be a positive integer")
+        return int(value)
+    if value < 0:
+        raise UsageError(f"{where}: dynamic {key.replace('_', '-')} must not be negative")
+    return float(value)
+
+
+def parse_inputs(pairs: list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """`--input NAME=KEY` pairs as a mapping from model input name to data key."""
+    mapping: dict[str, str] = {}
+    for pair in pairs or ():
+        name, sep, key = pair.partition("=")
+        if not sep or not name.strip() or not key.strip():
+            raise UsageError(f"--input expects NAME=KEY (model input = data array), got {pair!r}")
+        mapping[name.strip()] = key.strip()
+    return mapping
+
+
+def parse_arch_kwargs(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    if isinstance(text, Mapping):
+        return dict(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--arch-kwargs is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
+
+
+@dataclass
+class DynamicOptions:
+    """What the CLI passes to `run_dynamic`; None means "not given" (config, then default)."""
+
+    data: str
+    inputs: Mapping[str, str] = field(default_factory=dict)  # model input name -> data key
+    batch_size: int | None = None
+    arch: str | None = None  # "package.module:factory" or "path/to/file.py:factory"
+    arch_kwargs: str | Mapping[str, Any] | None = None  # JSON text or a mapping
+    trust: bool = False  # allow unpickling an nn.Module (runs code from the file)
+    device: str | None = None  # cpu | cuda | auto
+    train_batch_size: int | None = None  # else a Lightning checkpoint's hyper_parameters.batch_size
+    quiet: bool = False
+    onnx_engine: str | None = None  # onnxruntime | reference | auto
+
+
+@dataclass
+class DynamicResult:
+    findings: list[Finding] = field(default_factory=list)
+    layer_stats: list[dict[str, Any]] = field(default_factory=list)  # JSON-able, one per measured layer
+    engine: str = ""  # e.g. "torch 2.13.0 (cpu)", "onnxruntime 1.32.0 (CPUExecutionProvider)"
+    samples: int = 0
+    notes: list[str] = field(default_factory=list)

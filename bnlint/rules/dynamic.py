@@ -1,0 +1,365 @@
+"""BN6xx: what running the model on the user's data (--data) shows about each BatchNorm layer.
+
+The subject of these rules is `bnlint.dynamic.analysis.DynamicAnalysis`; the thresholds are the
+[tool.bnlint.dynamic] settings (defaults in bnlint.dynamic.options.DYNAMIC_DEFAULTS). Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+from bnlint.findings import Severity
+from bnlint.rules._util import num
+from bnlint.rules.registry import Hit, rule
+
+REESTIMATE = ("re-estimate the running statistics on target-domain data over many batches (AdaBN; "
+              "torch.optim.swa_utils.update_bn with momentum=None, or precise BN), never from one small batch")
+
+
+def _drifting(analysis: Any) -> list[Any]:
+    """Layers whose drift is large (drift_kl) and stands above the sample's noise floor (drift_significance)."""
+    settings = analysis.settings
+    found = []
+    for layer in analysis.layers:
+        s = layer.summary
+        if not layer.has_running_stats or layer.name in analysis.batch_stats_layers:
+            continue
+        kl, noise = s.get("mean_kl"), s.get("noise_kl")
+        if kl is None or noise is None:
+            continue
+        if kl >= settings["drift_kl"] and kl >= settings["drift_significance"] * noise:
+            found.append(layer)
+    return found
+
+
+@rule(
+    code="BN601",
+    name="distribution-drift",
+    severity=Severity.WARNING,
+    summary="The layer's input on the given data differs from its stored running statistics.",
+    fix="If the data is the deployment domain, " + REESTIMATE + "; if it should be in-domain, check its preprocessing.",
+    scope="dynamic",
+)
+def distribution_drift(analysis: Any, ctx: Any) -> Iterator[Hit]:
+    """## What it does
+    Runs the model in eval mode over the `--data` sample and measures, per channel of every
+    BatchNorm layer, the mean and variance of the layer's input over samples and spatial
+    positions. It compares them with the stored `running_mean` / `running_var`
+    (v = variance + eps):
+
+    - SMD = (mean - running_mean) / sqrt(v_stored): the mean of the normalised activation;
+    - LVR = ln(v_data / v_stored): the log of its variance;
+    - KL = 0.5 * (e^LVR - LVR - 1 + SMD^2): the Gaussian KL divergence.
+
+    A layer is reported when its mean KL over channels is at least `drift-kl` (default 0.05) and
+    at least `drift-significance` (default 4) times the KL the sample shows from noise alone
+    (jackknife over interleaved groups of samples), so a small sample does not raise false alarms.
+
+    ## Why is this bad?
+    In eval mode BatchNorm only *reads* its running statistics: every input is normalised with
+    the training data's mean and variance. When the data the model now sees has other statistics
+    (another camera, lighting, corruption, preprocessing), the normalised activations are shifted
+    and rescaled in every channel, and the error compounds through the network. Re-estimating
+    BatchNorm statistics on the target domain recovers much of the loss: ResNet-50 on ImageNet-C
+    goes from 76.7 to 62.2 mCE (Schneider et al. 2020); WRN-28-10 on CIFAR-10-C (severity 5)
+    from 43.5% to 20.4% error.
+
+    ## Example
+    A classifier trained on normalised images, fed images scaled to [0, 255] instead of
+    standardised: the first BatchNorm sees inputs with a mean shift of dozens of standard
+    deviations (SMD >> 1), and every later layer inherits the drift.
+
+    ## Use instead
+    First rule out a preprocessing mismatch (the most common cause of drift in the first layer).
+    If the data really is the deployment domain, re-estimate the statistics on it over many
+    batches: `torch.optim.swa_utils.update_bn(loader, model)` (it resets the statistics and uses
+    a cumulative average), AdaBN, or precise BN. Do not normalise with the statistics of a single
+    small test batch: with tiny or non-i.i.d. batches that degrades accuracy further.
+
+    ## References
+    - Li et al. 2016, "Revisiting Batch Normalization For Practical Domain Adaptation" (AdaBN).
+    - Schneider et al. 2020, "Improving robustness against common corruptions by covariate shift adaptation".
+    - Wang et al. 2021, "Tent: Fully Test-Time Adaptation by Entropy Minimization".
+    - Zhao et al. 2023 (DELTA) and Lim et al. 2023 (TTN), ICLR: test-time BN with small or non-i.i.d. batches.
+    """
+    for layer in _drifting(analysis):
+        s = layer.summary
+        over = sum(1 for v in layer.per_channel["kl"] if v > analysis.settings["drift_kl"])
+        worst = int(s["max_channel"]) if s.get("max_channel") is not None else None
+        yield Hit(
+            message=f"input statistics on the data differ from the stored running statistics: mean KL {num(s['mean_kl'])} "
+            f"(mean |SMD| {num(s['mean_abs_smd'])}, mean |log var ratio| {num(s['mean_abs_lvr'])}; "
+            f"{over} of {layer.channels} channels over {num(analysis.settings['drift_kl'])}; worst channel {worst}, KL {num(s['max_kl'])}), "
+            f"{num(s['mean_kl'] / s['noise_kl']) if s['noise_kl'] else 'inf'}x the noise floor of {layer.samples} samples; "
+            "eval mode normalises with the stored statistics, so this layer's output is shifted and rescaled",
+            layer=layer.name,
+            values={"mean_kl": s["mean_kl"], "max_kl": s["max_kl"], "mean_abs_smd": s["mean_abs_smd"], "max_abs_smd": s["max_abs_smd"],
+                    "mean_abs_lvr": s["mean_abs_lvr"], "max_abs_lvr": s["max_abs_lvr"], "noise_kl": s["noise_kl"],
+                    "channels_over": over, "channels": layer.channels, "samples": layer.samples, "worst_channel": worst},
+        )
+
+
+@rule(
+    code="BN602",
+    name="drift-onset",
+    severity=Severity.INFO,
+    summary="The first BatchNorm layer, in execution order, where the data drifts from the stored statistics.",
+    fix="Look at the data's preprocessing and the layers before this one; later layers inherit the drift.",
+    scope="dynamic",
+)
+def drift_onset(analysis: Any, ctx: Any) -> Iterator[Hit]:
+    """## What it does
+    Among the layers reported by BN601, names the first one in execution (graph) order.
+
+    ## Why is this bad?
+    Drift propagates: once one layer normalises with the wrong statistics, every layer after it
+    sees shifted inputs too, so a list of drifting layers mostly repeats one cause. The first
+    drifting layer says where that cause is: at the first BatchNorm it is nearly always the
+    input itself (a different normalisation, channel order, value range or domain); deeper
+    down, it points at the features that changed (textures, scale) or at the layers just before
+    it (e.g. weights changed after the statistics were estimated).
+
+    ## Example
+    With data scaled by 2 and offset by 1, drift begins at `bn1`, the first BatchNorm.
+
+    ## Use instead
+    Start at this layer: compare the data pipeline with training's (mean/std normalisation,
+    RGB vs BGR, NCHW vs NHWC, value range). If the input is right and the domain really differs,
+    re-estimate the statistics on target-domain data over many batches (AdaBN / update_bn).
+
+    ## References
+    - Li et al. 2016 (AdaBN); Schneider et al. 2020 (covariate shift adaptation).
+    """
+    drifting = _drifting(analysis)
+    if not drifting:
+        return
+    first = min(drifting, key=lambda layer: layer.order)
+    yield Hit(
+        message=f"drift begins here: the first of {len(drifting)} drifting BatchNorm layer(s) in execution order "
+        f"(mean KL {num(first.summary['mean_kl'])}); later layers inherit it, so look at the data and the layers before this one",
+        layer=first.name,
+        values={"drifting_layers": [layer.name for layer in drifting], "order": first.order},
+    )
+
+
+@rule(
+    code="BN603",
+    name="sample-too-small",
+    severity=Severity.INFO,
+    summary="The data sample is too small to judge drift in some layers against its own noise.",
+    fix="Run with more samples (the message estimates how many).",
+    scope="dynamic",
+)
+def sample_too_small(analysis: Any, ctx: Any) -> Iterator[Hit]:
+    """## What it does
+    Estimates each layer's noise floor: the KL divergence the sample would show between its
+    statistics and the stored ones if there were no drift at all, from the jackknife standard
+    errors of the per-channel mean and log variance. Where even drift at the `drift-kl`
+    threshold could not be told from that noise (threshold < `drift-significance` x floor), or
+    where fewer than two samples reached the layer, it says so instead of guessing.
+
+    ## Why is this bad?
+    Statistics of a few samples scatter: with 8 samples of 7x7 features the 95th percentile of
+    |SMD| is about 0.1 with no shift at all, and real activations are spatially correlated, so
+    the scatter is larger still. A drift report from such a sample would be noise, and silence
+    would wrongly suggest the statistics fit.
+
+    ## Example
+    Four images through a ResNet: the deepest layers see 4 x 7 x 7 highly correlated values per
+    channel, and their noise floor exceeds the drift threshold.
+
+    ## Use instead
+    Give more samples (hundreds are typical); the noise floor falls like 1/n.
+
+    ## References
+    - Efron & Stein 1981 (jackknife variance); Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm".
+    """
+    settings = analysis.settings
+    limit = settings["drift_kl"] / max(settings["drift_significance"], 1e-12)
+    drifting = {layer.name for layer in _drifting(analysis)}
+    unjudged = []
+    for layer in analysis.layers:
+        if not layer.has_running_stats or layer.name in drifting or layer.name in analysis.batch_stats_layers:
+            continue
+        noise = layer.summary.get("noise_kl")
+        if noise is None or noise > limit:
+            unjudged.append((math.inf if noise is None else noise, layer))
+    if not unjudged:
+        return
+    noise, worst = max(unjudged, key=lambda pair: pair[0])
+    if math.isinf(noise):
+        need = "at least 2 samples"
+        text = f"{worst.samples} sample(s) reached it, too few for a standard error"
+    else:
+        need = f"about {int(math.ceil(analysis.samples * noise / limit))} samples"
+        text = f"noise floor KL {num(noise)} > {num(limit)} (drift-kl / drift-significance)"
+    yield Hit(
+        message=f"the sample of {analysis.samples} is too small to judge drift in {len(unjudged)} of {len(analysis.layers)} "
+        f"layer(s); worst here: {text}; {need} would do",
+        layer=worst.name,
+        values={"samples": analysis.samples, "layers": [layer.name for _, layer in unjudged],
+                "noise_kl": None if math.isinf(noise) else noise, "limit": limit},
+    )
+
+
+@rule(
+    code="BN604",
+    name="small-batch-noise",
+    severity=Severity.WARNING,
+    summary="At the training batch size, one batch's statistics stray far from the population's.",
+    fix="Train with more values per channel per batch (larger batches, SyncBatchNorm across devices), or freeze BN "
+    "(eval mode / FrozenBatchNorm2d) or use GroupNorm; then re-estimate running statistics over many batches.",
+    scope="dynamic",
+)
+def small_batch_noise(analysis: Any, ctx: Any) -> Iterator[Hit]:
+    """## What it does
+    Given the training batch size B (`--train-batch-size`, or `hyper_parameters.batch_size` of a
+    Lightning checkpoint), cuts the data into consecutive batches of B samples and measures how
+    far each batch's per-channel mean and variance (what BatchNorm normalises with in training)
+    stray from the statistics of the whole sample (what eval mode uses): the RMS over batches of
+    (batch mean - mean) / sqrt(var + eps) and of ln((batch var + eps) / (var + eps)), averaged over
+    channels. It warns when either exceeds `batch-noise-smd` (default 0.2) or `batch-noise-lvr`
+    (default 0.4).
+
+    ## Why is this bad?
+    With few values per channel per batch (small B, small feature maps, 1-d BatchNorm), training
+    normalises each batch with noisy statistics while inference normalises with the population's:
+    the network is trained on one function and deployed as another (the train/test
+    inconsistency of Wu & Johnson 2021). Per-device batches under DataParallel/DDP without
+    SyncBatchNorm are what count, not the global batch.
+
+    ## Example
+    Detection fine-tuning with 2 images per GPU: the stride-32 layers see 2 x 7 x 7 correlated
+    values per channel, and a batch's mean is off by a large fraction of a standard deviation.
+
+    ## Use instead
+    Increase the values per channel per batch (larger batches, SyncBatchNorm), or stop BatchNorm
+    from using batch statistics (freeze it in eval mode, FrozenBatchNorm2d) or replace it with
+    GroupNorm. Afterwards estimate the running statistics over many batches (precise BN /
+    `update_bn`), never from one small batch.
+
+    ## References
+    - Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm" (precise BN, train/test inconsistency).
+    - Wu & He 2018, "Group Normalization".
+    """
+    settings = analysis.settings
+    if not analysis.train_batch_size:
+        return
+    for layer in analysis.layers:
+        noise = layer.batch_noise
+        if not noise or layer.values_per_batch is None or layer.values_per_batch <= 1:
+            continue
+        smd, lvr = noise.get("mean_rms_smd"), noise.get("mean_rms_lvr")
+        if (smd is not None and smd >= settings["batch_noise_smd"]) or (lvr is not None and lvr >= settings["batch_noise_lvr"]):
+            lvr_text = "" if lvr is None else f" and RMS log-variance error {num(lvr)}"
+            yield Hit(
+                message=f"at training batch size {analysis.train_batch_size} (from {analysis.train_batch_source}) this layer sees "
+                f"{layer.values_per_batch} values per channel per batch; a batch's statistics stray from the population's by RMS "
+                f"normalised-mean error {num(smd)}{lvr_text} (over {noise.get('pseudo_batches')} batches of the data): "
+                "training normalises differently from eval",
+                layer=layer.name,
+                values={"batch_size": analysis.train_batch_size, "values_per_batch": layer.values_per_batch,
+                        "mean_rms_smd": smd, "mean_rms_lvr": lvr, "method": noise.get("method")},
+            )
+
+
+@rule(
+    code="BN605",
+    name="single-value-batch",
+    severity=Severity.ERROR,
+    summary="At the training batch size, the layer holds a single value per channel.",
+    fix="Use at least 2 samples per (per-device) batch and drop_last=True, or freeze this BatchNorm (eval mode).",
+    scope="dynamic",
+)
+def single_value_batch(analysis: Any, ctx: Any) -> Iterator[Hit]:
+    """## What it does
+    Finds layers whose input has one value per channel per sample (BatchNorm1d on (N, C), or a
+    1x1 feature map) when the training batch size is 1.
+
+    ## Why is this bad?
+    The batch variance of one value is undefined: PyTorch refuses to train it ("Expected more
+    than 1 value per channel when training"). The same crash hits a larger batch size when the
+    last batch of an epoch happens to hold one sample (dataset size mod B == 1) unless the
+    loader drops it.
+
+    ## Example
+    `BatchNorm1d` after a Linear layer, trained with batch size 1 or with a final batch of 1.
+
+    ## Use instead
+    Batch size >= 2 per device with `DataLoader(..., drop_last=True)`, or keep this BatchNorm
+    in eval mode while training (frozen statistics), or use LayerNorm/GroupNorm.
+
+    ## References
+    - fastai/fastai#1352; PyTorch `_verify_batch_size` in torch/nn/functional.py.
+    """
+    if analysis.train_batch_size is None:
+        return
+    for layer in analysis.layers:
+        if layer.values_per_batch == 1:
+            yield Hit(
+                message=f"at training batch size {analysis.train_batch_size} (from {analysis.train_batch_source}) this layer holds one value "
+                "per channel per batch: PyTorch refuses to train it (\"Expected more than 1 value per channel when training\")",
+                layer=layer.name,
+                values={"batch_size": analysis.train_batch_size, "values_per_sample": layer.values_per_sample},
+            )
+
+
+@rule(
+    code="BN606",
+    name="batch-dependence",
+    severity=Severity.ERROR,
+    summary="Outputs depend on which samples share the batch: the model normalises with batch statistics at inference.",
+    fix="Put BatchNorm in eval mode before saving/exporting (model.eval(); re-trace or export again), keep "
+    "track_running_stats=True, and export ONNX with training_mode=0.",
+    scope="dynamic",
+)
+def batch_dependence(analysis: Any, ctx: Any) -> Iterator[Hit]:
+    """## What it does
+    Runs the first few samples (`dependence-samples`, default 4) of the data one at a time and
+    then together as one batch, and compares the model's outputs and every BatchNorm layer's
+    input and output. In inference form, BatchNorm is a fixed per-channel affine map, so the two
+    must agree to float rounding; a difference above `batch-dependence-rtol` (default 1e-3,
+    relative to the largest output) is reported at each layer whose output changes while its
+    input does not (or at model level if no layer explains it).
+
+    ## Why is this bad?
+    A model that normalises with the statistics of the batch at inference gives a sample
+    different predictions depending on its batch mates, wrong ones for batch size 1 or
+    non-i.i.d. batches, and it may update its running statistics on test data. Causes: a module
+    traced or scripted in train mode (`training=True` baked into TorchScript), BatchNorm with
+    `track_running_stats=False`, an ONNX node with `training_mode=1`, or `model.eval()` forgotten.
+
+    ## Example
+    `torch.jit.trace(model, x)` called before `model.eval()`: `model.eval()` after loading the
+    trace changes nothing, and every call normalises with batch statistics.
+
+    ## Use instead
+    Call `model.eval()` before tracing, scripting, saving or exporting; build BatchNorm with
+    `track_running_stats=True`; export ONNX in eval mode (training_mode=0).
+
+    ## References
+    - pytorch/pytorch#29177 and #71929 (traced in train mode); keras-team/keras#12400.
+    - onnx/onnxscript#1791; microsoft/onnxruntime#29790 (training-mode BatchNormalization).
+    """
+    dependence = analysis.dependence
+    tolerance = analysis.settings["batch_dependence_rtol"]
+    if dependence is None or dependence.skipped or dependence.relative_diff <= tolerance and not dependence.layers:
+        return
+    head = (f"{dependence.samples} samples run one at a time and as one batch give outputs that differ by up to "
+            f"{num(dependence.max_abs_diff)} (relative {num(dependence.relative_diff)}, tolerance {num(tolerance)})")
+    if not dependence.layers:
+        yield Hit(message=head + ": the model's output depends on the batch (batch statistics, or randomness such as "
+                  "dropout left in train mode)", layer=None,
+                  values={"max_abs_diff": dependence.max_abs_diff, "relative_diff": dependence.relative_diff})
+        return
+    for entry in dependence.layers:
+        known = " (its stored form uses batch statistics)" if entry["layer"] in analysis.batch_stats_layers else ""
+        yield Hit(
+            message=f"{head}; here the {entry['evidence']} (by up to {num(entry['max_abs_diff'])}): "
+            f"this layer normalises with batch statistics at inference{known}",
+            layer=entry["layer"],
+            values={"max_abs_diff": dependence.max_abs_diff, "relative_diff": dependence.relative_diff,
+                    "layer_max_abs_diff": entry["max_abs_diff"], "layer_relative_diff": entry["relative_diff"]},
+        )
