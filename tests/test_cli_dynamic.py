@@ -122,3 +122,16 @@ def test_data_is_never_modified() -> None:
     before = (ROOT / "fixtures/data/convnet_indomain.npz").read_bytes()
     lint("fixtures/convnet_scripted.pt", "--data", "fixtures/data/convnet_indomain.npz")
     assert (ROOT / "fixtures/data/convnet_indomain.npz").read_bytes() == before
+
+
+def test_json_with_layer_stats_validates_against_the_schema() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((ROOT / "bnlint" / "schemas" / "bnlint-report.schema.json").read_text())
+    _, payload, _ = lint("fixtures/convnet_scripted.pt", "--data", "fixtures/data/convnet_shifted.npz")
+    assert payload["files"][0]["layer_stats"]
+    jsonschema.validate(payload, schema)
+
+
+def test_text_output_shows_the_drift_table() -> None:
+    result = CliRunner().invoke(main, ["fixtures/convnet_scripted.pt", "--data", "fixtures/data/convnet_shifted.npz"])
+    assert "drift by layer" in result.output and "100.0%" in result.output

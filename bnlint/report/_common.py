@@ -21,7 +21,7 @@ INFORMATION_URI = "https://pypi.org/project/bnlint/"
 
 # Keys the dynamic analysis puts in each FileResult.layer_stats entry (see text.py and the
 # JSON schema). Reporters read these names and nothing else; a missing key shows as "-".
-LAYER_STAT_KEYS = ("layer", "channels", "mean_abs_smd", "max_abs_smd", "max_kl", "frac_over_threshold")
+LAYER_STAT_KEYS = ("layer", "channels", "mean_abs_smd", "max_abs_smd", "max_kl", "fraction_over_threshold")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 

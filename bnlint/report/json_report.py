@@ -13,7 +13,7 @@ Shape (keys always present, in this order):
 - `values` and each `layer_stats` entry are free-form objects with sorted keys. Non-finite numbers
   are the strings "nan", "inf" and "-inf" (so the output is strict JSON that every parser reads).
 - `layer_stats` entries (dynamic analysis) use the keys layer, channels, mean_abs_smd,
-  max_abs_smd, max_kl, frac_over_threshold, plus any extra the analysis records.
+  max_abs_smd, max_kl, fraction_over_threshold, plus any extra the analysis records.
 - `summary.files` counts every input, readable or not; `unreadable` those with an error.
 Bumping `version` is required for any change that removes or retypes a key; adding keys is not.
 """

@@ -31,7 +31,7 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mean_abs_smd", "mean|SMD|", "num"),
     ("max_abs_smd", "max|SMD|", "num"),
     ("max_kl", "max KL", "num"),
-    ("frac_over_threshold", "over thr", "pct"),
+    ("fraction_over_threshold", "over thr", "pct"),
 )
 
 
