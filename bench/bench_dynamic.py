@@ -1,0 +1,254 @@
+"""Speed and memory of bnlint's dynamic analysis, as ratios measured in one run.
+
+    python bench/bench_dynamic.py [--images 32] [--batch-size 16] [--device cpu|cuda] [--skip-onnx] [--skip-memory]
+
+Issue 3's targets: drift analysis of a ResNet-50-sized model <= 1.15x a plain eval forward pass
+over the same data on CPU (<= 1.3x on CUDA); onnxruntime analysis <= 1.3x plain onnxruntime
+inference; peak memory with 4x the data within 10% of 1x. The ResNet-50 is built here
+(torchvision is not a dependency). The issue asks for 256 images; on a 2-core machine that is
+minutes per pass, so --images defaults to 32 and the ratio is what to compare.
+
+Timings print, nothing asserts: tests never depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def resnet50(num_classes: int = 1000) -> nn.Module:
+    """torchvision's resnet50 layout: 53 BatchNorm layers, 25.6M parameters."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for index in range(blocks):
+            layers.append(Bottleneck(cin, width, stride if index == 0 else 1))
+            cin = width * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = resnet50()
+    for module in model.modules():  # plausible non-default statistics
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _best(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _plain(model: nn.Module, data: np.ndarray, batch: int, device: torch.device) -> None:
+    with torch.no_grad():
+        for start in range(0, len(data), batch):
+            model(torch.from_numpy(data[start : start + batch]).to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _update_bn(model: nn.Module, data: np.ndarray, batch: int, device: torch.device) -> None:
+    from torch.optim.swa_utils import update_bn
+
+    loader = [torch.from_numpy(data[s : s + batch]).to(device) for s in range(0, len(data), batch)]
+    update_bn(loader, model)
+    model.eval()
+
+
+def _drift_pass(model: nn.Module, data_path: str, batch: int, device: torch.device) -> None:
+    """bnlint's analysis proper: stream the .npy, hooks + statistics, per-layer metrics."""
+    from bnlint.dynamic.data import Dataset, zip_batches
+    from bnlint.dynamic.metrics import analyse_layer
+    from bnlint.dynamic.stats import LayerAccumulator
+    from bnlint.dynamic.torch_runner import ModuleRunner
+
+    runner = ModuleRunner(model, device, data_path, "bench")
+    sources = Dataset(data_path).select(runner.input_names, {})
+    accumulators: dict[str, LayerAccumulator] = {}
+
+    def add(name: str, var: Any, mean: Any, size: int) -> None:
+        if name not in accumulators:
+            accumulators[name] = LayerAccumulator(runner.ops, int(mean.shape[1]), 1e-5)
+        accumulators[name].add(var, mean, size)
+
+    runner.collect(zip_batches(sources, batch), add, lambda: None)
+    specs = {s.name: s for s in runner.layers}
+    for order, (name, acc) in enumerate(accumulators.items()):
+        analyse_layer(name, order, acc.result(), 1e-5, specs[name].running_mean, specs[name].running_var)
+
+
+def bench_torch(args: argparse.Namespace, folder: str) -> dict[str, float]:
+    device = torch.device(args.device)
+    model = _model().to(device)
+    data = np.random.default_rng(0).standard_normal((args.images, 3, 224, 224)).astype(np.float32)
+    data_path = os.path.join(folder, "images.npy")
+    np.save(data_path, data)
+    _plain(model, data[: args.batch_size], args.batch_size, device)  # warm-up (allocator, oneDNN kernels)
+    _drift_pass(model, data_path, args.batch_size, device)
+    plain = drift = 0.0
+    for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
+        plain += _best(lambda: _plain(model, data, args.batch_size, device), 1)
+        drift += _best(lambda: _drift_pass(model, data_path, args.batch_size, device), 1)
+    update = _best(lambda: _update_bn(_model().to(device), data, args.batch_size, device), 1)
+    return {"plain_s": plain / args.repeats, "drift_s": drift / args.repeats, "update_bn_s": update,
+            "drift_ratio": drift / plain, "update_bn_ratio": update / (plain / args.repeats)}
+
+
+def bench_end_to_end(args: argparse.Namespace, folder: str) -> dict[str, float]:
+    """run_dynamic through the public entry point (weights read by the safe loader, --arch factory)."""
+    from bnlint.config import Config
+    from bnlint.dynamic import DynamicOptions, run_dynamic
+    from bnlint.loaders import load_model
+
+    weights = os.path.join(folder, "resnet50.pt")
+    torch.save(_model().state_dict(), weights)
+    options = DynamicOptions(data=os.path.join(folder, "images.npy"), arch=f"{__file__}:resnet50", batch_size=args.batch_size,
+                             device=args.device, quiet=True)
+    start = time.perf_counter()
+    result = run_dynamic(load_model(weights), options, Config())
+    total = time.perf_counter() - start
+    return {"run_dynamic_s": total, "layers": float(len(result.layer_stats))}
+
+
+def bench_onnx(args: argparse.Namespace, folder: str) -> dict[str, float]:
+    import onnxruntime as ort
+
+    from bnlint.dynamic.data import Dataset, zip_batches
+    from bnlint.dynamic.onnx_runner import OnnxRunner
+    from bnlint.loaders import load_model
+
+    path = os.path.join(folder, "resnet50.onnx")
+    torch.onnx.export(_model(), (torch.zeros(1, 3, 224, 224),), path, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "n"}}, do_constant_folding=False, dynamo=False)
+    data_path = os.path.join(folder, "images.npy")
+    data = np.load(data_path)
+    plain_session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # default: full optimisation
+    runner = OnnxRunner(load_model(path), "onnxruntime", "cpu", data_path)
+    sources = Dataset(data_path).select(runner.input_names, {})
+
+    def plain() -> None:
+        for start in range(0, len(data), args.batch_size):
+            plain_session.run(None, {"input": data[start : start + args.batch_size]})
+
+    def analysed() -> None:
+        runner.collect(zip_batches(sources, args.batch_size), lambda *a: None, lambda: None)
+
+    plain()
+    analysed()
+    plain_s = sum(_best(plain, 1) for _ in range(args.repeats)) / args.repeats
+    drift_s = sum(_best(analysed, 1) for _ in range(args.repeats)) / args.repeats
+    return {"ort_plain_s": plain_s, "ort_drift_s": drift_s, "ort_ratio": drift_s / plain_s}
+
+
+def _memory_child(images: int, batch: int, folder: str) -> None:
+    """Run in a subprocess: peak RSS of run_dynamic on `images` images streamed from a .npy."""
+    import resource
+
+    from bnlint.config import Config
+    from bnlint.dynamic import DynamicOptions, run_dynamic
+    from bnlint.loaders import load_model
+
+    data_path = os.path.join(folder, f"mem_{images}.npy")
+    weights = os.path.join(folder, "resnet50.pt")
+    options = DynamicOptions(data=data_path, arch=f"{__file__}:resnet50", batch_size=batch, device="cpu", quiet=True)
+    run_dynamic(load_model(weights), options, Config())
+    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_memory(args: argparse.Namespace, folder: str) -> dict[str, float]:
+    rng = np.random.default_rng(1)
+    peaks = {}
+    base = max(args.batch_size * 2, args.images // 2)
+    for factor in (1, 4):
+        images = base * factor
+        array = np.lib.format.open_memmap(os.path.join(folder, f"mem_{images}.npy"), mode="w+", dtype=np.float32, shape=(images, 3, 224, 224))
+        for start in range(0, images, 16):
+            array[start : start + 16] = rng.standard_normal((min(16, images - start), 3, 224, 224), dtype=np.float32)
+        array.flush()
+        del array
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(images), "--batch-size", str(args.batch_size), "--folder", folder],
+                             capture_output=True, text=True, check=True)
+        peaks[factor] = json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
+    return {"memory_images_1x": float(base), "peak_mb_1x": peaks[1], "peak_mb_4x": peaks[4], "memory_ratio": peaks[4] / peaks[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-onnx", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(args.memory_child, args.batch_size, args.folder)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{args.images} images 3x224x224, batch {args.batch_size}")
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        results.update(bench_torch(args, folder))
+        print(f"plain eval forward      {results['plain_s']:.2f} s")
+        print(f"bnlint drift pass       {results['drift_s']:.2f} s   ratio {results['drift_ratio']:.3f}  (target <= 1.15 cpu, 1.3 cuda)")
+        print(f"update_bn (reference)   {results['update_bn_s']:.2f} s   ratio {results['update_bn_ratio']:.3f}")
+        results.update(bench_end_to_end(args, folder))
+        print(f"run_dynamic end to end  {results['run_dynamic_s']:.2f} s   (loading weights, drift pass, batch-dependence check)")
+        if not args.skip_onnx:
+            results.update(bench_onnx(args, folder))
+            print(f"onnxruntime plain       {results['ort_plain_s']:.2f} s")
+            print(f"onnxruntime + bnlint    {results['ort_drift_s']:.2f} s   ratio {results['ort_ratio']:.3f}  (target <= 1.3)")
+        if not args.skip_memory:
+            results.update(bench_memory(args, folder))
+            print(f"peak RSS {int(results['memory_images_1x'])} images {results['peak_mb_1x']:.0f} MB, 4x {results['peak_mb_4x']:.0f} MB: "
+                  f"ratio {results['memory_ratio']:.3f}  (target <= 1.10)")
+    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
