@@ -13,7 +13,7 @@ from bnlint.errors import InputError, NotAModel
 from bnlint.model import ModelInfo
 
 # Extensions searched for when a folder is given on the command line.
-MODEL_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".onnx", ".pth.tar", ".jit", ".ts")
+MODEL_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".onnx", ".pth.tar", ".jit")  # not .ts: TypeScript
 
 
 def is_model_file(path: str | os.PathLike[str]) -> bool:
