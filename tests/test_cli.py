@@ -135,3 +135,17 @@ def test_baseline_round_trip_reports_only_new_findings(tmp_path: Path, monkeypat
 def test_bad_flag_values_exit_2() -> None:
     assert run(HEALTHY, "--format", "xml").exit_code == 2
     assert run(HEALTHY, "--input", "novalue", "--data", "x.npz").exit_code == 2
+
+
+def test_sarif_and_json_of_real_fixtures_validate_against_their_schemas(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    files = ["fixtures/fault_nan_stats.pt", "fixtures/fault_training_mode.onnx", "fixtures/bad_truncated.pt", "fixtures/convnet.onnx"]
+    sarif = json.loads(run(*files, "--format", "sarif").stdout)
+    schema = json.loads((ROOT / "tests/data/sarif-schema-2.1.0.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(sarif)
+    results = sarif["runs"][0]["results"]
+    assert {r["ruleId"] for r in results} >= {"BN101", "BN404", "BN505"}
+    assert all(r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"].startswith("fixtures/") for r in results)
+    report = json.loads(run(*files, "--format", "json").stdout)
+    jsonschema.validate(report, json.loads((ROOT / "bnlint/schemas/bnlint-report.schema.json").read_text()))
+    assert report["version"] == 1 and report["summary"]["unreadable"] == 1
