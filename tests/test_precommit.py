@@ -87,7 +87,7 @@ def user_repo(tmp_path: Path, *fixtures: str, extra: dict[str, str] | None = Non
     return repo
 
 
-def pre_commit(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_pre_commit(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     assert PRE_COMMIT is not None
     return subprocess.run([*PRE_COMMIT, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
 
@@ -97,14 +97,14 @@ def pre_commit(repo: Path, env: dict[str, str], *args: str) -> subprocess.Comple
 
 def test_try_repo_fails_on_a_faulty_fixture(tmp_path: Path, hook_repo: tuple[Path, str], env: dict[str, str]) -> None:
     repo = user_repo(tmp_path, FAULTY)
-    proc = pre_commit(repo, env, "try-repo", str(hook_repo[0]), "bnlint", "--files", FAULTY)
+    proc = run_pre_commit(repo, env, "try-repo", str(hook_repo[0]), "bnlint", "--files", FAULTY)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Failed" in proc.stdout and "BN101" in proc.stdout and f"{FAULTY}:" in proc.stdout
 
 
 def test_try_repo_passes_on_healthy_fixtures(tmp_path: Path, hook_repo: tuple[Path, str], env: dict[str, str]) -> None:
     repo = user_repo(tmp_path, *HEALTHY)
-    proc = pre_commit(repo, env, "try-repo", str(hook_repo[0]), "bnlint", "--files", *HEALTHY)
+    proc = run_pre_commit(repo, env, "try-repo", str(hook_repo[0]), "bnlint", "--files", *HEALTHY)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"bnlint \(BatchNorm linter\)\.+Passed", proc.stdout), proc.stdout
 
@@ -120,7 +120,7 @@ def config_text(hook_repo: tuple[Path, str], env: dict[str, str], tmp_path_facto
     warm = tmp_path_factory.mktemp("warm")
     git(warm, "init", "-q")
     (warm / ".pre-commit-config.yaml").write_text(text)
-    proc = pre_commit(warm, env, "install-hooks")
+    proc = run_pre_commit(warm, env, "install-hooks")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return text
 
@@ -132,7 +132,7 @@ def configured_repo(tmp_path: Path, config_text: str, *fixtures: str, extra: dic
 
 def test_no_model_file_staged_skips_the_hook(tmp_path: Path, config_text: str, env: dict[str, str]) -> None:
     repo = configured_repo(tmp_path, config_text, extra={"README.md": "# no models here\n", "train.py": "print(1)\n"})
-    proc = pre_commit(repo, env, "run", "--verbose")
+    proc = run_pre_commit(repo, env, "run", "--verbose")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(no files to check)Skipped" in proc.stdout
     assert "bnlint:" not in proc.stdout + proc.stderr  # the hook was not even started
@@ -140,7 +140,7 @@ def test_no_model_file_staged_skips_the_hook(tmp_path: Path, config_text: str, e
 
 def test_unrecognised_file_is_skipped_with_a_note(tmp_path: Path, config_text: str, env: dict[str, str]) -> None:
     repo = configured_repo(tmp_path, config_text, NOT_A_MODEL, extra={"lfs.onnx": "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n"})
-    proc = pre_commit(repo, env, "run", "--verbose")
+    proc = run_pre_commit(repo, env, "run", "--verbose")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{NOT_A_MODEL}: skipped" in proc.stdout and "lfs.onnx: skipped" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -148,7 +148,7 @@ def test_unrecognised_file_is_skipped_with_a_note(tmp_path: Path, config_text: s
 
 def test_git_commit_is_blocked_by_a_faulty_model_and_allowed_for_a_healthy_one(tmp_path: Path, config_text: str, env: dict[str, str]) -> None:
     repo = configured_repo(tmp_path, config_text, *HEALTHY)
-    assert pre_commit(repo, env, "install").returncode == 0
+    assert run_pre_commit(repo, env, "install").returncode == 0
     commit = ["git", *GIT_IDENTITY, "commit", "-q", "-m", "models"]
     ok = subprocess.run(commit, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -164,7 +164,7 @@ def test_hook_on_healthy_fixtures_is_fast_when_warm(tmp_path: Path, config_text:
     timings = []
     for _ in range(3):
         start = time.perf_counter()
-        proc = pre_commit(repo, env, "run", "--verbose")
+        proc = run_pre_commit(repo, env, "run", "--verbose")
         timings.append(time.perf_counter() - start)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     hook = [float(s) for s in re.findall(r"duration: ([\d.]+)s", proc.stdout)]
