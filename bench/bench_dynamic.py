@@ -102,22 +102,16 @@ def _drift_pass(model: nn.Module, data_path: str, batch: int, device: torch.devi
     """bnlint's analysis proper: stream the .npy, hooks + statistics, per-layer metrics."""
     from bnlint.dynamic.data import Dataset, zip_batches
     from bnlint.dynamic.metrics import analyse_layer
-    from bnlint.dynamic.stats import LayerAccumulator
+    from bnlint.dynamic.stats import Collector
     from bnlint.dynamic.torch_runner import ModuleRunner
 
     runner = ModuleRunner(model, device, data_path, "bench")
     sources = Dataset(data_path).select(runner.input_names, {})
-    accumulators: dict[str, LayerAccumulator] = {}
-
-    def add(name: str, var: Any, mean: Any, size: int) -> None:
-        if name not in accumulators:
-            accumulators[name] = LayerAccumulator(runner.ops, int(mean.shape[1]), 1e-5)
-        accumulators[name].add(var, mean, size)
-
-    runner.collect(zip_batches(sources, batch), add, lambda: None)
+    collector = Collector(runner.ops, {s.name: s.eps for s in runner.layers})
+    runner.collect(zip_batches(sources, batch), collector.add, collector.end_batch)
     specs = {s.name: s for s in runner.layers}
-    for order, (name, acc) in enumerate(accumulators.items()):
-        analyse_layer(name, order, acc.result(), 1e-5, specs[name].running_mean, specs[name].running_var)
+    for order, (name, moments) in enumerate(collector.layers().items()):
+        analyse_layer(name, order, moments, 1e-5, specs[name].running_mean, specs[name].running_var)
 
 
 def bench_torch(args: argparse.Namespace, folder: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ model needs. Entry point for the CLI:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bnlint.dynamic.options import DYNAMIC_DEFAULTS, DynamicOptions, DynamicResult, parse_arch_kwargs, parse_inputs
 

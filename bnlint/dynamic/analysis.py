@@ -10,9 +10,9 @@ import numpy as np
 from bnlint.config import Config
 from bnlint.dynamic.data import Dataset, check_layout, zip_batches
 from bnlint.dynamic.metrics import LayerDrift, analyse_layer, layer_record
-from bnlint.dynamic.options import DynamicOptions, DynamicResult, dynamic_settings, parse_arch_kwargs
+from bnlint.dynamic.options import DynamicOptions, DynamicResult, dynamic_settings, override, parse_arch_kwargs
 from bnlint.dynamic.runner import LayerSpec, Progress, Runner
-from bnlint.dynamic.stats import LayerAccumulator
+from bnlint.dynamic.stats import Collector
 from bnlint.errors import UsageError
 from bnlint.model import ModelInfo
 
@@ -106,33 +106,40 @@ def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: 
     can tell whether they, too, use batch statistics).
     """
     k = arrays[0].shape[0]
-    if runner.fixed_batch is not None:
-        return BatchDependence(k, 0.0, 0.0, skipped=f"the model's batch size is fixed at {runner.fixed_batch}")
+    skipped = None
+    if runner.fixed_batch is not None:  # cannot vary the batch: only the eval-form test below can run
+        if k < runner.fixed_batch:
+            return BatchDependence(k, 0.0, 0.0, skipped=f"fewer samples than the model's fixed batch size {runner.fixed_batch}")
+        arrays = [a[: runner.fixed_batch] for a in arrays]
+        k, skipped = runner.fixed_batch, f"the model's batch size is fixed at {runner.fixed_batch}"
     together = runner.capture(arrays)
-    alone = [runner.capture([a[i : i + 1] for a in arrays]) for i in range(k)]
+    alone = [] if skipped else [runner.capture([a[i : i + 1] for a in arrays]) for i in range(k)]
     max_abs = rel = 0.0
     for single, batched in zip([np.concatenate(g) for g in zip(*(c.outputs for c in alone))], together.outputs):
         diff, ratio = _relative(single, batched)
         max_abs, rel = max(max_abs, diff), max(rel, ratio)
+    suspect = rel > tolerance or skipped is not None
     specs = {spec.name: spec for spec in runner.layers}
     culprits = []
     for name, calls in together.layers.items():
         singles = [c.layers.get(name, []) for c in alone]
         x_b, y_b = calls[0]
         entry = None
-        if all(s for s in singles):
+        if alone and all(s for s in singles):
             _, x_rel = _relative(np.concatenate([s[0][0] for s in singles]), x_b)
             y_abs, y_rel = _relative(np.concatenate([s[0][1] for s in singles]), y_b)
             if x_rel <= tolerance < y_rel:
-                entry = {"layer": name, "max_abs_diff": y_abs, "relative_diff": y_rel, "evidence": "same input, different output"}
+                entry = {"layer": name, "max_abs_diff": y_abs, "relative_diff": y_rel, "evidence": "its input is the same alone and in the batch, its output is not"}
         expected = _eval_form(specs[name], x_b) if name in specs else None
-        if entry is None and rel > tolerance and expected is not None:
+        if entry is None and suspect and expected is not None:
             f_abs, f_rel = _relative(y_b, expected)
             if f_rel > tolerance:
-                entry = {"layer": name, "max_abs_diff": f_abs, "relative_diff": f_rel, "evidence": "output is not its input normalised with the stored statistics"}
+                entry = {"layer": name, "max_abs_diff": f_abs, "relative_diff": f_rel, "evidence": "its output is not its input normalised with its stored statistics"}
+        if entry is None and rel > tolerance and name in specs and specs[name].uses_batch_stats:
+            entry = {"layer": name, "max_abs_diff": None, "relative_diff": None, "evidence": "its stored form computes mean and variance from the batch"}
         if entry is not None:
             culprits.append(entry)
-    return BatchDependence(k, max_abs, rel, culprits)
+    return BatchDependence(k, max_abs, rel, culprits, skipped=skipped)
 
 
 def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config) -> DynamicResult:
@@ -142,11 +149,7 @@ def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config) -> Dy
     """
     settings = dynamic_settings(config)
     for key in ("batch_size", "device", "onnx_engine"):
-        value = getattr(options, key)
-        if value is not None:
-            settings[key] = value
-    if int(settings["batch_size"]) < 1:
-        raise UsageError("--batch-size must be a positive integer")
+        override(settings, key, getattr(options, key))
     dataset = Dataset(options.data)
     runner = _open_runner(model, options, settings)
     sources = dataset.select(runner.input_names, options.inputs)
@@ -160,52 +163,41 @@ def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config) -> Dy
         notes.append(f"the model's batch size is fixed at {batch_size}: used {usable} of {samples} samples")
     train_batch, train_source = _train_batch_size(model, options)
 
-    eps = {spec.name: spec.eps for spec in runner.layers}
-    accumulators: dict[str, LayerAccumulator] = {}
-    calls: dict[str, int] = {}
-    per_batch: dict[str, int] = {}
-
-    def add(name: str, var: Any, mean: Any, values_per_sample: int) -> None:
-        if name not in accumulators:
-            accumulators[name] = LayerAccumulator(runner.ops, int(mean.shape[1]), eps.get(name, 1e-5), train_batch)
-        accumulators[name].add(var, mean, values_per_sample)
-        per_batch[name] = per_batch.get(name, 0) + 1
-
+    collector = Collector(runner.ops, {spec.name: spec.eps for spec in runner.layers}, train_batch)
     progress = Progress(usable, "bnlint: running the model on the data", quiet=options.quiet)
     done = 0
 
     def end_batch() -> None:
         nonlocal done
-        for name, count in per_batch.items():
-            calls[name] = max(calls.get(name, 0), count)
-        per_batch.clear()
+        collector.end_batch()
         done = min(usable, done + batch_size)
         progress.update(done)
 
     try:
         if usable:
-            runner.collect(zip_batches(sources, batch_size, limit=usable), add, end_batch)
+            runner.collect(zip_batches(sources, batch_size, limit=usable), collector.add, end_batch)
     finally:
         progress.close()
 
     specs = {spec.name: spec for spec in runner.layers}
     layers = []
-    for order, (name, accumulator) in enumerate(accumulators.items()):
+    measured = collector.layers()
+    for order, (name, moments) in enumerate(measured.items()):
         spec = specs.get(name)
-        moments = accumulator.result()
-        if calls.get(name, 1) > 1:  # a shared module saw each sample several times per forward
-            moments.samples //= calls[name]
-        layer = analyse_layer(name, order, moments, accumulator.eps,
+        calls = collector.calls.get(name, 1)
+        if calls > 1:  # a shared module saw each sample several times per forward
+            moments.samples //= calls
+        layer = analyse_layer(name, order, moments, spec.eps if spec else 1e-5,
                               spec.running_mean if spec else None, spec.running_var if spec else None, spec.weight if spec else None)
-        layer.calls_per_forward = calls.get(name, 1)
+        layer.calls_per_forward = calls
         layers.append(layer)
-    unreached = [spec.name for spec in runner.layers if spec.name not in accumulators]
+    unreached = [spec.name for spec in runner.layers if spec.name not in measured]
     if unreached:
         notes.append(f"{len(unreached)} BatchNorm layer(s) never ran on this data: {', '.join(unreached[:5])}")
 
     dependence = None
-    count = min(int(settings["dependence_samples"]), samples)
-    if count >= 2:
+    count = min(max(int(settings["dependence_samples"]), runner.fixed_batch or 0), samples)
+    if count >= 2 or (runner.fixed_batch and count >= runner.fixed_batch):
         first = next(zip_batches(sources, count, limit=count))[1]
         dependence = check_batch_dependence(runner, first, float(settings["batch_dependence_rtol"]))
     analysis = DynamicAnalysis(
@@ -222,4 +214,7 @@ def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config) -> Dy
         engine=runner.engine,
         samples=samples,
         notes=notes,
+        batch_dependence=None if dependence is None else {
+            "samples": dependence.samples, "max_abs_diff": dependence.max_abs_diff, "relative_diff": dependence.relative_diff,
+            "layers": dependence.layers, "skipped": dependence.skipped},
     )

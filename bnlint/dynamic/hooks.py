@@ -24,13 +24,37 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm) or type(module).__name__ in FROZEN_BN_NAMES
 
 
+# Above this mean^2 / var, float32 E[x^2] - E[x]^2 could lose more than ~1e-3 of the variance.
+CANCELLATION_RATIO = 1e3
+
+
 def per_sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Population variance and mean of each (sample, channel) over the other axes: (N, C) each."""
+    """Population variance and mean of each (sample, channel) over the other axes: (N, C) each.
+
+    On CPU, `torch.var_mean` (Welford) costs ~1.5x a ResNet-50 forward pass by itself, while a
+    plain sum and `vector_norm` are vectorised and cheap (~1.01x measured): so the variance is
+    E[x^2] - E[x]^2 from float32 sums, and the rare rows where that could cancel badly
+    (mean^2 > 1e3 var, e.g. near-constant channels) are recomputed exactly. On CUDA, where
+    reductions are cheap and host syncs are not, var_mean is used throughout.
+    """
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # half/bfloat16 reductions lose too much
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    return torch.var_mean(flat, dim=2, correction=0)
+    n, c = x.shape[0], x.shape[1]
+    flat = x.reshape(n * c, -1)
+    if x.device.type != "cpu" or flat.shape[1] == 1:
+        var, mean = torch.var_mean(flat, dim=1, correction=0)
+        return var.view(n, c), mean.view(n, c)
+    size = flat.shape[1]
+    mean = flat.sum(1) / size
+    var = (torch.linalg.vector_norm(flat, dim=1).square() / size - mean * mean).clamp_min(0.0)
+    risky = (mean * mean > CANCELLATION_RATIO * var) | ~torch.isfinite(var)
+    if bool(risky.any()):
+        rows = risky.nonzero().squeeze(1)
+        exact_var, exact_mean = torch.var_mean(flat.index_select(0, rows).double(), dim=1, correction=0)
+        var = var.index_copy(0, rows, exact_var.to(var.dtype))
+        mean = mean.index_copy(0, rows, exact_mean.to(mean.dtype))
+    return var.view(n, c), mean.view(n, c)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -67,19 +68,28 @@ def _common_prefix(keys: list[str]) -> str:
     return f"{heads.pop()}." if len(heads) == 1 and all("." in k for k in keys) else ""
 
 
+# Keys wrappers add next to the wrapped model's own (torch.optim.swa_utils.AveragedModel's counter).
+WRAPPER_EXTRAS = ("n_averaged",)
+
+
 def match_keys(file_keys: list[str], model_keys: list[str]) -> tuple[dict[str, str], str | None]:
-    """Map file keys to model keys, stripping or adding one wrapper prefix (`module.`, `model.`) if that fits better."""
+    """Map file keys to model keys, stripping or adding wrapper prefixes (`module.`, `model.`) if that fits better."""
     wanted = set(model_keys)
-    candidates: list[tuple[dict[str, str], str | None]] = [({k: k for k in file_keys}, None)]
-    keys, stripped = list(file_keys), ""
-    while (prefix := _common_prefix(keys)) and len(stripped) < 200:
+    own = [k for k in file_keys if k not in WRAPPER_EXTRAS]
+    candidates: list[tuple[dict[str, str], str | None]] = [({k: k for k in own}, None)]
+    keys, stripped = list(own), ""
+    while keys and (prefix := _common_prefix(keys)) and len(stripped) < 200:
         stripped += prefix
         keys = [k[len(prefix):] for k in keys]
-        candidates.append(({f: f[len(stripped):] for f in file_keys}, f"stripped the key prefix '{stripped}'"))
+        candidates.append(({f: f[len(stripped):] for f in own}, f"stripped the key prefix '{stripped}'"))
     added = _common_prefix(model_keys)
     if added:
-        candidates.append(({k: added + k for k in file_keys}, f"added the key prefix '{added}'"))
-    return max(candidates, key=lambda c: len(wanted & set(c[0].values())))
+        candidates.append(({k: added + k for k in own}, f"added the key prefix '{added}'"))
+    mapping, note = max(candidates, key=lambda c: len(wanted & set(c[0].values())))
+    extras = [k for k in file_keys if k in WRAPPER_EXTRAS]
+    if extras:
+        note = "; ".join(filter(None, [note, f"ignored {', '.join(extras)} (an averaged-model wrapper's counter)"]))
+    return mapping, note
 
 
 def _listing(keys: list[str], limit: int = 4) -> str:
@@ -94,7 +104,7 @@ def load_weights(module: nn.Module, path: str, arch: str) -> list[str]:
     arrays = state_dict_arrays(path)
     target = module.state_dict()
     mapping, note = match_keys(list(arrays), list(target))
-    renamed = {mapping[k]: v for k, v in arrays.items()}
+    renamed = {mapping[k]: v for k, v in arrays.items() if k in mapping}
     missing = [k for k in target if k not in renamed]
     unexpected = [k for k in renamed if k not in target]
     notes = [f"weights: {note}"] if note else []
@@ -125,7 +135,9 @@ def open_torch(model: ModelInfo, arch: str | None, arch_kwargs: Mapping[str, Any
 
     if model.format == "torchscript" and not arch:
         try:
-            scripted = torch.jit.load(model.path, map_location=device)
+            with warnings.catch_warnings():  # deprecated in favour of torch.export, which cannot read these files
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scripted = torch.jit.load(model.path, map_location=device)
         except RuntimeError as exc:
             raise InputError(model.path, f"torch.jit.load failed: {str(exc).splitlines()[0]}") from None
         return ScriptRunner(scripted, device, data_path)

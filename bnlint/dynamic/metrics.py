@@ -42,7 +42,7 @@ def drift(mean_t: np.ndarray, var_t: np.ndarray, mean_r: np.ndarray, var_r: np.n
 
 def _leave_one_out(moments: LayerMoments) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance per channel with each non-empty group left out in turn: (G, C) each."""
-    count, mean, m2 = moments.group_count, moments.group_mean, moments.group_m2
+    count, mean, m2 = moments.group_count, moments.groups.mean, moments.groups.m2
     keep = count > 0
     count, mean, m2 = count[keep], mean[keep], m2[keep]
     total = count.sum()
@@ -170,11 +170,10 @@ def _batch_noise(moments: LayerMoments, mean_t: np.ndarray, var_t: np.ndarray, e
     scale = np.sqrt(var_t + eps)
     out: dict[str, Any] = {"batch_size": size, "values_per_batch": size * moments.values_per_sample,
                            "pseudo_batches": moments.batches}
-    if moments.batches >= MIN_PSEUDO_BATCHES and moments.batch_mean_moments is not None and moments.batch_logvar_moments is not None:
-        count, mean_b, m2_b = moments.batch_mean_moments
-        rms_smd = np.sqrt(m2_b / count + (mean_b - mean_t) ** 2) / scale
-        count, logv_b, m2_l = moments.batch_logvar_moments
-        rms_lvr = np.sqrt(m2_l / count + (logv_b - np.log(var_t + eps)) ** 2)
+    if moments.batches >= MIN_PSEUDO_BATCHES and moments.batch_means is not None and moments.batch_logvars is not None:
+        means, logvars = moments.batch_means, moments.batch_logvars
+        rms_smd = np.sqrt(means.m2[0] / means.count[0] + (means.mean[0] - mean_t) ** 2) / scale
+        rms_lvr = np.sqrt(logvars.m2[0] / logvars.count[0] + (logvars.mean[0] - np.log(var_t + eps)) ** 2)
         out.update(method="pseudo-batches", rms_smd=rms_smd, rms_lvr=rms_lvr)
     else:
         rms_smd = np.sqrt(moments.sample_mean_var / max(size, 1)) / scale

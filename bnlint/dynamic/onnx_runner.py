@@ -9,7 +9,9 @@ Why not let onnxruntime run the original graph and read X: its optimiser folds B
 before it (X then no longer exists), and a training_mode=1 node was seen giving run-to-run
 different outputs under full optimisation. The reductions consume X, which keeps it alive, and
 the session runs with graph optimisation limited to ORT_ENABLE_BASIC (constant folding and
-redundancy removal; no layout or fusion rewrites of the nodes we read).
+redundancy removal) when any BN node is in training form; otherwise fully, since nothing may
+remove or fold a tensor the appended reductions consume. The few-sample batch-dependence runs,
+which read BN outputs too, always use basic optimisation.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ class OnnxRunner:
             typed = onnx.shape_inference.infer_shapes(self.model)
             values = [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]
             self.types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
+            self.spatial = {v.name: _static_spatial(v) for v in values}
         except Exception:  # onnx raises several types; without inference, float32 is assumed
-            self.types = {}
+            self.types, self.spatial = {}, {}
         self.bn_nodes = [(i, n) for i, n in enumerate(graph.node) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
         nested = sum(1 for n in _all_nodes(graph) if n.op_type == "BatchNormalization") - len(self.bn_nodes)
         if nested:
@@ -92,7 +95,11 @@ class OnnxRunner:
         self.layers = [self._spec(i, node, by_node.get(i), values) for i, node in self.bn_nodes]
         self.engine_name = self._pick_engine(engine)
         self.device = device
-        self._stats = self._session(self._stats_model()) if self.bn_nodes else None
+        # Full optimisation is safe for the statistics: the appended reductions consume every X,
+        # so no rewrite may remove or fold it. A BN node in training form is the exception (run-to-run
+        # differences were seen under full optimisation): then only basic rewrites.
+        self.level = "basic" if any(spec.uses_batch_stats for spec in self.layers) else "all"
+        self._stats = self._session(self._stats_model(), self.level) if self.bn_nodes else None
         self.engine = self._describe()
 
     def _spec(self, index: int, node: onnx.NodeProto, layer: Any, values: dict[str, onnx.TensorProto]) -> LayerSpec:
@@ -105,6 +112,8 @@ class OnnxRunner:
             return numpy_helper.to_array(values[name]).astype(np.float64).reshape(-1) if name in values else None
 
         training = bool(layer.training) if layer is not None and layer.training is not None else attrs.get("training_mode", 0) == 1
+        if layer is not None and layer.extra.get("stats_source") == "computed":  # mean/var computed from the batch in-graph
+            training = True
         return LayerSpec(
             name=layer.name if layer is not None else (node.name or f"BatchNormalization_{index}"),
             eps=float(attrs.get("epsilon", 1e-5)),
@@ -132,7 +141,7 @@ class OnnxRunner:
             import onnxruntime
 
             provider = self._stats.get_providers()[0] if self._stats is not None else "CPUExecutionProvider"
-            return f"onnxruntime {onnxruntime.__version__} ({provider}, graph optimisation basic)"
+            return f"onnxruntime {onnxruntime.__version__} ({provider}, graph optimisation {self.level})"
         return f"onnx.reference.ReferenceEvaluator (onnx {onnx.__version__})"
 
     def _stats_model(self) -> onnx.ModelProto:
@@ -144,7 +153,7 @@ class OnnxRunner:
         graph.initializer.append(numpy_helper.from_array(np.array([0, 0], dtype=np.int64), "bnlint/shape_nc"))
         if self.opset >= 18:
             graph.initializer.append(numpy_helper.from_array(np.array([2], dtype=np.int64), "bnlint/axis2"))
-        self.stat_outputs: list[tuple[str, str, str]] = []
+        self.stat_outputs: list[tuple[str, ...]] = []
         out_types: dict[str, int] = {}
         for number, (_, node) in enumerate(self.bn_nodes):
             x, p = node.input[0], f"bnlint/{number}/"
@@ -161,11 +170,14 @@ class OnnxRunner:
                 self._reduce_mean(p + "square", p + "var3"),
                 helper.make_node("Reshape", [p + "var3", "bnlint/shape_nc"], [p + "var"]),
                 helper.make_node("Reshape", [p + "mean3", "bnlint/shape_nc"], [p + "mean"]),
-                helper.make_node("Shape", [p + "ncl"], [p + "shape"]),
             ])
-            self.stat_outputs.append((p + "var", p + "mean", p + "shape"))
+            if self.spatial.get(node.input[0]) is None:  # spatial size unknown until run time: fetch the shape
+                graph.node.append(helper.make_node("Shape", [p + "ncl"], [p + "shape"]))
+                self.stat_outputs.append((p + "var", p + "mean", p + "shape"))
+            else:
+                self.stat_outputs.append((p + "var", p + "mean"))
             out_types.update({p + "var": kind, p + "mean": kind, p + "shape": TensorProto.INT64})
-        names = [n for triple in self.stat_outputs for n in triple]
+        names = [n for group in self.stat_outputs for n in group]
         kept = _needed(graph, names)
         del graph.node[:]
         graph.node.extend(kept)
@@ -189,7 +201,7 @@ class OnnxRunner:
                 model.graph.output.append(helper.make_tensor_value_info(name, self.types.get(name, TensorProto.FLOAT), None))
         return model, existing
 
-    def _session(self, model: onnx.ModelProto) -> Any:
+    def _session(self, model: onnx.ModelProto, level: str = "basic") -> Any:
         if self.engine_name == "reference":
             from onnx.reference import ReferenceEvaluator
 
@@ -197,7 +209,8 @@ class OnnxRunner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+        options.graph_optimization_level = levels[level]
         options.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
         if self.device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -224,12 +237,15 @@ class OnnxRunner:
     def collect(self, batches: Batches, add: Callable[[str, Any, Any, int], None], end_batch: Callable[[], None]) -> None:
         if self._stats is None:
             return
-        names = [n for triple in self.stat_outputs for n in triple]
+        names = [n for group in self.stat_outputs for n in group]
+        sizes = [self.spatial.get(node.input[0]) for _, node in self.bn_nodes]
         for _, arrays in batches:
-            results = self._run(self._stats, names, arrays)
-            for layer, index in zip(self.layers, range(0, len(results), 3)):
-                var, mean, shape = results[index : index + 3]
-                add(layer.name, var, mean, int(np.asarray(shape)[2]))
+            values = iter(self._run(self._stats, names, arrays))
+            for layer, group, size in zip(self.layers, self.stat_outputs, sizes):
+                var, mean = next(values), next(values)
+                if len(group) == 3:
+                    size = int(np.asarray(next(values))[2])
+                add(layer.name, var, mean, int(size or 1))
             end_batch()
 
     def capture(self, arrays: list[np.ndarray]) -> Capture:
@@ -241,6 +257,19 @@ class OnnxRunner:
         values = dict(zip(names, self._run(self._io_session, names, arrays)))
         layers = {spec.name: [(np.asarray(values[x], np.float32), np.asarray(values[y], np.float32))] for spec, (x, y) in zip(self.layers, pairs)}
         return Capture(outputs=[np.asarray(values[n], np.float32) for n in outputs], layers=layers)
+
+
+def _static_spatial(value: onnx.ValueInfoProto) -> int | None:
+    """Product of the dims after (N, C) when shape inference knows them all, else None."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape") or len(tensor.shape.dim) < 2:
+        return None
+    size = 1
+    for dim in list(tensor.shape.dim)[2:]:
+        if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            return None
+        size *= dim.dim_value
+    return size
 
 
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

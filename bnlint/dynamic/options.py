@@ -21,9 +21,10 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "device": "auto",  # cpu | cuda | auto (cuda when available)
     "onnx_engine": "auto",  # onnxruntime | reference | auto (onnxruntime when installed)
     "drift_kl": 0.05,  # BN601: layer mean Gaussian KL(target || stored) at or above this is drift
-    "drift_significance": 4.0,  # BN601: ... and at least this many times the sample's own noise floor
-    "batch_noise_smd": 0.2,  # BN604: RMS normalised batch-mean error at the training batch size
-    "batch_noise_lvr": 0.4,  # BN604: RMS log batch-variance error at the training batch size
+    "drift_significance": 4.0,  # BN601: ... at least this many times the sample's own noise floor
+    "drift_z": 3.0,  # BN601: ... and (KL - noise floor) at least this many jackknife standard errors
+    "batch_noise_smd": 0.25,  # BN604: RMS normalised batch-mean error at the training batch size
+    "batch_noise_lvr": 0.35,  # BN604: RMS log batch-variance error at the training batch size
     "batch_dependence_rtol": 1e-3,  # BN606: max |single - batched| / max |batched| above this
     "dependence_samples": 4,  # BN606: samples run one at a time and together
 }
@@ -42,6 +43,12 @@ def dynamic_settings(config: Config) -> dict[str, Any]:
             raise UsageError(f"{where}: unknown [tool.bnlint.dynamic] key {raw_key!r} (known: {', '.join(k.replace('_', '-') for k in DYNAMIC_DEFAULTS)})")
         settings[key] = _check(key, value, where)
     return settings
+
+
+def override(settings: dict[str, Any], key: str, value: Any) -> None:
+    """A command-line value wins over the config file; checked like one."""
+    if value is not None:
+        settings[key] = _check(key, value, f"--{key.replace('_', '-')}")
 
 
 def _check(key: str, value: Any, where: str) -> Any:
@@ -108,3 +115,5 @@ class DynamicResult:
     engine: str = ""  # e.g. "torch 2.13.0 (cpu)", "onnxruntime 1.32.0 (CPUExecutionProvider)"
     samples: int = 0
     notes: list[str] = field(default_factory=list)
+    # single-sample vs batched run: samples, max_abs_diff, relative_diff, layers, skipped (None if not run)
+    batch_dependence: dict[str, Any] | None = None

@@ -8,9 +8,9 @@ How (and why this way):
 
 1. Inside the forward pass, each layer's input x of shape (N, C, *spatial) is reduced per
    *sample* to a float32 mean m[n, c] and population variance v[n, c] over its L spatial
-   values (`torch.var_mean(x.reshape(N, C, -1), dim=2, unbiased=False)`): one cheap pass over
-   memory the convolution just wrote, on the device that holds it. A per-sample reduction does
-   not depend on which other samples share the batch, so nothing below does either.
+   values (hooks.per_sample_moments: one cheap pass over memory the convolution just wrote, on
+   the device that holds it). A per-sample reduction does not depend on which other samples
+   share the batch, so nothing below does either.
 2. Everything after that works on those small (N, C) arrays in float64: per-sample moments are
    pooled exactly (the pooled sum of squared deviations is `L * sum(v) + L * sum((m - mean)^2)`)
    and merged into running totals with Chan, Golub & LeVeque's parallel update
@@ -33,106 +33,32 @@ runs) or torch tensors left on their device (no per-layer host syncs on CUDA).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import numpy as np
 
+from bnlint.dynamic.ops import Array, NumpyOps, Ops, TorchOps
+
+__all__ = ["Accumulator", "Collector", "HostMoments", "LayerMoments", "NumpyOps", "Ops", "TorchOps", "pool_samples"]
+
 GROUPS = 8  # jackknife groups: enough degrees of freedom for a standard error, few enough for tiny samples
-
-Array = Any  # numpy.ndarray or torch.Tensor
-
-
-class Ops(Protocol):
-    """The few array operations the accumulators need that numpy and torch spell differently."""
-
-    def f64(self, x: Array) -> Array: ...
-
-    def zeros(self, *shape: int) -> Array: ...
-
-    def onehot(self, ids: np.ndarray, rows: int) -> Array:
-        """A (rows, len(ids)) float64 0/1 matrix with 1 at [ids[i], i]."""
-        ...
-
-    def log(self, x: Array) -> Array: ...
-
-    def cat(self, first: Array, rest: Array) -> Array:
-        """Rows of `first` then rows of `rest`."""
-        ...
-
-    def numpy(self, x: Array) -> np.ndarray: ...
-
-
-class NumpyOps:
-    def f64(self, x: Array) -> Array:
-        return np.asarray(x, dtype=np.float64)
-
-    def zeros(self, *shape: int) -> Array:
-        return np.zeros(shape, dtype=np.float64)
-
-    def onehot(self, ids: np.ndarray, rows: int) -> Array:
-        out = np.zeros((rows, ids.size), dtype=np.float64)
-        out[ids, np.arange(ids.size)] = 1.0
-        return out
-
-    def log(self, x: Array) -> Array:
-        return np.log(x)
-
-    def cat(self, first: Array, rest: Array) -> Array:
-        return np.concatenate([first, rest])
-
-    def numpy(self, x: Array) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64)
-
-
-class TorchOps:
-    """Accumulate on the tensors' own device; only `numpy()` at the very end copies to the host."""
-
-    def __init__(self, device: Any) -> None:
-        import torch
-
-        self.torch = torch
-        self.device = device
-        self._onehots: dict[tuple[bytes, int], Any] = {}
-
-    def f64(self, x: Array) -> Array:
-        return x.detach().to(self.torch.float64)
-
-    def zeros(self, *shape: int) -> Array:
-        return self.torch.zeros(shape, dtype=self.torch.float64, device=self.device)
-
-    def onehot(self, ids: np.ndarray, rows: int) -> Array:
-        key = (ids.tobytes(), rows)  # the same few patterns recur every batch: build each once
-        if key not in self._onehots:
-            if len(self._onehots) > 256:
-                self._onehots.clear()
-            self._onehots[key] = self.torch.from_numpy(NumpyOps().onehot(ids, rows)).to(self.device)
-        return self._onehots[key]
-
-    def log(self, x: Array) -> Array:
-        return self.torch.log(x)
-
-    def cat(self, first: Array, rest: Array) -> Array:
-        return self.torch.cat([first, rest])
-
-    def numpy(self, x: Array) -> np.ndarray:
-        return x.detach().cpu().numpy().astype(np.float64)
-
 
 def _nonzero(count: Array) -> Array:
     """count, with zeros replaced by 1 so that empty rows divide to 0 instead of NaN."""
     return count + (count == 0)
 
 
-def pool_samples(ops: Ops, onehot: Array, mean: Array, var: Array, values_per_sample: int) -> tuple[Array, Array, Array]:
-    """Pool per-sample moments into rows (groups or pseudo-batches) given by a (R, N) one-hot.
+def pool_samples(ops: Ops, ids: np.ndarray, rows: int, mean: Array, var: Array, values_per_sample: Array) -> tuple[Array, Array, Array]:
+    """Pool per-sample moments into rows (groups or pseudo-batches): sample i goes to row ids[i].
 
-    Returns per row: element count n (R, 1), mean (R, C), M2 (R, C) = sum of squared deviations
-    from the row mean. Exact: M2 = L * sum(v_i) + L * sum((m_i - row_mean)^2).
+    `values_per_sample` (L) is (1, C). Returns per row and channel: element count n, mean, and
+    M2 = sum of squared deviations from the row mean, each (R, C). Exact:
+    M2 = L * sum(v_i) + L * sum((m_i - row_mean)^2).
     """
-    samples = onehot.sum(1, keepdims=True)  # (R, 1)
-    row_mean = (onehot @ mean) / _nonzero(samples)
-    spread = mean - onehot.T @ row_mean  # each sample's deviation from its own row's mean
-    m2 = values_per_sample * (onehot @ var + onehot @ (spread * spread))
+    samples = ops.counts(ids, rows)
+    index = ops.index(ids)
+    row_mean = ops.segment_sum(index, rows, mean) / _nonzero(samples)
+    spread = mean - row_mean[index]  # each sample's deviation from its own row's mean
+    m2 = values_per_sample * (ops.segment_sum(index, rows, var) + ops.segment_sum(index, rows, spread * spread))
     return samples * values_per_sample, row_mean, m2
 
 
@@ -140,7 +66,7 @@ class Moments:
     """Streaming count / mean / M2 for R rows x C channels, merged with Chan's parallel update."""
 
     def __init__(self, ops: Ops, rows: int, channels: int) -> None:
-        self.count = ops.zeros(rows, 1)
+        self.count = ops.zeros(rows, channels)  # per channel too: channels of different layers have different L
         self.mean = ops.zeros(rows, channels)
         self.m2 = ops.zeros(rows, channels)
 
@@ -152,42 +78,77 @@ class Moments:
         self.m2 = self.m2 + m2 + delta * delta * self.count * weight
         self.count = total
 
+    def host(self, ops: Ops) -> "HostMoments":
+        return HostMoments(ops.numpy(self.count), ops.numpy(self.mean), ops.numpy(self.m2))
+
+
+@dataclass
+class HostMoments:
+    """count / mean / M2 arrays (rows, C) in float64 numpy: sliceable by channel and mergeable."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    def columns(self, lo: int, hi: int) -> "HostMoments":
+        return HostMoments(self.count[:, lo:hi], self.mean[:, lo:hi], self.m2[:, lo:hi])
+
+    def merged(self, other: "HostMoments") -> "HostMoments":
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        weight = other.count / _nonzero(total)
+        return HostMoments(total, self.mean + delta * weight, self.m2 + other.m2 + delta * delta * self.count * weight)
+
 
 def unit_moments(ops: Ops, values: Array) -> tuple[Array, Array, Array]:
-    """Moments of J values per channel, each value one unit of weight: (1, 1), (1, C), (1, C)."""
+    """Moments of J values per channel, each value one unit of weight: (1, C) each."""
     count = values.shape[0]
     mean = values.sum(0, keepdims=True) / count
     centred = values - mean
-    return ops.zeros(1, 1) + count, mean, (centred * centred).sum(0, keepdims=True)
+    return ops.zeros(1, values.shape[1]) + count, mean, (centred * centred).sum(0, keepdims=True)
 
 
 @dataclass
 class LayerMoments:
-    """What one layer's accumulator hands to the metrics, all float64 numpy on the host."""
+    """What the accumulator hands to the metrics for one layer, all float64 numpy on the host."""
 
     samples: int  # how many samples reached the layer (a module called twice counts them twice)
     values_per_sample: int  # L: spatial positions per channel per sample
-    group_count: np.ndarray  # (K,) element counts per jackknife group
-    group_mean: np.ndarray  # (K, C)
-    group_m2: np.ndarray  # (K, C)
-    sample_mean_var: np.ndarray  # (C,) variance across samples of the per-sample means
+    groups: HostMoments  # (K, C): jackknife groups, element-weighted
+    sample_means: HostMoments  # (1, C): per-sample means, each sample one unit
     batch_size: int | None = None  # pseudo-batch size B, when asked
     batches: int = 0  # complete pseudo-batches of B samples seen
-    batch_mean_moments: np.ndarray | None = None  # (3, C): count, mean, M2 of the batch means
-    batch_logvar_moments: np.ndarray | None = None  # (3, C): same for ln(batch var + eps)
+    batch_means: HostMoments | None = None  # (1, C): pseudo-batch means as units
+    batch_logvars: HostMoments | None = None  # (1, C): ln(pseudo-batch var + eps) as units
 
     @property
     def count(self) -> float:
-        return float(self.group_count.sum())
+        return float(self.groups.count[:, 0].sum()) if self.groups.count.size else 0.0
+
+    @property
+    def group_count(self) -> np.ndarray:
+        return self.groups.count[:, 0] if self.groups.count.size else np.zeros(self.groups.count.shape[0])
+
+    @property
+    def sample_mean_var(self) -> np.ndarray:
+        """(C,) variance across samples of the per-sample means (unbiased)."""
+        return self.sample_means.m2[0] / np.maximum(self.sample_means.count[0] - 1.0, 1.0)
 
     def totals(self) -> tuple[np.ndarray, np.ndarray]:
         """Population mean and (biased) variance per channel over every value seen."""
-        mean, m2 = merge_rows(self.group_count, self.group_mean, self.group_m2)
+        mean, m2 = merge_rows(self.group_count, self.groups.mean, self.groups.m2)
         return mean, m2 / max(self.count, 1.0)
+
+    def merged(self, other: "LayerMoments") -> "LayerMoments":
+        """Both calls' statistics (a layer measured in two call layouts, or called twice per forward)."""
+        pairs = [(a.merged(b) if a is not None and b is not None else a or b)
+                 for a, b in ((self.batch_means, other.batch_means), (self.batch_logvars, other.batch_logvars))]
+        return LayerMoments(self.samples + other.samples, self.values_per_sample, self.groups.merged(other.groups),
+                            self.sample_means.merged(other.sample_means), self.batch_size, self.batches + other.batches, *pairs)
 
 
 def merge_rows(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge K rows of (count, mean, M2) into one (mean, M2), in float64."""
+    """Merge K rows of (count, mean, M2) into one (mean, M2), in float64; count is (K,)."""
     total = count.sum()
     if total == 0:
         return np.zeros(mean.shape[1]), np.zeros(mean.shape[1])
@@ -196,46 +157,51 @@ def merge_rows(count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> tuple[np.
     return grand, m2.sum(0) + (count[:, None] * deviation * deviation).sum(0)
 
 
-class LayerAccumulator:
-    """All streaming statistics of one BatchNorm layer's input; fed once per forward call."""
+class Accumulator:
+    """All streaming statistics of C channels (one layer, or several layers side by side).
 
-    def __init__(self, ops: Ops, channels: int, eps: float, batch_size: int | None = None, groups: int = GROUPS) -> None:
+    `values_per_sample` and `eps` are per channel, so the channels of every BN layer of a network
+    can be accumulated as one wide array: one set of small float64 operations per batch instead
+    of one per layer.
+    """
+
+    def __init__(self, ops: Ops, values_per_sample: np.ndarray, eps: np.ndarray, batch_size: int | None = None, groups: int = GROUPS) -> None:
         self.ops = ops
-        self.channels = channels
-        self.eps = eps
+        self.channels = int(values_per_sample.size)
+        self.values_per_sample = np.asarray(values_per_sample, dtype=np.int64)
+        self._size = ops.array(self.values_per_sample.reshape(1, -1).astype(np.float64))
+        self._eps = ops.array(np.asarray(eps, dtype=np.float64).reshape(1, -1))
         self.groups = groups
         self.samples = 0
-        self.values_per_sample: int | None = None
-        self.group_moments = Moments(ops, groups, channels)
-        self.sample_means = Moments(ops, 1, channels)  # per-sample means as units: between-sample spread
+        self.group_moments = Moments(ops, groups, self.channels)
+        self.sample_means = Moments(ops, 1, self.channels)  # per-sample means as units: between-sample spread
         self.batch_size = batch_size
-        self.batch_means = Moments(ops, 1, channels)
-        self.batch_logvars = Moments(ops, 1, channels)
+        self.batch_means = Moments(ops, 1, self.channels)
+        self.batch_logvars = Moments(ops, 1, self.channels)
         self.batches = 0
         self._carry: tuple[int, Array, Array, Array] | None = None  # partial pseudo-batch: samples, n, mean, M2
+        self._host: tuple[int, list[HostMoments]] | None = None
 
-    def add(self, var: Array, mean: Array, values_per_sample: int) -> None:
+    def add(self, var: Array, mean: Array) -> None:
         """Add one forward call: per-sample population variance and mean, each (N, C), any float dtype."""
-        if self.values_per_sample is None:
-            self.values_per_sample = values_per_sample
         ops, n = self.ops, int(mean.shape[0])
         mean64, var64 = ops.f64(mean), ops.f64(var)
         start = self.samples
         ids = (np.arange(start, start + n) % self.groups).astype(np.int64)
-        self.group_moments.merge(*pool_samples(ops, ops.onehot(ids, self.groups), mean64, var64, values_per_sample))
+        self.group_moments.merge(*pool_samples(ops, ids, self.groups, mean64, var64, self._size))
         self.sample_means.merge(*unit_moments(ops, mean64))
         if self.batch_size:
-            self._pseudo_batches(start, mean64, var64, values_per_sample)
+            self._pseudo_batches(start, mean64, var64)
         self.samples += n
 
-    def _pseudo_batches(self, start: int, mean: Array, var: Array, values_per_sample: int) -> None:
+    def _pseudo_batches(self, start: int, mean: Array, var: Array) -> None:
         """Cut the sample stream into consecutive batches of B and record each full batch's statistics."""
         size = int(self.batch_size or 0)
         ops, n = self.ops, int(mean.shape[0])
         first = start // size
         local = ((np.arange(start, start + n) // size) - first).astype(np.int64)
         rows = int(local[-1]) + 1
-        count, row_mean, m2 = pool_samples(ops, ops.onehot(local, rows), mean, var, values_per_sample)
+        count, row_mean, m2 = pool_samples(ops, local, rows, mean, var, self._size)
         filled = np.bincount(local, minlength=rows)
         if self._carry is not None:  # the carry holds the first samples of row 0's batch
             carried, c_count, c_mean, c_m2 = self._carry
@@ -251,31 +217,76 @@ class LayerAccumulator:
         if complete:
             batch_var = m2[:complete] / count[:complete]  # biased: what BN normalises with in training
             self.batch_means.merge(*unit_moments(ops, row_mean[:complete]))
-            self.batch_logvars.merge(*unit_moments(ops, ops.log(batch_var + self.eps)))
+            self.batch_logvars.merge(*unit_moments(ops, ops.log(batch_var + self._eps)))
             self.batches += complete
 
-    def result(self) -> LayerMoments:
-        ops = self.ops
-        between = self.sample_means
-        sample_count = ops.numpy(between.count)[0, 0]
-        batch_mean = batch_logvar = None
-        if self.batch_size:
-            batch_mean = np.concatenate([np.broadcast_to(ops.numpy(self.batch_means.count), (1, self.channels)),
-                                         ops.numpy(self.batch_means.mean), ops.numpy(self.batch_means.m2)])
-            batch_logvar = np.concatenate([np.broadcast_to(ops.numpy(self.batch_logvars.count), (1, self.channels)),
-                                           ops.numpy(self.batch_logvars.mean), ops.numpy(self.batch_logvars.m2)])
+    def result(self, lo: int = 0, hi: int | None = None) -> LayerMoments:
+        """The statistics of channels lo:hi (one layer), copied to the host."""
+        hi = self.channels if hi is None else hi
+        if self._host is None or self._host[0] != self.samples:  # one device-to-host copy for all layers
+            moments = (self.group_moments, self.sample_means, self.batch_means, self.batch_logvars)
+            self._host = (self.samples, [m.host(self.ops) for m in moments])
+        groups, sample_means, batch_means, batch_logvars = self._host[1]
         return LayerMoments(
             samples=self.samples,
-            values_per_sample=int(self.values_per_sample or 0),
-            group_count=ops.numpy(self.group_moments.count)[:, 0],
-            group_mean=ops.numpy(self.group_moments.mean),
-            group_m2=ops.numpy(self.group_moments.m2),
-            sample_mean_var=ops.numpy(between.m2)[0] / max(sample_count - 1.0, 1.0),
+            values_per_sample=int(self.values_per_sample[lo]) if hi > lo else 0,
+            groups=groups.columns(lo, hi),
+            sample_means=sample_means.columns(lo, hi),
             batch_size=self.batch_size,
             batches=self.batches,
-            batch_mean_moments=batch_mean,
-            batch_logvar_moments=batch_logvar,
+            batch_means=batch_means.columns(lo, hi) if self.batch_size else None,
+            batch_logvars=batch_logvars.columns(lo, hi) if self.batch_size else None,
         )
+
+
+class Collector:
+    """Gathers each batch's per-layer moments and feeds them, side by side, to one Accumulator.
+
+    Runners call `add` once per BN call during a forward pass and `end_batch` after it. Batches
+    with the same call layout (which layers ran, in which order, with which C and L: nearly always
+    one layout) share an accumulator; `layers()` slices and merges them back per layer, in the
+    order the layers first ran.
+    """
+
+    def __init__(self, ops: Ops, eps: dict[str, float], batch_size: int | None = None) -> None:
+        self.ops = ops
+        self.eps = eps
+        self.batch_size = batch_size
+        self.calls: dict[str, int] = {}  # most calls of a layer in one forward pass
+        self._pending: list[tuple[str, Array, Array, int]] = []
+        self._layouts: dict[tuple[tuple[str, int, int], ...], Accumulator] = {}
+
+    def add(self, name: str, var: Array, mean: Array, values_per_sample: int) -> None:
+        self._pending.append((name, var, mean, int(values_per_sample)))
+
+    def end_batch(self) -> None:
+        if not self._pending:
+            return
+        layout = tuple((name, int(mean.shape[1]), size) for name, _, mean, size in self._pending)
+        accumulator = self._layouts.get(layout)
+        if accumulator is None:
+            sizes = np.concatenate([np.full(c, size) for _, c, size in layout])
+            eps = np.concatenate([np.full(c, self.eps.get(name, 1e-5)) for name, c, _ in layout])
+            accumulator = self._layouts[layout] = Accumulator(self.ops, sizes, eps, self.batch_size)
+        if len(self._pending) == 1:
+            var, mean = self._pending[0][1], self._pending[0][2]
+        else:
+            var = self.ops.hcat([p[1] for p in self._pending])
+            mean = self.ops.hcat([p[2] for p in self._pending])
+        accumulator.add(var, mean)
+        for name in {p[0] for p in self._pending}:
+            self.calls[name] = max(self.calls.get(name, 0), sum(1 for p in self._pending if p[0] == name))
+        self._pending = []
+
+    def layers(self) -> dict[str, LayerMoments]:
+        found: dict[str, LayerMoments] = {}
+        for layout, accumulator in self._layouts.items():
+            lo = 0
+            for name, channels, _ in layout:
+                moments = accumulator.result(lo, lo + channels)
+                lo += channels
+                found[name] = found[name].merged(moments) if name in found else moments
+        return found
 
 
 def per_sample_moments_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

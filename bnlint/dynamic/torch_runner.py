@@ -10,6 +10,7 @@ The archive's own methods are untouched.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -124,14 +125,32 @@ class ModuleRunner:
         )
 
 
-# The reduction inserted into TorchScript graphs: one (3, N, C) tensor so insertGraph returns one value.
-@torch.jit.script
-def _ts_moments(x: torch.Tensor) -> torch.Tensor:
+# The reduction inserted into TorchScript graphs: hooks.per_sample_moments in TorchScript, returning
+# one (3, N, C) tensor (variance, mean, spatial size) so that insertGraph yields a single value.
+def _moments_stacked(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 and x.dtype != torch.float64:
         x = x.float()
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    var, mean = torch.var_mean(flat, dim=2, correction=0)
-    return torch.stack([var, mean, torch.full_like(mean, float(flat.shape[2]))])
+    n, c = x.shape[0], x.shape[1]
+    flat = x.reshape(n * c, -1)
+    size = flat.shape[1]
+    if x.device.type != "cpu" or size == 1:
+        var, mean = torch.var_mean(flat, dim=1, correction=0)
+    else:
+        mean = flat.sum(1) / size
+        var = (torch.linalg.vector_norm(flat, 2.0, [1]).square() / size - mean * mean).clamp_min(0.0)
+        risky = (mean * mean > 1e3 * var) | torch.logical_not(torch.isfinite(var))
+        if bool(risky.any()):
+            rows = risky.nonzero().squeeze(1)
+            exact_var, exact_mean = torch.var_mean(flat.index_select(0, rows).double(), dim=1, correction=0)
+            var = var.index_copy(0, rows, exact_var.to(var.dtype))
+            mean = mean.index_copy(0, rows, exact_mean.to(mean.dtype))
+    var, mean = var.view(n, c), mean.view(n, c)
+    return torch.stack([var, mean, torch.full_like(mean, float(size))])
+
+
+with warnings.catch_warnings():  # torch.jit.script is deprecated, but TorchScript graphs need a scripted helper
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _ts_moments = torch.jit.script(_moments_stacked)
 
 
 def _attr_path(value: Any, self_value: Any) -> list[str] | None:

@@ -26,10 +26,12 @@ def _drifting(analysis: Any) -> list[Any]:
         s = layer.summary
         if not layer.has_running_stats or layer.name in analysis.batch_stats_layers:
             continue
-        kl, noise = s.get("mean_kl"), s.get("noise_kl")
-        if kl is None or noise is None:
+        kl, noise, se = s.get("mean_kl"), s.get("noise_kl"), s.get("kl_se")
+        if kl is None or noise is None or se is None:
             continue
-        if kl >= settings["drift_kl"] and kl >= settings["drift_significance"] * noise:
+        # large, far above what noise alone gives, and more than drift_z standard errors above it: channels of
+        # one layer are correlated, so the floor's expectation alone is not enough for small samples
+        if kl >= settings["drift_kl"] and kl >= settings["drift_significance"] * noise and kl - noise >= settings["drift_z"] * se:
             found.append(layer)
     return found
 
@@ -53,9 +55,11 @@ def distribution_drift(analysis: Any, ctx: Any) -> Iterator[Hit]:
     - LVR = ln(v_data / v_stored): the log of its variance;
     - KL = 0.5 * (e^LVR - LVR - 1 + SMD^2): the Gaussian KL divergence.
 
-    A layer is reported when its mean KL over channels is at least `drift-kl` (default 0.05) and
-    at least `drift-significance` (default 4) times the KL the sample shows from noise alone
-    (jackknife over interleaved groups of samples), so a small sample does not raise false alarms.
+    A layer is reported when its mean KL over channels is at least `drift-kl` (default 0.05),
+    at least `drift-significance` (default 4) times the KL the sample shows from noise alone, and
+    above that noise floor by `drift-z` (default 3) jackknife standard errors (both from K=8
+    interleaved groups of whole samples), so a small sample does not raise false alarms.
+    Layers that normalise with batch statistics anyway (BN606) are left to that rule.
 
     ## Why is this bad?
     In eval mode BatchNorm only *reads* its running statistics: every input is normalised with
@@ -220,8 +224,8 @@ def small_batch_noise(analysis: Any, ctx: Any) -> Iterator[Hit]:
     far each batch's per-channel mean and variance (what BatchNorm normalises with in training)
     stray from the statistics of the whole sample (what eval mode uses): the RMS over batches of
     (batch mean - mean) / sqrt(var + eps) and of ln((batch var + eps) / (var + eps)), averaged over
-    channels. It warns when either exceeds `batch-noise-smd` (default 0.2) or `batch-noise-lvr`
-    (default 0.4).
+    channels. It warns when either exceeds `batch-noise-smd` (default 0.25) or `batch-noise-lvr`
+    (default 0.35): for independent values that is about 16 values per channel per batch.
 
     ## Why is this bad?
     With few values per channel per batch (small B, small feature maps, 1-d BatchNorm), training
@@ -345,21 +349,23 @@ def batch_dependence(analysis: Any, ctx: Any) -> Iterator[Hit]:
     """
     dependence = analysis.dependence
     tolerance = analysis.settings["batch_dependence_rtol"]
-    if dependence is None or dependence.skipped or dependence.relative_diff <= tolerance and not dependence.layers:
+    if dependence is None or (dependence.relative_diff <= tolerance and not dependence.layers):
         return
-    head = (f"{dependence.samples} samples run one at a time and as one batch give outputs that differ by up to "
-            f"{num(dependence.max_abs_diff)} (relative {num(dependence.relative_diff)}, tolerance {num(tolerance)})")
+    if dependence.skipped:  # fixed batch size: only the per-layer eval-form test ran
+        head = f"with the model's fixed batch of {dependence.samples}"
+    else:
+        head = (f"{dependence.samples} samples run one at a time and as one batch give outputs that differ by up to "
+                f"{num(dependence.max_abs_diff)} (relative {num(dependence.relative_diff)}, tolerance {num(tolerance)})")
+    values = {"max_abs_diff": dependence.max_abs_diff, "relative_diff": dependence.relative_diff, "samples": dependence.samples}
     if not dependence.layers:
         yield Hit(message=head + ": the model's output depends on the batch (batch statistics, or randomness such as "
-                  "dropout left in train mode)", layer=None,
-                  values={"max_abs_diff": dependence.max_abs_diff, "relative_diff": dependence.relative_diff})
+                  "dropout left in train mode)", layer=None, values=values)
         return
     for entry in dependence.layers:
-        known = " (its stored form uses batch statistics)" if entry["layer"] in analysis.batch_stats_layers else ""
+        size = "" if entry["max_abs_diff"] is None else f" (by up to {num(entry['max_abs_diff'])})"
         yield Hit(
-            message=f"{head}; here the {entry['evidence']} (by up to {num(entry['max_abs_diff'])}): "
-            f"this layer normalises with batch statistics at inference{known}",
+            message=f"{head}; this layer normalises with batch statistics at inference ({entry['evidence']}{size})",
             layer=entry["layer"],
-            values={"max_abs_diff": dependence.max_abs_diff, "relative_diff": dependence.relative_diff,
-                    "layer_max_abs_diff": entry["max_abs_diff"], "layer_relative_diff": entry["relative_diff"]},
+            values={**values, "layer_max_abs_diff": entry["max_abs_diff"], "layer_relative_diff": entry["relative_diff"],
+                    "evidence": entry["evidence"]},
         )
