@@ -122,13 +122,13 @@ def bench_torch(args: argparse.Namespace, folder: str) -> dict[str, float]:
     np.save(data_path, data)
     _plain(model, data[: args.batch_size], args.batch_size, device)  # warm-up (allocator, oneDNN kernels)
     _drift_pass(model, data_path, args.batch_size, device)
-    plain = drift = 0.0
+    plains, drifts = [], []
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        plain += _best(lambda: _plain(model, data, args.batch_size, device), 1)
-        drift += _best(lambda: _drift_pass(model, data_path, args.batch_size, device), 1)
+        plains.append(_best(lambda: _plain(model, data, args.batch_size, device), 1))
+        drifts.append(_best(lambda: _drift_pass(model, data_path, args.batch_size, device), 1))
+    plain, drift = float(np.median(plains)), float(np.median(drifts))
     update = _best(lambda: _update_bn(_model().to(device), data, args.batch_size, device), 1)
-    return {"plain_s": plain / args.repeats, "drift_s": drift / args.repeats, "update_bn_s": update,
-            "drift_ratio": drift / plain, "update_bn_ratio": update / (plain / args.repeats)}
+    return {"plain_s": plain, "drift_s": drift, "update_bn_s": update, "drift_ratio": drift / plain, "update_bn_ratio": update / plain}
 
 
 def bench_end_to_end(args: argparse.Namespace, folder: str) -> dict[str, float]:
@@ -148,6 +148,13 @@ def bench_end_to_end(args: argparse.Namespace, folder: str) -> dict[str, float]:
 
 
 def bench_onnx(args: argparse.Namespace, folder: str) -> dict[str, float]:
+    """Plain onnxruntime (default session: full optimisation) vs bnlint's statistics session.
+
+    Each is timed with only its own session alive: an idle onnxruntime session's threads spin
+    for a while after each run and would slow down whichever session runs next on a small machine.
+    """
+    import gc
+
     import onnxruntime as ort
 
     from bnlint.dynamic.data import Dataset, zip_batches
@@ -159,21 +166,35 @@ def bench_onnx(args: argparse.Namespace, folder: str) -> dict[str, float]:
                       dynamic_axes={"input": {0: "n"}}, do_constant_folding=False, dynamo=False)
     data_path = os.path.join(folder, "images.npy")
     data = np.load(data_path)
-    plain_session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # default: full optimisation
-    runner = OnnxRunner(load_model(path), "onnxruntime", "cpu", data_path)
-    sources = Dataset(data_path).select(runner.input_names, {})
+    info = load_model(path)
 
-    def plain() -> None:
-        for start in range(0, len(data), args.batch_size):
-            plain_session.run(None, {"input": data[start : start + args.batch_size]})
+    def plain() -> float:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
-    def analysed() -> None:
-        runner.collect(zip_batches(sources, args.batch_size), lambda *a: None, lambda: None)
+        def run() -> None:
+            for start in range(0, len(data), args.batch_size):
+                session.run(None, {"input": data[start : start + args.batch_size]})
 
-    plain()
-    analysed()
-    plain_s = sum(_best(plain, 1) for _ in range(args.repeats)) / args.repeats
-    drift_s = sum(_best(analysed, 1) for _ in range(args.repeats)) / args.repeats
+        run()
+        return _best(run, 1)
+
+    def analysed() -> float:
+        runner = OnnxRunner(info, "onnxruntime", "cpu", data_path)
+        sources = Dataset(data_path).select(runner.input_names, {})
+
+        def run() -> None:
+            runner.collect(zip_batches(sources, args.batch_size), lambda *a: None, lambda: None)
+
+        run()
+        return _best(run, 1)
+
+    plain_times, drift_times = [], []
+    for _ in range(args.repeats):
+        plain_times.append(plain())
+        gc.collect()
+        drift_times.append(analysed())
+        gc.collect()
+    plain_s, drift_s = float(np.median(plain_times)), float(np.median(drift_times))
     return {"ort_plain_s": plain_s, "ort_drift_s": drift_s, "ort_ratio": drift_s / plain_s}
 
 
@@ -213,7 +234,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="medians over this many interleaved runs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")

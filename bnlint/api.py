@@ -70,6 +70,7 @@ def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any
             return result
         result.findings.extend(outcome.findings)
         result.layer_stats.extend(outcome.layer_stats)
+        result.notes.append(f"dynamic analysis ran on {outcome.engine} over {outcome.samples} samples")
         result.notes.extend(outcome.notes)
     result.findings.sort(key=lambda f: f.sort_key())
     return result

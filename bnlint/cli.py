@@ -66,15 +66,16 @@ def main(ctx: click.Context) -> None:
 @click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Architecture for state dicts: package.module:factory or path/to/file.py:factory.")
 @click.option("--arch-kwargs", default=None, metavar="JSON", help='Keyword arguments for the factory, e.g. \'{"num_classes": 10}\'.')
 @click.option("--trust", is_flag=True, help="Allow running code from the input file (needed only to run a pickled nn.Module).")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Where the dynamic analysis runs [default: the config's device, else auto: cuda when available].")
+@click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default=None, help="How ONNX models run for --data [default: auto, onnxruntime when installed].")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Report only findings not in this baseline file.")
 @click.option("--skip-unrecognised", is_flag=True, help="Skip files in no model format (e.g. Git LFS pointers) with a note instead of an error (the pre-commit hook uses this).")
 @click.option("--write-baseline", is_flag=True, help="Write the current findings to --baseline and exit 0.")
 def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tuple[str, ...], fail_on: str | None,
           output: str | None, quiet: bool, color: str, config_path: str | None, reference: str | None,
           data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
-          arch: str | None, arch_kwargs: str | None, trust: bool, device: str, baseline: str | None,
-          write_baseline: bool, skip_unrecognised: bool) -> None:
+          arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
+          baseline: str | None, write_baseline: bool, skip_unrecognised: bool) -> None:
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx files)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
@@ -85,7 +86,7 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
         )
         if write_baseline and not baseline:
             raise BnlintError("--write-baseline needs --baseline FILE")
-        dynamic = _dynamic_options(data, inputs, batch_size, train_batch_size, arch, arch_kwargs, trust, device, quiet, config) if data else None
+        dynamic = _dynamic_options(data, inputs, batch_size, train_batch_size, arch, arch_kwargs, trust, device, onnx_engine, quiet) if data else None
         if not paths:
             if data:
                 raise BnlintError("--data needs a model file to run")
@@ -120,7 +121,8 @@ def exit_code(report: Any, fail_level: Any) -> int:
 
 
 def _dynamic_options(data: str, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
-                     arch: str | None, arch_kwargs: str | None, trust: bool, device: str, quiet: bool, config: Any) -> Any:
+                     arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
+                     quiet: bool) -> Any:
     import json
 
     from bnlint.dynamic import DynamicOptions
@@ -141,7 +143,7 @@ def _dynamic_options(data: str, inputs: tuple[str, ...], batch_size: int | None,
             raise BnlintError("--arch-kwargs must be a JSON object")
     return DynamicOptions(
         data=data, inputs=mapping, batch_size=batch_size, train_batch_size=train_batch_size, arch=arch,
-        arch_kwargs=kwargs, trust=trust, device=device, quiet=quiet or not sys.stderr.isatty(),
+        arch_kwargs=kwargs, trust=trust, device=device, onnx_engine=onnx_engine, quiet=quiet or not sys.stderr.isatty(),
     )
 
 

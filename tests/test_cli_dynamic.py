@@ -135,3 +135,17 @@ def test_json_with_layer_stats_validates_against_the_schema() -> None:
 def test_text_output_shows_the_drift_table() -> None:
     result = CliRunner().invoke(main, ["fixtures/convnet_scripted.pt", "--data", "fixtures/data/convnet_shifted.npz"])
     assert "drift by layer" in result.output and "100.0%" in result.output
+
+
+def test_onnx_engines_agree_and_the_note_names_the_engine() -> None:
+    runs = {}
+    for engine in ("onnxruntime", "reference"):
+        if engine == "onnxruntime":
+            pytest.importorskip("onnxruntime")
+        _, payload, _ = lint("fixtures/convnet.onnx", "--data", "fixtures/data/convnet_shifted.npz", "--onnx-engine", engine)
+        file = payload["files"][0]
+        assert any(engine.replace("reference", "ReferenceEvaluator") in note or engine in note for note in file["notes"]), file["notes"]
+        runs[engine] = file["layer_stats"]
+    for left, right in zip(runs["onnxruntime"], runs["reference"]):
+        np_left, np_right = left["channel"]["mean"], right["channel"]["mean"]
+        assert np_left == pytest.approx(np_right, rel=1e-4, abs=1e-6)
