@@ -123,24 +123,9 @@ def exit_code(report: Any, fail_level: Any) -> int:
 def _dynamic_options(data: str, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
                      arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
                      quiet: bool) -> Any:
-    import json
+    from bnlint.dynamic import DynamicOptions, parse_arch_kwargs, parse_inputs
 
-    from bnlint.dynamic import DynamicOptions
-
-    mapping: dict[str, str] = {}
-    for item in inputs:
-        name, sep, key = item.partition("=")
-        if not sep or not name or not key:
-            raise BnlintError(f"--input expects NAME=KEY, got {item!r}")
-        mapping[name] = key
-    kwargs: dict[str, Any] = {}
-    if arch_kwargs:
-        try:
-            kwargs = json.loads(arch_kwargs)
-        except json.JSONDecodeError as exc:
-            raise BnlintError(f"--arch-kwargs is not valid JSON: {exc.msg}") from None
-        if not isinstance(kwargs, dict):
-            raise BnlintError("--arch-kwargs must be a JSON object")
+    mapping, kwargs = parse_inputs(inputs), parse_arch_kwargs(arch_kwargs)
     return DynamicOptions(
         data=data, inputs=mapping, batch_size=batch_size, train_batch_size=train_batch_size, arch=arch,
         arch_kwargs=kwargs, trust=trust, device=device, onnx_engine=onnx_engine, quiet=quiet or not sys.stderr.isatty(),
