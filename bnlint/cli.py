@@ -13,9 +13,9 @@ import click
 
 from bnlint import __version__
 from bnlint.errors import BnlintError
+from bnlint.report import FORMATS
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
-FORMATS = ("text", "json", "sarif", "github", "junit")
 
 
 class DefaultCheckGroup(click.Group):

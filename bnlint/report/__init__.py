@@ -1,38 +1,68 @@
 """Output formats. Reporters format what they are given: no thresholds, no filtering.
 
-Every format is a function with the `Reporter` signature below; `write_report` dispatches by name.
+Each format module renders a report to a string from only the inputs it uses; `write_report`
+is the one place that dispatches and writes. Format modules are imported on use.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, TextIO
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TextIO
 
 from bnlint.errors import UsageError
 from bnlint.findings import Report
-from bnlint.report import github, json_report, junit, sarif, text
 from bnlint.rules.registry import RuleSpec
 
 
-class Reporter(Protocol):
-    def __call__(
-        self,
-        report: Report,
-        rules: Mapping[str, RuleSpec],
-        stream: TextIO,
-        *,
-        color: bool = False,
-        quiet: bool = False,
-        tool_version: str = "",
-    ) -> None: ...
+@dataclass(frozen=True)
+class Output:
+    """Everything a format may use; color and quiet only affect text."""
+
+    report: Report
+    rules: Mapping[str, RuleSpec]
+    tool_version: str
+    color: bool = False
+    quiet: bool = False
 
 
-REPORTERS: dict[str, Reporter] = {
-    "text": text.write,
-    "json": json_report.write,
-    "sarif": sarif.write,
-    "github": github.write,
-    "junit": junit.write,
-}
+def dump_json(document: Any) -> str:
+    # allow_nan=False: json_safe already replaced NaN/Inf, and this guarantees strict JSON.
+    # ensure_ascii keeps the bytes ASCII whatever the stream's encoding (layer names may be any text).
+    return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=True) + "\n"
+
+
+def _text(out: Output) -> str:
+    from bnlint.report import text
+
+    return text.render(out.report, color=out.color, quiet=out.quiet)
+
+
+def _json(out: Output) -> str:
+    from bnlint.report import json_report
+
+    return dump_json(json_report.to_dict(out.report, out.rules, out.tool_version))
+
+
+def _sarif(out: Output) -> str:
+    from bnlint.report import sarif
+
+    return dump_json(sarif.to_dict(out.report, out.rules, out.tool_version))
+
+
+def _github(out: Output) -> str:
+    from bnlint.report import github
+
+    return github.render(out.report, out.rules)
+
+
+def _junit(out: Output) -> str:
+    from bnlint.report import junit
+
+    return junit.render(out.report, out.rules, out.tool_version)
+
+
+REPORTERS: dict[str, Callable[[Output], str]] = {"text": _text, "json": _json, "sarif": _sarif, "github": _github, "junit": _junit}
 
 FORMATS: tuple[str, ...] = tuple(REPORTERS)
 
@@ -50,13 +80,10 @@ def write_report(
     """Write `report` to `stream` in format `fmt` (one of FORMATS).
 
     `rules` describes the codes: pass the rules that ran (JUnit lists each as a testcase, SARIF
-    describes each). color and quiet only affect the text format.
+    describes each).
     """
     try:
         reporter = REPORTERS[fmt]
     except KeyError:
         raise UsageError(f"unknown output format {fmt!r} (expected one of {', '.join(FORMATS)})") from None
-    reporter(report, rules, stream, color=color, quiet=quiet, tool_version=tool_version)
-
-
-__all__ = ["FORMATS", "REPORTERS", "Reporter", "write_report"]
+    stream.write(reporter(Output(report, rules, tool_version, color=color, quiet=quiet)))

@@ -10,7 +10,7 @@ and `\\n` become %25, %0D, %0A; property values additionally escape `:` (%3A) an
 
 from __future__ import annotations
 
-from typing import Mapping, TextIO
+from typing import Mapping
 
 from bnlint.findings import Finding, Report, Severity
 from bnlint.report._common import rule_name
@@ -38,19 +38,11 @@ def format_finding(finding: Finding, rules: Mapping[str, RuleSpec]) -> str:
     return _command(COMMANDS[finding.severity], finding.path, title, message)
 
 
-def write(
-    report: Report,
-    rules: Mapping[str, RuleSpec],
-    stream: TextIO,
-    *,
-    color: bool = False,
-    quiet: bool = False,
-    tool_version: str = "",
-) -> None:
-    """Write workflow commands. The runner renders them, so color, quiet and version do not apply."""
-    del color, quiet, tool_version
+def render(report: Report, rules: Mapping[str, RuleSpec]) -> str:
+    """Workflow commands, one line per finding or unreadable file (the runner renders them)."""
+    lines = []
     for result in report.files:
         if result.error is not None:
-            stream.write(_command("error", result.path, "bnlint: unreadable file", result.error.message) + "\n")
-        for finding in result.findings:
-            stream.write(format_finding(finding, rules) + "\n")
+            lines.append(_command("error", result.path, "bnlint: unreadable file", result.error.message))
+        lines.extend(format_finding(finding, rules) for finding in result.findings)
+    return "".join(line + "\n" for line in lines)

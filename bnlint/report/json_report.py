@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any, Mapping, TextIO
+from typing import Any, Mapping
 
 from bnlint.findings import FileResult, Finding, Report, Severity
 from bnlint.report._common import TOOL_NAME, json_safe, rule_name, severity_counts
@@ -77,20 +77,3 @@ def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) ->
             "unreadable": len(report.errors),
         },
     }
-
-
-def write(
-    report: Report,
-    rules: Mapping[str, RuleSpec],
-    stream: TextIO,
-    *,
-    color: bool = False,
-    quiet: bool = False,
-    tool_version: str = "",
-) -> None:
-    """Write the JSON document. color and quiet do not apply to machine output."""
-    del color, quiet
-    # allow_nan=False: json_safe already replaced NaN/Inf, and this guarantees strict JSON.
-    # ensure_ascii keeps the bytes ASCII whatever the stream's encoding (layer names may be any text).
-    json.dump(to_dict(report, rules, tool_version), stream, indent=2, allow_nan=False, ensure_ascii=True)
-    stream.write("\n")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from typing import Mapping, TextIO
+from typing import Mapping
 
 from bnlint.findings import FileResult, Finding, Report, Severity
 from bnlint.report._common import TOOL_NAME, finding_codes, rule_name
@@ -100,20 +100,8 @@ def to_element(report: Report, rules: Mapping[str, RuleSpec], tool_version: str 
     return root
 
 
-def write(
-    report: Report,
-    rules: Mapping[str, RuleSpec],
-    stream: TextIO,
-    *,
-    color: bool = False,
-    quiet: bool = False,
-    tool_version: str = "",
-) -> None:
-    """Write the JUnit XML document. color and quiet do not apply to machine output."""
-    del color, quiet
+def render(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) -> str:
+    """The JUnit XML document (ElementTree escapes &, <, > and quotes)."""
     root = to_element(report, rules, tool_version)
     ET.indent(root)
-    # ElementTree escapes &, <, > and quotes; encoding="unicode" returns str for a text stream.
-    stream.write('<?xml version="1.0" encoding="UTF-8"?>\n')
-    stream.write(ET.tostring(root, encoding="unicode"))
-    stream.write("\n")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -9,8 +9,7 @@ Loader notes become notifications of level "note".
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any, Mapping, TextIO
+from typing import Any, Mapping
 
 from bnlint.findings import Finding, Report, Severity
 from bnlint.report._common import INFORMATION_URI, TOOL_NAME, artifact_uri, finding_codes, first_paragraph, json_safe
@@ -102,18 +101,3 @@ def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) ->
             }
         ],
     }
-
-
-def write(
-    report: Report,
-    rules: Mapping[str, RuleSpec],
-    stream: TextIO,
-    *,
-    color: bool = False,
-    quiet: bool = False,
-    tool_version: str = "",
-) -> None:
-    """Write the SARIF log. color and quiet do not apply to machine output."""
-    del color, quiet
-    json.dump(to_dict(report, rules, tool_version), stream, indent=2, allow_nan=False, ensure_ascii=True)
-    stream.write("\n")

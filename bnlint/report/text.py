@@ -12,11 +12,10 @@ terminal). quiet=True keeps finding and file-error lines only.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence, TextIO
+from typing import Any, Mapping, Sequence
 
 from bnlint.findings import FileResult, Finding, Report, Severity
 from bnlint.report._common import printable, severity_counts
-from bnlint.rules.registry import RuleSpec
 
 # How many layers the drift table shows; the JSON output carries all of them.
 TOP_LAYERS = 10
@@ -102,17 +101,8 @@ def drift_table(result: FileResult, limit: int = TOP_LAYERS) -> list[str]:
     return [title, line(header), *(line(r) for r in rows)]
 
 
-def write(
-    report: Report,
-    rules: Mapping[str, RuleSpec],
-    stream: TextIO,
-    *,
-    color: bool = False,
-    quiet: bool = False,
-    tool_version: str = "",
-) -> None:
-    """Write the human-readable report. `rules` and `tool_version` are unused here."""
-    del rules, tool_version
+def render(report: Report, *, color: bool = False, quiet: bool = False) -> str:
+    """The human-readable report: findings, notes, drift tables and a summary line."""
     lines: list[str] = []
     for result in report.files:
         if result.error is not None:
@@ -130,5 +120,4 @@ def write(
         while lines and not lines[-1]:
             lines.pop()
         lines.extend(["", summary_line(report)] if lines else [summary_line(report)])
-    for text in lines:
-        stream.write(text + "\n")
+    return "".join(text + "\n" for text in lines)
