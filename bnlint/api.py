@@ -45,35 +45,34 @@ def _display(path: Path) -> str:
 
 def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any = None) -> FileResult:
     """Lint one file; any unreadable input becomes FileResult.error, never an exception."""
-    from bnlint.engine import RuleContext, run_rules
-
     shown = _display(path)
     result = FileResult(path=shown)
     try:
         model = load_model(path)
-    except BnlintError as exc:
+        model.path = shown
+        _analyse(result, model, config, reference=reference, dynamic=dynamic)
+    except BnlintError as exc:  # unreadable file, a tensor that cannot be decoded, unusable --data
         result.error = FileError(path=shown, message=_problem(exc, path))
-        return result
-    model.path = shown
+    return result
+
+
+def _analyse(result: FileResult, model: Any, config: Config, *, reference: Any = None, dynamic: Any = None, module: Any = None) -> None:
+    """Static rules, then (given data) the dynamic analysis, into `result`: the one path for files and live modules."""
+    from bnlint.engine import RuleContext, run_rules
+
     result.format = model.format
     result.layer_count = len(model.layers)
     result.notes.extend(model.notes)
-    ctx = RuleContext(model=model, config=config, reference=reference)
-    result.findings.extend(run_rules(ctx))
+    result.findings.extend(run_rules(RuleContext(model=model, config=config, reference=reference)))
     if dynamic is not None:
-        try:
-            from bnlint.dynamic import run_dynamic
+        from bnlint.dynamic import run_dynamic
 
-            outcome = run_dynamic(model, dynamic, config)
-        except BnlintError as exc:
-            result.error = FileError(path=shown, message=_problem(exc, path))
-            return result
+        outcome = run_dynamic(model, dynamic, config, module)
         result.findings.extend(outcome.findings)
         result.layer_stats.extend(outcome.layer_stats)
         result.notes.append(f"dynamic analysis ran on {outcome.engine} over {outcome.samples} samples")
         result.notes.extend(outcome.notes)
     result.findings.sort(key=lambda f: f.sort_key())
-    return result
 
 
 def _problem(exc: BnlintError, path: Path) -> str:
@@ -147,19 +146,9 @@ def lint(
 
 
 def lint_module(module: Any, config: Config, *, dynamic: Any = None, name: str = "<module>") -> FileResult:
-    """Lint a live nn.Module the caller holds (no file, nothing executed but the model on the data)."""
-    from bnlint.engine import RuleContext, run_rules
+    """Lint a live nn.Module the caller holds (no file; with data, the model runs where it is)."""
     from bnlint.loaders.live_module import module_to_model
 
-    model = module_to_model(module, name)
-    result = FileResult(path=name, format=model.format, layer_count=len(model.layers))
-    result.findings.extend(run_rules(RuleContext(model=model, config=config)))
-    if dynamic is not None:
-        from bnlint.dynamic import run_dynamic_module
-
-        outcome = run_dynamic_module(module, model, dynamic, config)
-        result.findings.extend(outcome.findings)
-        result.layer_stats.extend(outcome.layer_stats)
-        result.notes.extend(outcome.notes)
-    result.findings.sort(key=lambda f: f.sort_key())
+    result = FileResult(path=name)
+    _analyse(result, module_to_model(module, name), config, dynamic=dynamic, module=module)
     return result

@@ -172,3 +172,26 @@ def test_static_linting_of_every_fixture_works_without_torch() -> None:
     without_torch = json.loads(_python(code))
     with_torch = bnlint.lint([f"fixtures/{n}" for n in READABLE])
     assert without_torch == [[f.code, f.layer, f.message] for f in with_torch.findings]
+
+
+def test_live_module_with_data_matches_the_cli_with_arch() -> None:
+    """bnlint.lint(module, data=...) runs the module where it is and measures what the CLI measures."""
+    torch = pytest.importorskip("torch")
+    from fixtures.models import convnet
+
+    root = Path(__file__).resolve().parent.parent
+    net = convnet()
+    net.load_state_dict(torch.load(root / "fixtures/convnet_state_dict.pt", weights_only=True))
+    net.eval()
+    data = root / "fixtures/data/convnet_shifted.npz"
+    (live,) = bnlint.lint(net, data=data).files
+    assert live.error is None
+    assert {f.code for f in live.findings} == {"BN601", "BN602"}
+    assert any("live module" in note for note in live.notes)
+    assert net.training is False and all(not m.training for m in net.modules())
+    cli = subprocess.run([sys.executable, "-m", "bnlint", "fixtures/convnet_state_dict.pt", "--arch", "fixtures/models.py:convnet",
+                           "--data", str(data), "--format", "json"], capture_output=True, text=True, cwd=root)
+    from_cli = json.loads(cli.stdout)["files"][0]["layer_stats"]
+    for left, right in zip(live.layer_stats, from_cli):
+        assert left["layer"] == right["layer"]
+        assert left["max_abs_smd"] == pytest.approx(right["max_abs_smd"], rel=1e-6)

@@ -20,10 +20,13 @@ if TYPE_CHECKING:
 __all__ = ["DYNAMIC_DEFAULTS", "DynamicOptions", "DynamicResult", "parse_arch_kwargs", "parse_inputs", "run_dynamic"]
 
 
-def run_dynamic(model: "ModelInfo", options: DynamicOptions, config: "Config") -> DynamicResult:
-    """Run `model` over `options.data` and return BN6xx findings plus per-layer statistics."""
+def run_dynamic(model: "ModelInfo", options: DynamicOptions, config: "Config", module: Any = None) -> DynamicResult:
+    """Run `model` over `options.data` and return BN6xx findings plus per-layer statistics.
+
+    `module`: the live nn.Module `model` describes (Python API); it runs on its own device.
+    """
     from bnlint.dynamic.analysis import run_dynamic as run
 
-    return run(model, options, config)
+    return run(model, options, config, module)
 
 

@@ -58,7 +58,12 @@ def _train_batch_size(model: ModelInfo, options: DynamicOptions) -> tuple[int | 
     return None, None
 
 
-def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, Any]) -> Runner:
+def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, Any], module: Any = None) -> Runner:
+    if module is not None:  # a live nn.Module from the Python API: run it where it already is
+        from bnlint.dynamic.torch_runner import ModuleRunner, pick_device
+
+        device = next((p.device for p in module.parameters()), None) or pick_device("cpu")
+        return ModuleRunner(module, device, options.data, "live module")
     if model.format == "onnx":
         if options.arch:
             raise UsageError("--arch applies to PyTorch weights, not to an ONNX file")
@@ -142,7 +147,7 @@ def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: 
     return BatchDependence(k, max_abs, rel, culprits, skipped=skipped)
 
 
-def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config) -> DynamicResult:
+def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None) -> DynamicResult:
     """Run `model` over `options.data`; return BN6xx findings, per-layer statistics and notes.
 
     Raises DataError (bad data), InputError/TrustRequired (model cannot be run), UsageError.
@@ -151,7 +156,7 @@ def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config) -> Dy
     for key in ("batch_size", "device", "onnx_engine"):
         override(settings, key, getattr(options, key))
     dataset = Dataset(options.data)
-    runner = _open_runner(model, options, settings)
+    runner = _open_runner(model, options, settings, module)
     sources = dataset.select(runner.input_names, options.inputs)
     for source, shape, name in zip(sources, runner.input_shapes, runner.input_names):
         check_layout(source, shape, name, options.data)

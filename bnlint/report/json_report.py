@@ -63,7 +63,7 @@ def _file(result: FileResult, rules: Mapping[str, RuleSpec]) -> dict[str, Any]:
 
 
 def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) -> dict[str, Any]:
-    """The report as plain JSON data (what `write` serialises), for callers that embed it."""
+    """The report as plain JSON data (what `bnlint.report.write_report` serialises), for callers that embed it."""
     counts = severity_counts(report.findings)
     return {
         "version": JSON_VERSION,
