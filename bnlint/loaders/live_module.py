@@ -12,12 +12,6 @@ from bnlint.model import ArrayTensor, BNLayer, ModelInfo, ModuleRecord
 _NORM_NAMES = ("InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm", "LocalResponseNorm")
 
 
-def is_batchnorm(module: Any) -> bool:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return isinstance(module, _BatchNorm) or type(module).__name__ == "FrozenBatchNorm2d"
-
-
 def _array(tensor: Any) -> ArrayTensor:
     import torch
 
@@ -29,6 +23,8 @@ def _array(tensor: Any) -> ArrayTensor:
 
 
 def module_to_model(module: Any, name: str = "<module>") -> ModelInfo:
+    from bnlint.dynamic.hooks import is_batchnorm  # the same test the dynamic runner uses
+
     model = ModelInfo(path=name, format="torch-live")
     others: list[str] = []
     for order, (path, sub) in enumerate(module.named_modules()):
