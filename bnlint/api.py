@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from bnlint.config import Config
-from bnlint.errors import BnlintError, InputError
+from bnlint.errors import BnlintError, InputError, NotAModel
 from bnlint.findings import FileError, FileResult, Report
 from bnlint.loaders import is_model_file, load_model
 
@@ -43,8 +43,13 @@ def _display(path: Path) -> str:
         return path.as_posix()
 
 
-def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any = None) -> FileResult:
-    """Lint one file; any unreadable input becomes FileResult.error, never an exception."""
+def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any = None,
+              skip_unrecognised: bool = False, notes: list[str] | None = None) -> FileResult | None:
+    """Lint one file; any unreadable input becomes FileResult.error, never an exception.
+
+    With skip_unrecognised, a file in no model format (a Git LFS pointer, say) gives a note in
+    `notes` and None instead of an error.
+    """
     shown = _display(path)
     result = FileResult(path=shown)
     try:
@@ -52,6 +57,10 @@ def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any
         model.path = shown
         _analyse(result, model, config, reference=reference, dynamic=dynamic)
     except BnlintError as exc:  # unreadable file, a tensor that cannot be decoded, unusable --data
+        if skip_unrecognised and isinstance(exc, NotAModel):
+            if notes is not None:
+                notes.append(f"{shown}: skipped: {exc.problem}")
+            return None
         result.error = FileError(path=shown, message=_problem(exc, path))
     return result
 
@@ -97,25 +106,11 @@ def lint_paths(
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
     for file in files:
-        if skip_unrecognised and _not_a_model(file, report):
-            continue
-        report.files.append(lint_file(file, config, reference=reference_model, dynamic=dynamic))
+        result = lint_file(file, config, reference=reference_model, dynamic=dynamic,
+                           skip_unrecognised=skip_unrecognised, notes=report.notes)
+        if result is not None:
+            report.files.append(result)
     return report
-
-
-def _not_a_model(file: Path, report: Report) -> bool:
-    """True (and a note) for a file in no model format; missing/unreadable files are left to lint_file."""
-    from bnlint.errors import NotAModel
-    from bnlint.loaders import sniff
-
-    try:
-        sniff(file)
-    except NotAModel as exc:
-        report.notes.append(f"{_display(file)}: skipped: {exc.problem}")
-        return True
-    except InputError:
-        pass
-    return False
 
 
 def lint(
