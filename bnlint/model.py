@@ -25,6 +25,7 @@ FORMATS = (
     "torchscript",
     "safetensors",
     "onnx",
+    "torch-live",  # a live nn.Module handed to the Python API (no file)
 )
 
 

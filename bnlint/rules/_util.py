@@ -31,7 +31,3 @@ def channel_text(mask: np.ndarray, limit: int = 5) -> str:
 def eps_of(layer) -> float:  # type: ignore[no-untyped-def]
     """The layer's eps, or PyTorch's default when the file does not say (state dicts)."""
     return float(layer.eps) if layer.is_known("eps") and layer.eps is not None else TORCH_DEFAULT_EPS
-
-
-def finite(values: np.ndarray) -> np.ndarray:
-    return values[np.isfinite(values)]
