@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnlint.model import BNLayer
+
 TORCH_DEFAULT_EPS = 1e-5
 TORCH_DEFAULT_MOMENTUM = 0.1
 
@@ -28,6 +30,6 @@ def channel_text(mask: np.ndarray, limit: int = 5) -> str:
     return f"{text}, ... (+{more})" if more > 0 else text
 
 
-def eps_of(layer) -> float:  # type: ignore[no-untyped-def]
+def eps_of(layer: BNLayer) -> float:
     """The layer's eps, or PyTorch's default when the file does not say (state dicts)."""
     return float(layer.eps) if layer.is_known("eps") and layer.eps is not None else TORCH_DEFAULT_EPS

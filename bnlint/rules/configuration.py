@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -11,6 +11,9 @@ from bnlint.findings import Severity
 from bnlint.model import BNLayer, ModelInfo
 from bnlint.rules._util import TORCH_DEFAULT_EPS, num
 from bnlint.rules.registry import Hit, rule
+
+if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
+    from bnlint.engine import RuleContext
 
 
 def _has_buffers(layer: BNLayer) -> bool:
@@ -24,7 +27,7 @@ def _has_buffers(layer: BNLayer) -> bool:
     summary="track_running_stats=False: eval mode normalises every batch with its own statistics.",
     fix="Construct the layer with track_running_stats=True and estimate statistics, or use GroupNorm/LayerNorm if batch-independence was never intended.",
 )
-def no_running_stats(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def no_running_stats(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports BatchNorm layers built with `track_running_stats=False` (no running buffers).
 
@@ -59,7 +62,7 @@ def no_running_stats(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     summary="track_running_stats disagrees with the buffers present (the flag was changed after construction).",
     fix="Set track_running_stats when constructing the layer, or replace the layer with FrozenBatchNorm2d.",
 )
-def tracking_toggled(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def tracking_toggled(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Finds layers whose `track_running_stats` flag was flipped after construction: the flag is
     False but running buffers exist, or it is True but there are none.
@@ -104,7 +107,7 @@ def tracking_toggled(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     summary="momentum=None: running statistics are a cumulative average over all batches seen.",
     fix="Fine if deliberate (precise BN); for continued training set momentum (0.1 is PyTorch's default).",
 )
-def cumulative_momentum(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def cumulative_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Notes layers with `momentum=None`, PyTorch's cumulative moving average.
 
@@ -141,7 +144,7 @@ def cumulative_momentum(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     summary="momentum looks like the other framework's convention (PyTorch 0.99 vs Keras 0.99 are opposites).",
     fix="PyTorch momentum = 1 - Keras/ONNX momentum: 0.99 in Keras is 0.01 in PyTorch.",
 )
-def unusual_momentum(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+def unusual_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports a momentum whose weight on the *new* batch is at least `unusual_momentum` (default
     0.5), and (as info) a momentum of 0.
@@ -207,7 +210,7 @@ def _scale_change(layer: BNLayer, eps: float, other: float) -> float | None:
     fix="Fine if the model was trained with it (Keras uses 1e-3); when converting weights, copy eps with them.",
     scope="model",
 )
-def eps_nondefault(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+def eps_nondefault(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Notes models whose BatchNorm layers all share an eps other than 1e-5 (PyTorch's and ONNX's
     default), and measures how much each channel's gain would change with the default.
@@ -244,7 +247,7 @@ def eps_nondefault(model: ModelInfo, ctx: object) -> Iterator[Hit]:
     fix="Use the eps the model was trained with on every layer; a mix usually means a partial conversion.",
     scope="model",
 )
-def eps_mixed(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+def eps_mixed(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports models whose BatchNorm layers use different eps values, naming the minority layers
     and the gain change each would see with the majority value.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from bnlint.findings import Severity
 from bnlint.model import ModelInfo
 from bnlint.rules.registry import Hit, rule
+
+if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
+    from bnlint.engine import RuleContext
 
 
 @rule(
@@ -17,7 +20,7 @@ from bnlint.rules.registry import Hit, rule
     fix="Never load this file with pickle or torch.load without weights_only=True; re-save the weights from a trusted source.",
     scope="model",
 )
-def unsafe_pickle_global(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+def unsafe_pickle_global(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports pickle globals that are code-execution primitives (`os.system`, `builtins.eval`,
     `subprocess.Popen`, ...) referenced by a checkpoint. bnlint's reader never imports or calls
@@ -56,7 +59,7 @@ def unsafe_pickle_global(model: ModelInfo, ctx: object) -> Iterator[Hit]:
     fix="Nothing to fix if the model has no BatchNorm; for ONNX, export with do_constant_folding=False to lint BN statistics.",
     scope="model",
 )
-def no_batchnorm(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+def no_batchnorm(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Says when a model file holds no BatchNorm layer at all, and names the other normalisation
     layers (InstanceNorm, GroupNorm, LayerNorm) it saw and deliberately skipped.

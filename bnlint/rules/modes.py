@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -10,6 +10,9 @@ from bnlint.findings import Severity
 from bnlint.model import BNLayer, ModelInfo
 from bnlint.rules._util import num
 from bnlint.rules.registry import Hit, rule
+
+if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
+    from bnlint.engine import RuleContext
 
 
 def _torch_modes(model: ModelInfo) -> tuple[list[BNLayer], list[BNLayer]]:
@@ -30,7 +33,7 @@ def _names(layers: list[BNLayer], limit: int = 3) -> str:
     fix="Call model.eval() before saving or exporting, and after loading for inference.",
     scope="model",
 )
-def saved_in_train_mode(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+def saved_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports pickled and scripted models whose BatchNorm layers all carry `training=True`
     (the flag is saved with the module).
@@ -68,7 +71,7 @@ def saved_in_train_mode(model: ModelInfo, ctx: object) -> Iterator[Hit]:
     fix="Override train() to keep frozen BN in eval (mmdetection's norm_eval) or use FrozenBatchNorm2d.",
     scope="model",
 )
-def mixed_modes(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+def mixed_modes(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports models saved with a mix of train-mode and eval-mode BatchNorm layers.
 
@@ -104,7 +107,7 @@ def mixed_modes(model: ModelInfo, ctx: object) -> Iterator[Hit]:
     summary="BatchNorm parameters are frozen (requires_grad=False) but the layer is in train mode.",
     fix="Call bn.eval() after every model.train() (override train()), or replace the layer with FrozenBatchNorm2d.",
 )
-def frozen_bn_in_train_mode(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def frozen_bn_in_train_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Finds BatchNorm layers whose `weight` and `bias` have `requires_grad=False` while the
     module is in train mode — the classic fine-tuning trap.
@@ -158,7 +161,7 @@ def _strip(name: str) -> str:
     fix="Keep frozen BN layers in eval mode during fine-tuning; restore their statistics from the reference.",
     scope="model",
 )
-def stats_moved_while_frozen(model: ModelInfo, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+def stats_moved_while_frozen(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     With `--reference BASE` (the checkpoint fine-tuning started from), finds BatchNorm layers
     whose `weight` and `bias` are bit-for-bit unchanged while `running_mean`/`running_var`
@@ -178,7 +181,7 @@ def stats_moved_while_frozen(model: ModelInfo, ctx) -> Iterator[Hit]:  # type: i
     ## References
     - pytorch/pytorch#86590; open-mmlab/mmdetection PR #560.
     """
-    reference = getattr(ctx, "reference", None)
+    reference = ctx.reference
     if reference is None:
         return
     base = {_strip(layer.name): layer for layer in reference.layers}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -10,6 +10,9 @@ from bnlint.findings import Severity
 from bnlint.model import BN_TENSORS, BNLayer
 from bnlint.rules._util import TORCH_DEFAULT_MOMENTUM, channel_text, channels, eps_of, num
 from bnlint.rules.registry import Hit, rule
+
+if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
+    from bnlint.engine import RuleContext
 
 FP16_MAX = 65504.0
 
@@ -22,7 +25,7 @@ FP16_MAX = 65504.0
     fix="Find the overflow (often fp16/AMP) that produced it, then re-estimate the statistics with "
     "torch.optim.swa_utils.update_bn or precise BN on training data.",
 )
-def nonfinite_stats(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def nonfinite_stats(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Checks `weight`, `bias`, `running_mean` and `running_var` of every BatchNorm layer for NaN
     and infinite values.
@@ -66,7 +69,7 @@ def nonfinite_stats(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     summary="running_var holds negative values.",
     fix="Re-estimate the statistics (update_bn / precise BN); a variance can never be negative.",
 )
-def negative_running_var(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def negative_running_var(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Finds channels whose stored running variance is below zero.
 
@@ -105,7 +108,7 @@ def negative_running_var(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     summary="running_var + eps is so close to zero that the channel blows up at inference.",
     fix="Use eps >= 1e-5 and keep BatchNorm buffers in float32; re-estimate the statistics.",
 )
-def near_zero_variance(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+def near_zero_variance(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Finds channels where `running_var + eps` (the denominator of eval-mode BatchNorm) is below
     the `min_var_plus_eps` threshold (default 1e-8, i.e. a gain above 1e4 per unit of gamma).
@@ -153,7 +156,7 @@ def _is_default_stats(layer: BNLayer) -> bool:
     summary="Running statistics are still at their initial values (mean 0, var 1).",
     fix="Re-estimate the statistics on training data: torch.optim.swa_utils.update_bn(loader, model) or precise BN.",
 )
-def stats_never_updated(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def stats_never_updated(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Finds layers whose `running_mean` is exactly all zeros and `running_var` exactly all ones:
     the values `reset_running_stats()` sets, which no real data produces. It looks at the values,
@@ -211,7 +214,7 @@ def stats_never_updated(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     summary="The running statistics were updated by very few batches.",
     fix="Re-estimate the statistics over many batches (update_bn, or precise BN with ~200 batches).",
 )
-def few_stat_updates(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports layers whose `num_batches_tracked` is positive but below the `few_updates` threshold
     (default 20), and says how much of the initial values (mean 0, var 1) is still mixed into the
@@ -256,7 +259,7 @@ def few_stat_updates(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-u
     summary="A channel's running_var is orders of magnitude away from the rest of its layer.",
     fix="Check the data and the conversion that produced these statistics; re-estimate them on training data.",
 )
-def variance_outlier(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+def variance_outlier(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Compares each channel's running variance with the median over the layer's live channels
     (dead channels, `|weight| <= dead_gamma`, are left to BN108) and reports channels more than
@@ -306,7 +309,7 @@ def variance_outlier(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-u
     summary="running_var exceeds 65504 and becomes Inf when the model is cast to half precision.",
     fix="Keep BatchNorm in float32 (model.half() excluding BN, or autocast), or fold BN in float32 before casting.",
 )
-def variance_overflows_fp16(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def variance_overflows_fp16(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Finds running variances larger than 65504, the largest finite float16 value.
 
@@ -346,7 +349,7 @@ def variance_overflows_fp16(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     summary="Channels whose BatchNorm weight (gamma) is ~0 output a constant.",
     fix="Prune the channels, or check whether weight decay / L1 sparsity drove them to zero on purpose.",
 )
-def dead_channels(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+def dead_channels(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Counts channels with `|weight| <= dead_gamma` (default 1e-6).
 
@@ -387,7 +390,7 @@ def dead_channels(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-unty
     summary="The effective gain |weight|/sqrt(running_var + eps) is so large that folding or fp16 overflows.",
     fix="Fold BN in float32, use per-channel quantisation, and check the tiny variances behind the gain.",
 )
-def scale_overflow(layer: BNLayer, ctx) -> Iterator[Hit]:  # type: ignore[no-untyped-def]
+def scale_overflow(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Computes each channel's effective gain `|weight| / sqrt(running_var + eps)` and reports
     channels above `max_scale` (default 1e4).

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from bnlint.findings import Severity
 from bnlint.model import BN_TENSORS, BNLayer, ModelInfo
 from bnlint.rules.registry import Hit, rule
+
+if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
+    from bnlint.engine import RuleContext
 
 HALF_DTYPES = ("float16", "bfloat16")
 
@@ -18,7 +21,7 @@ HALF_DTYPES = ("float16", "bfloat16")
     summary="BatchNorm tensors are stored in float16/bfloat16.",
     fix="Keep BatchNorm in float32: cast the rest of the model, or use autocast instead of model.half().",
 )
-def half_precision_buffers(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def half_precision_buffers(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports BatchNorm layers whose `running_mean`, `running_var`, `weight` or `bias` are stored
     in float16 or bfloat16.
@@ -53,7 +56,7 @@ def half_precision_buffers(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     summary="eps is 0 (or negative): a zero variance divides by zero.",
     fix="Set eps to the value the model was trained with, PyTorch's default 1e-5 if unsure.",
 )
-def zero_eps(layer: BNLayer, ctx: object) -> Iterator[Hit]:
+def zero_eps(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports BatchNorm layers constructed with `eps <= 0`.
 
@@ -83,7 +86,7 @@ def zero_eps(layer: BNLayer, ctx: object) -> Iterator[Hit]:
     fix="Run torch.optim.swa_utils.update_bn(train_loader, averaged_model) before saving or evaluating.",
     scope="model",
 )
-def averaged_checkpoint(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+def averaged_checkpoint(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Detects checkpoints of `torch.optim.swa_utils.AveragedModel` (an `n_averaged` buffer), used
     for SWA and EMA weights.
@@ -122,7 +125,7 @@ def averaged_checkpoint(model: ModelInfo, ctx: object) -> Iterator[Hit]:
     fix="Consider SyncBatchNorm (or precise BN after training) when the per-device batch was small.",
     scope="model",
 )
-def dataparallel_prefix(model: ModelInfo, ctx: object) -> Iterator[Hit]:
+def dataparallel_prefix(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Notes state dicts saved from `nn.DataParallel` / `DistributedDataParallel` (every key starts
     with `module.`) whose BatchNorm layers are plain BatchNorm, not SyncBatchNorm.
