@@ -1,6 +1,6 @@
 """bnlint: a BatchNorm linter for PyTorch and ONNX models.
 
-Importing bnlint is cheap: torch, onnx and networkx are imported only by the code that needs them.
+Importing bnlint is cheap: torch, onnx, h5py and keras are imported only by the code that needs them.
 """
 
 from __future__ import annotations

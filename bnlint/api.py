@@ -1,24 +1,53 @@
-"""Lint files: load each safely, run the static rules (and the dynamic ones given data).
+"""Lint files: load each safely, measure it on data when asked, run every rule once, apply a baseline.
 
-This is the one orchestration path: the CLI and the Python API both call `lint_paths`.
+This is the one orchestration path: the CLI (which only parses flags and prints) and the Python
+API both call `lint_paths`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from bnlint.config import Config
 from bnlint.errors import BnlintError, InputError, NotAModel
 from bnlint.findings import FileError, FileResult, Report
-from bnlint.loaders import is_model_file, load_model
+from bnlint.loaders import CAFFE_EXTENSIONS, is_model_file, load_model
+from bnlint.model import ModelInfo
 
 
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
+@dataclass(frozen=True)
+class ModelInput:
+    """One model to lint: a file, and the file that completes it (a caffemodel's deploy prototxt)."""
+
+    path: Path
+    companion: Path | None = None
+
+
+def _caffe_pairs(files: list[Path]) -> list[ModelInput]:
+    """Pair each .caffemodel with a .prototxt of the same folder: same stem first, else the only one.
+
+    A prototxt that completes a caffemodel is linted with it, not on its own.
+    """
+    models = [f for f in files if f.suffix.lower() == ".caffemodel"]
+    texts = [f for f in files if f.suffix.lower() == ".prototxt"]
+    paired: dict[Path, Path] = {}
+    for model in models:
+        here = [t for t in texts if t.parent == model.parent and t not in paired.values()]
+        same = [t for t in here if t.stem == model.stem or t.stem.startswith(model.stem) or model.stem.startswith(t.stem)]
+        choice = same[0] if len(same) == 1 else (here[0] if len(here) == 1 else None)
+        if choice is not None:
+            paired[model] = choice
+    used = set(paired.values())
+    return [ModelInput(f, paired.get(f)) for f in files if f not in used]
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[ModelInput], list[str]]:
     """Files as given, folders searched recursively for model files (sorted, deterministic).
 
-    Returns the files and notes about folders with no model file in them.
+    Returns the models (Caffe pairs joined) and notes about folders with no model file in them.
     """
     files: list[Path] = []
     notes: list[str] = []
@@ -32,7 +61,9 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], l
         else:
             files.append(path)
     unique = list(dict.fromkeys(files))
-    return unique, notes
+    if any(f.suffix.lower() in CAFFE_EXTENSIONS for f in unique):
+        return _caffe_pairs(unique), notes
+    return [ModelInput(f) for f in unique], notes
 
 
 def _display(path: Path) -> str:
@@ -43,17 +74,17 @@ def _display(path: Path) -> str:
         return path.as_posix()
 
 
-def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any = None,
-              skip_unrecognised: bool = False, notes: list[str] | None = None) -> FileResult | None:
+def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None, dynamic: Any = None,
+              skip_unrecognised: bool = False, notes: list[str] | None = None, companion: Path | None = None) -> FileResult | None:
     """Lint one file; any unreadable input becomes FileResult.error, never an exception.
 
-    With skip_unrecognised, a file in no model format (a Git LFS pointer, say) gives a note in
-    `notes` and None instead of an error.
+    With skip_unrecognised, a file in no model format (a Git LFS pointer, a plain HDF5 data
+    file) gives a note in `notes` and None instead of an error.
     """
     shown = _display(path)
     result = FileResult(path=shown)
     try:
-        model = load_model(path)
+        model = load_model(path, companion)
         model.path = shown
         _analyse(result, model, config, reference=reference, dynamic=dynamic)
     except BnlintError as exc:  # unreadable file, a tensor that cannot be decoded, unusable --data
@@ -65,23 +96,25 @@ def lint_file(path: Path, config: Config, *, reference: Any = None, dynamic: Any
     return result
 
 
-def _analyse(result: FileResult, model: Any, config: Config, *, reference: Any = None, dynamic: Any = None, module: Any = None) -> None:
-    """Static rules, then (given data) the dynamic analysis, into `result`: the one path for files and live modules."""
-    from bnlint.engine import RuleContext, run_rules
+def _analyse(result: FileResult, model: ModelInfo, config: Config, *, reference: ModelInfo | None = None,
+             dynamic: Any = None, module: Any = None) -> None:
+    """Measure (given data), then every rule once over static + measured facts, into `result`:
+    the one path for files and live modules."""
+    from bnlint.context import RuleContext
+    from bnlint.engine import run_rules
 
     result.format = model.format
     result.layer_count = len(model.layers)
     result.notes.extend(model.notes)
-    result.findings.extend(run_rules(RuleContext(model=model, config=config, reference=reference)))
+    measurements = None
     if dynamic is not None:
-        from bnlint.dynamic import run_dynamic
+        from bnlint.dynamic import measure
 
-        outcome = run_dynamic(model, dynamic, config, module)
-        result.findings.extend(outcome.findings)
-        result.layer_stats.extend(outcome.layer_stats)
-        result.notes.append(f"dynamic analysis ran on {outcome.engine} over {outcome.samples} samples")
-        result.notes.extend(outcome.notes)
-    result.findings.sort(key=lambda f: f.sort_key())
+        measurements = measure(model, dynamic, config, module)
+        result.layer_stats.extend(measurements.layer_stats)
+        result.notes.append(f"dynamic analysis ran on {measurements.engine} over {measurements.samples} samples")
+        result.notes.extend(measurements.notes)
+    result.findings.extend(run_rules(RuleContext(model=model, config=config, reference=reference, measurements=measurements)))
 
 
 def _problem(exc: BnlintError, path: Path) -> str:
@@ -99,17 +132,25 @@ def lint_paths(
     reference: str | os.PathLike[str] | None = None,
     dynamic: Any = None,
     skip_unrecognised: bool = False,
+    baseline: str | os.PathLike[str] | None = None,
 ) -> Report:
-    """Lint every file; with skip_unrecognised, files in no model format become notes, not errors."""
+    """Lint every file; with skip_unrecognised, files in no model format become notes, not errors.
+
+    With `baseline`, findings recorded in that baseline file are dropped (see bnlint.baseline).
+    """
     config = config or Config()
-    files, notes = expand_paths(paths)
+    inputs, notes = expand_paths(paths)
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
-    for file in files:
-        result = lint_file(file, config, reference=reference_model, dynamic=dynamic,
-                           skip_unrecognised=skip_unrecognised, notes=report.notes)
+    for item in inputs:
+        result = lint_file(item.path, config, reference=reference_model, dynamic=dynamic,
+                           skip_unrecognised=skip_unrecognised, notes=report.notes, companion=item.companion)
         if result is not None:
             report.files.append(result)
+    if baseline is not None:
+        from bnlint.baseline import apply_baseline
+
+        apply_baseline(report, baseline)
     return report
 
 
@@ -122,11 +163,13 @@ def lint(
     """The Python API: lint a model file, a folder, a list of paths, or a live ``torch.nn.Module``.
 
     Returns the same Report (and findings) as the CLI. ``data`` enables the dynamic checks;
-    ``options`` are DynamicOptions fields (batch_size, arch, device, ...) and ``reference``.
+    ``options`` are DynamicOptions fields (batch_size, arch, device, ...), ``reference`` and
+    ``baseline`` (a baseline file, as with the CLI's --baseline).
     Unreadable files are in ``report.errors``; nothing is raised for them.
     """
     config = config or Config()
     reference = options.pop("reference", None)
+    baseline = options.pop("baseline", None)
     dynamic = None
     if data is not None:
         from bnlint.dynamic import DynamicOptions
@@ -135,9 +178,14 @@ def lint(
     elif options:
         raise TypeError(f"options {sorted(options)} need data=")
     if hasattr(path_or_module, "named_modules"):
-        return Report(files=[lint_module(path_or_module, config, dynamic=dynamic)])
+        report = Report(files=[lint_module(path_or_module, config, dynamic=dynamic)])
+        if baseline is not None:
+            from bnlint.baseline import apply_baseline
+
+            apply_baseline(report, baseline)
+        return report
     paths = [path_or_module] if isinstance(path_or_module, (str, os.PathLike)) else list(path_or_module)
-    return lint_paths(paths, config, reference=reference, dynamic=dynamic)
+    return lint_paths(paths, config, reference=reference, dynamic=dynamic, baseline=baseline)
 
 
 def lint_module(module: Any, config: Config, *, dynamic: Any = None, name: str = "<module>") -> FileResult:

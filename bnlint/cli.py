@@ -7,7 +7,7 @@ Exit codes: 0 clean (nothing at or above --fail-on), 1 findings at or above it,
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 import click
 
@@ -36,7 +36,7 @@ def _split_codes(values: Sequence[str]) -> tuple[str, ...] | None:
 @click.version_option(__version__, prog_name="bnlint")
 @click.pass_context
 def main(ctx: click.Context) -> None:
-    """bnlint: find BatchNorm problems in PyTorch and ONNX model files.
+    """bnlint: find BatchNorm problems in PyTorch, ONNX, Keras and Caffe model files.
 
     \b
     bnlint model.pt                      static checks
@@ -76,7 +76,7 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
           data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
           arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
           baseline: str | None, write_baseline: bool, skip_unrecognised: bool) -> None:
-    """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx files)."""
+    """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx/.keras/.h5/.caffemodel/.prototxt files)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
 
@@ -92,15 +92,14 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
                 raise BnlintError("--data needs a model file to run")
             # Nothing to lint (e.g. a pre-commit hook with no model files staged): clean exit.
             sys.exit(EXIT_CLEAN)
-        report = lint_paths(paths, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised)
-        if baseline:
-            from bnlint.baseline import apply_baseline, write_baseline_file
+        report = lint_paths(paths, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
+                            baseline=None if write_baseline else baseline)
+        if write_baseline and baseline:
+            from bnlint.baseline import write_baseline_file
 
-            if write_baseline:
-                count = write_baseline_file(report, baseline)
-                click.echo(f"bnlint: wrote {count} findings to {baseline}", err=True)
-                sys.exit(EXIT_CLEAN)
-            apply_baseline(report, baseline)
+            count = write_baseline_file(report, baseline)
+            click.echo(f"bnlint: wrote {count} findings to {baseline}", err=True)
+            sys.exit(EXIT_CLEAN)
     except BnlintError as exc:
         click.echo(f"bnlint: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
@@ -144,7 +143,7 @@ def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, qui
 
     if output:
         try:
-            stream = open(output, "w", encoding="utf-8", newline="\n")
+            stream: TextIO = open(output, "w", encoding="utf-8", newline="\n")
         except OSError as exc:
             click.echo(f"bnlint: error: cannot write {output}: {exc.strerror}", err=True)
             sys.exit(EXIT_ERROR)

@@ -1,33 +1,30 @@
-"""Run the rules over a loaded model and turn their hits into findings.
+"""Run the rules over a loaded model (and what running it measured) and turn hits into findings.
 
 The engine owns selection (select/ignore/per-layer ignores) so rules never look at config flags
-other than their thresholds.
+other than their thresholds. Every rule runs once per model: layer rules once per BN layer, model
+rules once, dynamic rules once when there are measurements.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
-from bnlint.config import Config
+from bnlint.context import RuleContext
 from bnlint.findings import Finding
-from bnlint.model import ModelInfo
 from bnlint.rules import RuleSpec, all_rules
 from bnlint.rules.registry import Hit
 
 
-@dataclass(frozen=True)
-class RuleContext:
-    model: ModelInfo
-    config: Config
-    # Optional extras: a reference model (--reference) for BN407, dynamic analysis results.
-    reference: ModelInfo | None = None
+def _layer_names(ctx: RuleContext, layer: str) -> tuple[str, ...]:
+    """A layer's name and aliases (a per-layer ignore may name either)."""
+    found = ctx.model.layer(layer)
+    return found.names() if found is not None else (layer,)
 
 
 def _findings(spec: RuleSpec, hits: Iterable[Hit], ctx: RuleContext) -> list[Finding]:
     found = []
     for hit in hits:
-        if ctx.config.layer_ignored(hit.layer, spec.code):
+        if hit.layer is not None and any(ctx.config.layer_ignored(name, spec.code) for name in _layer_names(ctx, hit.layer)):
             continue
         found.append(
             Finding(
@@ -42,17 +39,18 @@ def _findings(spec: RuleSpec, hits: Iterable[Hit], ctx: RuleContext) -> list[Fin
     return found
 
 
-def run_rules(ctx: RuleContext, scopes: tuple[str, ...] = ("layer", "model"), subject: Any = None) -> list[Finding]:
-    """Every enabled rule of the given scopes; layer rules once per BN layer, in layer order."""
+def run_rules(ctx: RuleContext) -> list[Finding]:
+    """Every enabled rule; dynamic rules only when the context has measurements. Sorted findings."""
     findings: list[Finding] = []
     for spec in all_rules().values():
-        if spec.scope not in scopes or not ctx.config.code_enabled(spec.code):
+        if not ctx.config.code_enabled(spec.code):
             continue
         if spec.scope == "layer":
             for layer in ctx.model.layers:
                 findings.extend(_findings(spec, spec.check(layer, ctx), ctx))
         elif spec.scope == "model":
             findings.extend(_findings(spec, spec.check(ctx.model, ctx), ctx))
-        else:
-            findings.extend(_findings(spec, spec.check(subject, ctx), ctx))
+        elif ctx.measurements is not None:
+            findings.extend(_findings(spec, spec.check(ctx.measurements, ctx), ctx))
+    findings.sort(key=lambda f: f.sort_key())
     return findings

@@ -228,7 +228,7 @@ class BatchNormGuard:
             if self.on == "warn":
                 warnings.warn(BnlintWarning(event.message), stacklevel=_user_stacklevel())
             else:
-                self.on(event)  # type: ignore[operator]
+                self.on(event)
 
     def _message(self, kind: str, hits: list[tuple[str, dict[str, Any]]]) -> str:
         layers = [layer for layer, _ in hits]

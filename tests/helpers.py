@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from bnlint.config import Config
-from bnlint.engine import RuleContext, run_rules
+from bnlint.context import RuleContext
+from bnlint.engine import run_rules
 from bnlint.model import ArrayTensor, BNLayer, ModelInfo
 
 

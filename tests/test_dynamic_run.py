@@ -195,10 +195,9 @@ def test_stored_model_is_never_modified(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_hooks_are_removed_even_when_the_data_fails(tmp_path: Path) -> None:
-    from fixtures.models import convnet
-
     from bnlint.dynamic.hooks import record_inputs
     from bnlint.dynamic.torch_runner import ModuleRunner
+    from fixtures.models import convnet
 
     model = convnet()
     bad = np.zeros((4, 3, 16, 16), dtype=np.float32)

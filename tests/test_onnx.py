@@ -13,11 +13,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnlint.config import Config
-from bnlint.engine import RuleContext, run_rules
+from bnlint.context import RuleContext
+from bnlint.engine import run_rules
 from bnlint.errors import InputError
 from bnlint.loaders import load_model
 from bnlint.loaders.onnx_file import load_onnx
-from bnlint.model import ModelInfo
+from bnlint.model import GraphInput, ModelInfo, TracedCall
 
 MINE = ("BN404", "BN405", "BN406", "BN5")  # the codes this module's rules own
 C = 4
@@ -96,17 +97,20 @@ def test_opset7_spatial_inference(tmp_path: Path) -> None:
     assert model.metadata["producer"] == "bnlint-tests 1.0"
     (layer,) = model.layers
     assert (layer.name, layer.kind, layer.framework, layer.order, layer.channels) == ("bn", "BatchNormalization", "onnx", 0, C)
-    assert layer.eps == 0.001 and layer.momentum == 0.01 and layer.extra["raw_momentum"] == 0.99
-    assert layer.extra["spatial"] == 0 and layer.extra["op_version"] == 7
-    assert layer.extra["training_mode"] is None and layer.extra["is_test"] is None
+    assert layer.eps == 0.001 and layer.momentum == 0.01 and layer.raw_momentum == 0.99
+    detail = model.metadata["layers"]["bn"]
+    assert detail["spatial"] == 0 and detail["op_version"] == 7
+    assert detail["training_mode"] is None and detail["is_test"] is None
     assert layer.training is False and {"eps", "momentum", "training"} <= layer.known
     assert codes(model) == ["BN505"]
 
 
 def test_defaults_are_onnx_defaults(tmp_path: Path) -> None:
-    (layer,) = load_onnx(build(tmp_path / "m.onnx", opset=15)).layers
-    assert layer.eps == 1e-5 and layer.momentum == 0.1 and layer.extra["raw_momentum"] == 0.9
-    assert layer.extra["spatial"] is None and layer.extra["training_mode"] == 0 and layer.extra["op_version"] == 15
+    model = load_onnx(build(tmp_path / "m.onnx", opset=15))
+    (layer,) = model.layers
+    detail = model.metadata["layers"]["bn"]
+    assert layer.eps == 1e-5 and layer.momentum == 0.1 and layer.raw_momentum == 0.9
+    assert detail["spatial"] is None and detail["training_mode"] == 0 and detail["op_version"] == 15
 
 
 @pytest.mark.parametrize(
@@ -129,15 +133,15 @@ def test_training_mode_in_every_opset(tmp_path: Path, opset: int, attrs: dict[st
     model = load_onnx(build(tmp_path / "m.onnx", opset=opset, attrs=attrs, outputs=outputs))
     (layer,) = model.layers
     assert layer.training is training
-    assert bool(layer.extra["training_reasons"]) is training
-    assert layer.extra["is_test"] == (attrs.get("is_test", 0) if opset <= 6 else None)
+    assert bool(layer.training_reasons) is training
+    assert model.metadata["layers"]["bn"]["is_test"] == (attrs.get("is_test", 0) if opset <= 6 else None)
     assert codes(model) == (["BN404"] if training else ["BN505"])
 
 
 def test_training_finding_names_the_reason(tmp_path: Path) -> None:
     model = load_onnx(build(tmp_path / "m.onnx", opset=9, outputs=5))
     (finding,) = run_rules(RuleContext(model, Config(select=("BN404",))))
-    assert finding.layer == "bn" and "5 outputs" in finding.message and finding.values["opset"] == 9
+    assert finding.layer == "bn" and "5 outputs" in finding.message and finding.values["format_version"] == "opset 9"
 
 
 # --- where the parameters live -------------------------------------------------------------
@@ -147,8 +151,9 @@ def test_training_finding_names_the_reason(tmp_path: Path) -> None:
 def test_parameter_storage(tmp_path: Path, params: str, source: str) -> None:
     values = bn_params(seed=3)
     path = build(tmp_path / "m.onnx", params=params, values=values)
-    (layer,) = load_onnx(path).layers
-    assert layer.extra["stats_source"] == source
+    model = load_onnx(path)
+    (layer,) = model.layers
+    assert layer.stats_source == "stored" and model.metadata["layers"]["bn"]["stats_storage"] == source
     stored = {}  # the bytes in the file, decoded by onnx itself
     proto = onnx.load(path)
     for init in proto.graph.initializer:
@@ -166,7 +171,7 @@ def test_parameter_storage(tmp_path: Path, params: str, source: str) -> None:
 def test_batch_statistics_in_graph(tmp_path: Path) -> None:
     model = load_onnx(build(tmp_path / "m.onnx", opset=15, stats="computed"))
     (layer,) = model.layers
-    assert layer.extra["stats_source"] == "computed" and layer.extra["stats_ops"] == ["ReduceMean"]
+    assert layer.stats_source == "computed" and layer.stats_ops == ("ReduceMean",)
     assert "running_mean" not in layer.tensors and "weight" in layer.tensors
     assert layer.training is False  # training_mode=0: the batch statistics come in through the inputs
     assert codes(model) == ["BN406"]
@@ -174,7 +179,7 @@ def test_batch_statistics_in_graph(tmp_path: Path) -> None:
 
 def test_constant_expression_is_not_batch_statistics(tmp_path: Path) -> None:
     model = load_onnx(build(tmp_path / "m.onnx", stats="constexpr"))
-    assert model.layers[0].extra["stats_source"] == "constant"
+    assert model.layers[0].stats_source == "stored" and model.metadata["layers"]["bn"]["stats_storage"] == "constant"
     assert codes(model) == ["BN505"]
 
 
@@ -210,7 +215,7 @@ def test_bfloat16_params_read_as_float32(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("batch", "expected"), [(1, 1), ("N", "N"), (-1, -1)])
 def test_batch_dimension_metadata(tmp_path: Path, batch: int | str, expected: int | str) -> None:
     model = load_onnx(build(tmp_path / "m.onnx", batch=batch))
-    assert model.metadata["inputs"] == [{"name": "X", "shape": [expected, 3, 8, 8], "batch": expected, "dtype": "float32"}]
+    assert model.inputs == [GraphInput("X", (expected, 3, 8, 8), "float32")] and model.inputs[0].batch == expected
 
 
 @pytest.mark.parametrize(("batch", "attrs", "stats", "expected"), [
@@ -238,15 +243,18 @@ def test_graph_structure_and_topological_order(tmp_path: Path) -> None:
     model = load_onnx(path)
     assert [layer.name for layer in model.layers] == ["bn", "BatchNormalization_0"]
     assert [layer.order for layer in model.layers] == [0, 1]
-    graph = model.graph
-    assert graph.number_of_nodes() == len(proto.graph.node)
-    ops = {n: d["op_type"] for n, d in graph.nodes(data=True)}
+    nodes = model.nodes
+    assert len(nodes) == len(proto.graph.node) and [n.index for n in nodes] == list(range(len(nodes)))
+    ops = {n.index: n.op for n in nodes}
     conv = next(n for n, op in ops.items() if op == "Conv")
-    bn = model.layers[0].extra["node"]
-    assert ops[bn] == "BatchNormalization" and graph.has_edge(conv, bn)
-    assert graph.nodes[bn]["inputs"] == ["c", "scale", "B", "mean", "var"] and graph.nodes[bn]["outputs"] == ["Y"]
-    assert graph.has_edge(bn, model.layers[1].extra["node"])
-    assert model.layers[1].extra["producer_op"] == "BatchNormalization"
+    bn = model.layers[0].node_index
+    assert bn is not None and ops[bn] == "BatchNormalization" and set(nodes[conv].outputs) & set(nodes[bn].inputs)
+    assert nodes[bn].inputs == ("c", "scale", "B", "mean", "var") and nodes[bn].outputs == ("Y",)
+    assert nodes[conv].followed_by_bn and nodes[conv].kind == "conv"
+    second_index = model.layers[1].node_index
+    assert second_index is not None and set(nodes[bn].outputs) & set(nodes[second_index].inputs)
+    producer = model.layers[1].producer
+    assert producer is not None and producer.op == "BatchNormalization" and producer.kind == "batchnorm"
 
 
 def test_duplicate_node_names_stay_unique(tmp_path: Path) -> None:
@@ -270,9 +278,9 @@ def test_bn_inside_if_branch(tmp_path: Path) -> None:
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), tmp_path / "m.onnx")
     model = load_onnx(tmp_path / "m.onnx")
     (layer,) = model.layers
-    assert layer.name == "branch/then_branch/inner_bn" and layer.extra["stats_source"] == "initializer"
+    assert layer.name == "branch/then_branch/inner_bn" and layer.stats_source == "stored"
     assert layer.tensors["running_var"].numpy().tobytes() == values["var"].tobytes()
-    assert layer.extra["node"] is None and model.graph.has_edge(0, 1)
+    assert layer.node_index is None and "cond" in model.nodes[1].inputs and model.nodes[0].outputs == ("cond",)
     assert codes(model) == []
 
 
@@ -297,7 +305,7 @@ def _conv_only(path: Path, weight: np.ndarray, then_bn: bool = False, extra: lis
 def test_folded_graph(tmp_path: Path) -> None:
     weight = np.random.default_rng(0).normal(0, 0.1, (8, 3, 1, 1)).astype(np.float32)
     model = load_onnx(_conv_only(tmp_path / "m.onnx", weight))
-    assert model.layers == [] and model.metadata["folded_bn"] is True
+    assert model.layers == [] and model.folded_bn is True
     assert codes(model) == ["BN501"]
     assert "BN002" not in codes(model, Config())
 
@@ -306,7 +314,7 @@ def test_layernorm_graph_is_not_folded_bn(tmp_path: Path) -> None:
     weight = np.random.default_rng(0).normal(0, 0.1, (8, 3, 1, 1)).astype(np.float32)
     ln = helper.make_node("LayerNormalization", ["c", "W"], ["ln"], name="ln")
     model = load_onnx(_conv_only(tmp_path / "m.onnx", weight, extra=[ln]))
-    assert model.metadata["folded_bn"] is False and model.metadata["other_norms"] == ["ln"]
+    assert model.folded_bn is False and model.other_norms == ["ln"]
     assert codes(model) == []
 
 
@@ -348,7 +356,10 @@ def test_gemm_outlier_respects_trans_b(tmp_path: Path, trans_b: int) -> None:
 
 def test_conv_bias_before_bn(tmp_path: Path) -> None:
     model = load_onnx(build(tmp_path / "m.onnx", conv_bias=np.array([0.1, -0.2, 0.0, 0.3], np.float32)))
-    assert model.layers[0].extra["producer_has_bias"] is True and model.layers[0].extra["producer_bias"] == "Wb"
+    producer = model.layers[0].producer
+    assert producer is not None and producer.has_bias is True and producer.bias is not None
+    wb = next(numpy_helper.to_array(i) for i in onnx.load(tmp_path / "m.onnx").graph.initializer if i.name == "Wb")
+    assert producer.bias.numpy().tobytes() == wb.tobytes()
     assert codes(model) == ["BN505", "BN506"]
     zero = load_onnx(build(tmp_path / "z.onnx", conv_bias=np.zeros(C, np.float32)))
     assert codes(zero) == ["BN505"]  # an all-zero bias is an exporter artefact
@@ -356,7 +367,7 @@ def test_conv_bias_before_bn(tmp_path: Path) -> None:
     assert codes(training) == ["BN404", "BN506"]
     # Batch statistics computed from the conv output: those uses of it do not make the bias useful.
     computed = load_onnx(build(tmp_path / "c.onnx", conv_bias=np.ones(C, np.float32), stats="computed"))
-    assert computed.layers[0].extra["producer_exclusive"] is True
+    assert computed.layers[0].producer is not None and computed.layers[0].producer.exclusive is True
     assert codes(computed) == ["BN406", "BN506"]
 
 
@@ -367,15 +378,15 @@ def test_shared_conv_output_is_not_foldable(tmp_path: Path) -> None:
     proto.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
     onnx.save_model(proto, path)
     model = load_onnx(path)
-    assert model.layers[0].extra["producer_exclusive"] is False
+    assert model.layers[0].producer is not None and model.layers[0].producer.exclusive is False
     assert codes(model) == []
 
 
 def test_traced_training_bn_from_metadata() -> None:
-    model = ModelInfo(path="m.pt", format="torchscript", metadata={"traced_training_bn": [
-        "torch.batch_norm(input, weight, bias, running_mean, running_var, True, 0.1, 1e-05, True)",
-        {"layer": "features.1", "code": "torch.batch_norm(x, w, b, m, v, True, 0.1, 1e-05, True)"},
-    ]})
+    model = ModelInfo(path="m.pt", format="torchscript", traced_training=[
+        TracedCall(None, "torch.batch_norm(input, weight, bias, running_mean, running_var, True, 0.1, 1e-05, True)"),
+        TracedCall("features.1", "torch.batch_norm(x, w, b, m, v, True, 0.1, 1e-05, True)"),
+    ])
     found = run_rules(RuleContext(model, Config(select=("BN405",))))
     assert [(f.code, f.layer) for f in found] == [("BN405", None), ("BN405", "features.1")]
     assert "True, 0.1" in found[1].message
@@ -543,8 +554,9 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> _Exports:
 def test_legacy_eval_export_folds_conv_bn_only(exports: _Exports) -> None:
     model = load_onnx(exports.export("legacy_eval", dynamo=False))
     assert [layer.name for layer in model.layers] == ["/bn1/BatchNormalization"]  # BN after Linear is kept
-    assert model.layers[0].extra["producer_op"] == "Gemm" and model.layers[0].extra["stats_source"] == "initializer"
-    assert model.metadata["folded_bn"] is False and model.metadata["producer"].startswith("pytorch")
+    producer = model.layers[0].producer
+    assert producer is not None and producer.op == "Gemm" and producer.kind == "dense" and model.layers[0].stats_source == "stored"
+    assert model.folded_bn is False and model.metadata["producer"].startswith("pytorch")
     assert codes(model) == ["BN505"]  # Linear's bias before BatchNorm1d: BN506 covers Conv only
 
 
@@ -560,8 +572,9 @@ def test_legacy_unfolded_export_keeps_exact_statistics(exports: _Exports) -> Non
             assert layer.tensors[key].numpy().tobytes() == getattr(bn, key).detach().numpy().tobytes()
     initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
     conv_bn = model.layers[0]
-    assert conv_bn.tensors["weight"].numpy().tobytes() == initializers[conv_bn.extra["node_inputs"][1]].tobytes()
-    assert model.layers[0].extra["producer_op"] == "Conv" and model.layers[0].extra["producer_has_bias"] is False
+    assert conv_bn.tensors["weight"].numpy().tobytes() == initializers[model.metadata["layers"][conv_bn.name]["node_inputs"][1]].tobytes()
+    producer = model.layers[0].producer
+    assert producer is not None and producer.op == "Conv" and producer.has_bias is False
     assert codes(model) == ["BN505", "BN505"]
 
 
@@ -569,30 +582,31 @@ def test_legacy_unfolded_export_keeps_exact_statistics(exports: _Exports) -> Non
 def test_legacy_training_export(exports: _Exports, opset: int | None, outputs: int) -> None:
     model = load_onnx(exports.export(f"legacy_train_{opset}", train=True, dynamo=False, opset_version=opset))
     assert len(model.layers) == 2 and all(layer.training for layer in model.layers)
-    assert all(len(layer.extra["node_outputs"]) == outputs for layer in model.layers)
+    assert all(len(model.metadata["layers"][layer.name]["node_outputs"]) == outputs for layer in model.layers)
     assert codes(model) == ["BN404", "BN404"]
 
 
 def test_legacy_no_running_stats_export(exports: _Exports) -> None:
     model = load_onnx(exports.export("legacy_untracked", track=False, dynamo=False))
-    assert [layer.extra["stats_source"] for layer in model.layers] == ["computed", "computed"]
+    assert [layer.stats_source for layer in model.layers] == ["computed", "computed"]
     assert codes(model) == ["BN404", "BN404", "BN406", "BN406"]
 
 
 def test_legacy_dynamic_batch_name(exports: _Exports) -> None:
     path = exports.export("legacy_dynamic", dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
-    assert load_onnx(path).metadata["inputs"][0]["batch"] == "batch"
+    assert load_onnx(path).inputs[0].batch == "batch"
 
 
 def test_dynamo_exports(exports: _Exports) -> None:
     folded = load_onnx(exports.export("dynamo_default", dynamo=True))
-    assert folded.layers == [] and folded.metadata["folded_bn"] is True
+    assert folded.layers == [] and folded.folded_bn is True
     assert codes(folded) == ["BN501"]
     kept = load_onnx(exports.export("dynamo_unoptimized", dynamo=True, optimize=False))
     assert len(kept.layers) == 2 and not any(layer.training for layer in kept.layers)
     assert codes(kept) == ["BN505", "BN505"]  # the conv's computed zero bias is not judged
-    assert [layer.extra["torch_module"] for layer in kept.layers] == ["bn", "bn1"]
-    assert kept.layers[0].extra["torch_class"] == "torch.nn.modules.batchnorm.BatchNorm2d"
+    details = kept.metadata["layers"]
+    assert [details[layer.name]["torch_module"] for layer in kept.layers] == ["bn", "bn1"]
+    assert details[kept.layers[0].name]["torch_class"] == "torch.nn.modules.batchnorm.BatchNorm2d"
     untracked = load_onnx(exports.export("dynamo_untracked", track=False, dynamo=True))
-    assert [layer.extra["training_mode"] for layer in untracked.layers] == [0, 0]
+    assert [untracked.metadata["layers"][layer.name]["training_mode"] for layer in untracked.layers] == [0, 0]
     assert codes(untracked) == ["BN406", "BN406"]

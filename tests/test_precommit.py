@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -134,9 +134,9 @@ def test_stats_moved_while_frozen_against_reference() -> None:
 
 def test_model_level_rules() -> None:
     assert codes([], unsafe_globals=["posix.system"]) == ["BN001", "BN002"]
-    assert codes([], metadata={"folded_bn": True}) == []
-    assert codes([make_layer()], metadata={"averaged_buffers": ["n_averaged"]}) == ["BN203"]
-    assert codes([make_layer()], metadata={"key_prefix": "module."}) == ["BN204"]
+    assert codes([], folded_bn=True) == ["BN501"]  # folded BN is BN501's note, not "no BatchNorm" (BN002)
+    assert codes([make_layer()], averaged_buffers=["n_averaged"]) == ["BN203"]
+    assert codes([make_layer()], key_prefix="module.") == ["BN204"]
 
 
 def test_select_ignore_and_per_layer_ignores() -> None:

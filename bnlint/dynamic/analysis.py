@@ -1,47 +1,52 @@
-"""`run_dynamic`: run a model over --data, measure every BatchNorm layer, and apply the BN6xx rules."""
+"""`measure`: run a model over --data and measure every BatchNorm layer's input (no judging here).
+
+The result is a `bnlint.measurements.Measurements` whose layer names are the static loader's
+(`ModelInfo.layers`), so the engine can judge static and measured facts in one pass.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from bnlint.config import Config
 from bnlint.dynamic.data import Dataset, check_layout, zip_batches
-from bnlint.dynamic.metrics import LayerDrift, analyse_layer, layer_record
-from bnlint.dynamic.options import DynamicOptions, DynamicResult, dynamic_settings, override, parse_arch_kwargs
-from bnlint.dynamic.runner import LayerSpec, Progress, Runner
+from bnlint.dynamic.metrics import analyse_layer, layer_record
+from bnlint.dynamic.options import DynamicOptions, dynamic_settings, override, parse_arch_kwargs
+from bnlint.dynamic.runner import Capture, LayerSpec, Progress, Runner
 from bnlint.dynamic.stats import Collector
 from bnlint.errors import UsageError
+from bnlint.measurements import BatchDependence, Measurements
 from bnlint.model import ModelInfo
 
 
-@dataclass
-class BatchDependence:
-    """Outputs of samples run one at a time versus together (eval mode must not care)."""
+def align_names(model: ModelInfo, runner_names: list[str], hints: dict[str, str]) -> dict[str, str]:
+    """Runner layer name -> the static loader's name for the same layer.
 
-    samples: int
-    max_abs_diff: float
-    relative_diff: float
-    layers: list[dict[str, Any]] = field(default_factory=list)  # BN layers whose output changes while their input does not
-    skipped: str | None = None  # why the check could not run
+    A runner names layers as the running network does (an --arch module without the checkpoint's
+    `model.` prefix, say); findings and baselines must use one name per layer. `hints` are the
+    runner's own knowledge (weights loaded from file key X into module Y); otherwise an exact
+    name or alias match, then a unique dotted-suffix match. Unmatched names are kept.
+    """
+    static = {name: layer.name for layer in model.layers for name in layer.names()}
+    aligned: dict[str, str] = {}
+    for name in runner_names:
+        for candidate in (hints.get(name), name):
+            if candidate is not None and candidate in static:
+                aligned[name] = static[candidate]
+                break
+        else:
+            suffix = [layer.name for layer in model.layers if layer.name.endswith("." + name) or name.endswith("." + layer.name)]
+            if len(suffix) == 1:
+                aligned[name] = suffix[0]
+    return aligned
 
 
-@dataclass
-class DynamicAnalysis:
-    """What the BN6xx rules see (the `subject` of dynamic-scope rules)."""
-
-    model: ModelInfo
-    layers: list[LayerDrift]  # in execution order
-    samples: int
-    settings: dict[str, Any]
-    engine: str
-    train_batch_size: int | None
-    train_batch_source: str | None
-    dependence: BatchDependence | None
-    batch_stats_layers: list[str]  # layers known to normalise with batch statistics at inference
-    notes: list[str] = field(default_factory=list)
+def _renamed(capture: Capture, names: dict[str, str] | None) -> Capture:
+    if not names:
+        return capture
+    return Capture(capture.outputs, {names.get(k, k): v for k, v in capture.layers.items()})
 
 
 def _train_batch_size(model: ModelInfo, options: DynamicOptions) -> tuple[int | None, str | None]:
@@ -49,8 +54,8 @@ def _train_batch_size(model: ModelInfo, options: DynamicOptions) -> tuple[int | 
         if options.train_batch_size < 1:
             raise UsageError("--train-batch-size must be a positive integer")
         return options.train_batch_size, "--train-batch-size"
-    hyper = model.metadata.get("hyper_parameters")
-    if isinstance(hyper, dict):
+    hyper = model.hyper_parameters
+    if hyper is not None:
         for key in ("batch_size", "train_batch_size"):
             value = hyper.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -102,7 +107,8 @@ def _eval_form(spec: LayerSpec, x: np.ndarray) -> np.ndarray | None:
     return (x.astype(np.float64) - spec.running_mean.reshape(shape)) * scale.reshape(shape) + np.reshape(shift, shape if np.ndim(shift) else ())
 
 
-def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: float) -> BatchDependence:
+def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: float,
+                           names: dict[str, str] | None = None) -> BatchDependence:
     """Run k samples one at a time and as one batch; compare outputs and every BN layer's input/output.
 
     A layer is blamed when its output changes while its input does not, or (when the model's
@@ -117,8 +123,8 @@ def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: 
             return BatchDependence(k, 0.0, 0.0, skipped=f"fewer samples than the model's fixed batch size {runner.fixed_batch}")
         arrays = [a[: runner.fixed_batch] for a in arrays]
         k, skipped = runner.fixed_batch, f"the model's batch size is fixed at {runner.fixed_batch}"
-    together = runner.capture(arrays)
-    alone = [] if skipped else [runner.capture([a[i : i + 1] for a in arrays]) for i in range(k)]
+    together = _renamed(runner.capture(arrays), names)
+    alone = [] if skipped else [_renamed(runner.capture([a[i : i + 1] for a in arrays]), names) for i in range(k)]
     max_abs = rel = 0.0
     for single, batched in zip([np.concatenate(g) for g in zip(*(c.outputs for c in alone))], together.outputs):
         diff, ratio = _relative(single, batched)
@@ -147,8 +153,8 @@ def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: 
     return BatchDependence(k, max_abs, rel, culprits, skipped=skipped)
 
 
-def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None) -> DynamicResult:
-    """Run `model` over `options.data`; return BN6xx findings, per-layer statistics and notes.
+def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None) -> Measurements:
+    """Run `model` over `options.data`; return per-layer statistics named like `model.layers`.
 
     Raises DataError (bad data), InputError/TrustRequired (model cannot be run), UsageError.
     """
@@ -167,8 +173,15 @@ def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config, modul
     if runner.fixed_batch and usable < samples:
         notes.append(f"the model's batch size is fixed at {batch_size}: used {usable} of {samples} samples")
     train_batch, train_source = _train_batch_size(model, options)
+    names = align_names(model, [spec.name for spec in runner.layers], getattr(runner, "file_names", {}))
+    for each in runner.layers:
+        each.name = names.get(each.name, each.name)
 
     collector = Collector(runner.ops, {spec.name: spec.eps for spec in runner.layers}, train_batch)
+
+    def add(name: str, var: Any, mean: Any, values_per_sample: int) -> None:
+        collector.add(names.get(name, name), var, mean, values_per_sample)
+
     progress = Progress(usable, "bnlint: running the model on the data", quiet=options.quiet)
     done = 0
 
@@ -180,15 +193,15 @@ def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config, modul
 
     try:
         if usable:
-            runner.collect(zip_batches(sources, batch_size, limit=usable), collector.add, end_batch)
+            runner.collect(zip_batches(sources, batch_size, limit=usable), add, end_batch)
     finally:
         progress.close()
 
-    specs = {spec.name: spec for spec in runner.layers}
+    by_name = {spec.name: spec for spec in runner.layers}
     layers = []
     measured = collector.layers()
     for order, (name, moments) in enumerate(measured.items()):
-        spec = specs.get(name)
+        spec = by_name.get(name)
         calls = collector.calls.get(name, 1)
         if calls > 1:  # a shared module saw each sample several times per forward
             moments.samples //= calls
@@ -204,22 +217,10 @@ def run_dynamic(model: ModelInfo, options: DynamicOptions, config: Config, modul
     count = min(max(int(settings["dependence_samples"]), runner.fixed_batch or 0), samples)
     if count >= 2 or (runner.fixed_batch and count >= runner.fixed_batch):
         first = next(zip_batches(sources, count, limit=count))[1]
-        dependence = check_batch_dependence(runner, first, float(settings["batch_dependence_rtol"]))
-    analysis = DynamicAnalysis(
-        model=model, layers=layers, samples=samples, settings=settings, engine=runner.engine,
+        dependence = check_batch_dependence(runner, first, float(settings["batch_dependence_rtol"]), names)
+    return Measurements(
+        layers=layers, samples=samples, settings=settings, engine=runner.engine,
         train_batch_size=train_batch, train_batch_source=train_source, dependence=dependence,
-        batch_stats_layers=[s.name for s in runner.layers if s.uses_batch_stats], notes=notes,
-    )
-    from bnlint.engine import RuleContext, run_rules
-
-    findings = run_rules(RuleContext(model=model, config=config), scopes=("dynamic",), subject=analysis)
-    return DynamicResult(
-        findings=findings,
-        layer_stats=[layer_record(layer, settings) for layer in layers],
-        engine=runner.engine,
-        samples=samples,
-        notes=notes,
-        batch_dependence=None if dependence is None else {
-            "samples": dependence.samples, "max_abs_diff": dependence.max_abs_diff, "relative_diff": dependence.relative_diff,
-            "layers": dependence.layers, "skipped": dependence.skipped},
+        batch_stats_layers=[s.name for s in runner.layers if s.uses_batch_stats],
+        layer_stats=[layer_record(layer, settings) for layer in layers], notes=notes,
     )

@@ -9,6 +9,7 @@ Every problem is a one-line DataError(path, problem).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import zipfile
@@ -55,19 +56,48 @@ class _Member:
             return archive[self.member[: -len(".npy")]]
 
 
+NPY_MAGIC = b"\x93NUMPY"
+MAX_NPY_HEADER = 100_000  # numpy's own reader refuses headers above 10,000 bytes by default
+
+
 def _read_header(handle: IO[bytes], path: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    fmt = np.lib.format
+    """(shape, fortran_order, dtype) of a .npy header, versions 1.0 to 3.0, read with public API only.
+
+    The header is a Python dict literal; it is parsed with `ast.literal_eval` (never evaluated
+    as code) after a size check, and every field is validated before anything is allocated.
+    """
+    magic = handle.read(8)
+    if len(magic) != 8 or not magic.startswith(NPY_MAGIC):
+        raise DataError(path, "not a valid .npy array (no NUMPY magic)")
+    major = magic[6]
+    if major not in (1, 2, 3):
+        raise DataError(path, f"not a valid .npy array (unknown format version {major}.{magic[7]})")
+    size_bytes = 2 if major == 1 else 4
+    raw_size = handle.read(size_bytes)
+    if len(raw_size) != size_bytes:
+        raise DataError(path, "not a valid .npy array (truncated header)")
+    size = int.from_bytes(raw_size, "little")
+    if size > MAX_NPY_HEADER:
+        raise DataError(path, f"not a valid .npy array (header of {size} bytes)")
+    raw = handle.read(size)
+    if len(raw) != size:
+        raise DataError(path, "not a valid .npy array (truncated header)")
     try:
-        version = fmt.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, fortran, dtype = fmt.read_array_header_2_0(handle)
-        else:
-            shape, fortran, dtype = fmt._read_array_header(handle, version)  # 3.0: utf-8 field names
-    except (ValueError, OSError, SyntaxError) as exc:
-        raise DataError(path, f"not a valid .npy array ({exc})") from None
-    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
+        header = ast.literal_eval(raw.decode("utf-8" if major == 3 else "latin-1"))
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+        raise DataError(path, "not a valid .npy array (unreadable header)") from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise DataError(path, "not a valid .npy array (header is not {descr, fortran_order, shape})")
+    shape, fortran = header["shape"], header["fortran_order"]
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise DataError(path, f"not a valid .npy array (bad shape {shape!r:.80})")
+    if not isinstance(fortran, bool):
+        raise DataError(path, "not a valid .npy array (fortran_order is not a bool)")
+    try:
+        dtype = np.lib.format.descr_to_dtype(header["descr"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DataError(path, f"not a valid .npy array (dtype {header['descr']!r:.80}: {exc})") from None
+    return tuple(shape), fortran, np.dtype(dtype)
 
 
 def _npy_member(path: str) -> _Member:
@@ -162,7 +192,7 @@ class ArraySource:
             for start in range(0, rows, batch_size):
                 count = min(batch_size, rows - start)
                 batch = np.empty((count, *member.shape[1:]), dtype=member.dtype)  # writable, unlike frombuffer(bytes)
-                if handle.readinto(memoryview(batch.reshape(-1)).cast("B")) != count * per_sample:
+                if _read_into(handle, batch) != count * per_sample:
                     raise DataError(member.path, f"array '{self.key}' is truncated (expected {rows} samples)")
                 yield batch
 
@@ -174,6 +204,19 @@ class ArraySource:
             index = int(np.argmin(finite))
             bad = "NaN" if np.isnan(batch[index]).any() else "Inf"
             raise DataError(self.where, f"array '{self.key}' holds {bad} at sample {start + index}; drop or repair those samples")
+
+
+def _read_into(handle: IO[bytes], array: np.ndarray) -> int:
+    """Fill a C-contiguous array from the stream; returns the bytes read (short on truncation)."""
+    view = array.reshape(-1).view(np.uint8).data
+    done = 0
+    while done < len(view):
+        chunk = handle.read(min(len(view) - done, 1 << 24))
+        if not chunk:
+            break
+        view[done:done + len(chunk)] = chunk
+        done += len(chunk)
+    return done
 
 
 def _split(pending: list[np.ndarray], held: int, size: int) -> tuple[np.ndarray, list[np.ndarray], int]:

@@ -14,14 +14,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-FROZEN_BN_NAMES = ("FrozenBatchNorm2d", "FrozenBatchNorm")
-
 
 def is_batchnorm(module: nn.Module) -> bool:
-    """torch BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants, and torchvision/detectron2 FrozenBatchNorm."""
-    from torch.nn.modules.batchnorm import _BatchNorm
+    """torch BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants, FrozenBatchNorm and their subclasses
+    (bnlint.norms decides, by the class and its bases, as the static loaders do)."""
+    from bnlint.loaders.live_module import module_classes
+    from bnlint.norms import is_batchnorm_class
 
-    return isinstance(module, _BatchNorm) or type(module).__name__ in FROZEN_BN_NAMES
+    return is_batchnorm_class(module_classes(module))
 
 
 # Above this mean^2 / var, float32 E[x^2] - E[x]^2 could lose more than ~1e-3 of the variance.

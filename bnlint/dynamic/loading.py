@@ -97,8 +97,12 @@ def _listing(keys: list[str], limit: int = 4) -> str:
     return f"{shown}, ... (+{len(keys) - limit})" if len(keys) > limit else shown
 
 
-def load_weights(module: nn.Module, path: str, arch: str) -> list[str]:
-    """Load the file's tensors into the module with strict matching; returns notes. InputError on mismatch."""
+def load_weights(module: nn.Module, path: str, arch: str) -> tuple[list[str], dict[str, str]]:
+    """Load the file's tensors into the module with strict matching. InputError on mismatch.
+
+    Returns notes, and the file key each module key was loaded from (so that measured layers can
+    be named as the file names them).
+    """
     from bnlint.loaders.weights import state_dict_arrays
 
     arrays = state_dict_arrays(path)
@@ -126,7 +130,7 @@ def load_weights(module: nn.Module, path: str, arch: str) -> list[str]:
     for key in counters:
         state.pop(key, None)
     module.load_state_dict(state, strict=not counters)
-    return notes
+    return notes, {model_key: file_key for file_key, model_key in mapping.items()}
 
 
 def open_torch(model: ModelInfo, arch: str | None, arch_kwargs: Mapping[str, Any], trust: bool, device: torch.device, data_path: str) -> Any:
@@ -143,9 +147,12 @@ def open_torch(model: ModelInfo, arch: str | None, arch_kwargs: Mapping[str, Any
         return ScriptRunner(scripted, device, data_path)
     if arch:
         module = build_arch(arch, arch_kwargs)
-        notes = load_weights(module, model.path, arch)
+        notes, sources = load_weights(module, model.path, arch)
         runner = ModuleRunner(module, device, data_path, f"--arch {arch}")
         runner.notes.extend(notes)
+        # module 'bn1' holds file keys 'model.bn1.*': the layer is 'model.bn1' to the static loader
+        runner.file_names = {name: key.rsplit(".", 1)[0] for name in runner.bn
+                             if (key := sources.get(f"{name}.running_var") or sources.get(f"{name}.weight"))}
         return runner
     if model.format == "torch-module":
         if not trust:

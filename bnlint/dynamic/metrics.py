@@ -1,6 +1,9 @@
 """Drift of a layer's target-data statistics from its stored running statistics, and its noise.
 
-Per channel, with v = variance + the layer's eps (what BatchNorm divides by):
+Per channel, with v = variance + the layer's eps (what BatchNorm divides by). The data's variance
+is the biased population variance of every value the layer saw (n is large: samples times spatial
+positions, so the n/(n-1) between it and PyTorch's unbiased running_var is negligible for drift);
+the JSON output carries both estimates.
 
 - SMD = (mean_t - running_mean) / sqrt(v_r): exactly the mean of the eval-mode normalised
   activation on the target data (0 when the stored statistics fit).
@@ -111,7 +114,7 @@ def analyse_layer(
             n_eff = var_t / (se_mean * se_mean)
         summary["effective_n"] = float(np.nanmedian(np.where(np.isfinite(n_eff), n_eff, np.nan))) if np.isfinite(n_eff).any() else None
     else:
-        rest_mean = rest_var = None
+        rest_mean = rest_var = None  # type: ignore[assignment]  # one group: no leave-one-out estimates
         se_mean = se_logvar = np.full(channels, np.nan)
         summary["effective_n"] = None
     if has_stats and running_mean is not None and running_var is not None:
@@ -204,11 +207,15 @@ def layer_record(layer: LayerDrift, thresholds: dict[str, float]) -> dict[str, A
         record["fraction_over_threshold"] = float((kl[finite] > thresholds["drift_kl"]).mean()) if finite.any() else None
         noise = summary.get("noise_kl")
         record["significance"] = None if not noise or summary.get("mean_kl") is None else float(summary["mean_kl"] or 0.0) / noise
-    record["channel"] = {"mean": _list(layer.mean_t), "var": _list(layer.var_t)}
+    # "var" is the population (biased) variance of every value seen, which the drift metrics use;
+    # "var_unbiased" applies Bessel's correction n/(n-1), the estimate PyTorch's running_var holds
+    # (and Caffe's); Keras' moving_variance averages biased batch variances.
+    count = layer.samples * layer.values_per_sample
+    unbiased = layer.var_t * (count / (count - 1)) if count > 1 else np.full_like(layer.var_t, np.nan)
+    record["channel"] = {"mean": _list(layer.mean_t), "var": _list(layer.var_t), "var_unbiased": _list(unbiased)}
     record["channel"].update({k: _list(v) for k, v in layer.per_channel.items()})
     if layer.batch_noise:
-        noise = dict(layer.batch_noise)
-        record["batch_noise"] = {k: (_list(v) if isinstance(v, np.ndarray) else _clean(v)) for k, v in noise.items()}
+        record["batch_noise"] = {k: (_list(v) if isinstance(v, np.ndarray) else _clean(v)) for k, v in layer.batch_noise.items()}
     return record
 
 

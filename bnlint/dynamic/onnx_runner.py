@@ -90,9 +90,9 @@ class OnnxRunner:
         nested = sum(1 for n in _all_nodes(graph) if n.op_type == "BatchNormalization") - len(self.bn_nodes)
         if nested:
             self.notes.append(f"{nested} BatchNormalization node(s) inside subgraphs (If/Loop) were not measured")
-        by_node = {layer.extra.get("node"): layer for layer in info.layers if layer.framework == "onnx"}
-        values = {t.name: t for t in graph.initializer}
-        self.layers = [self._spec(i, node, by_node.get(i), values) for i, node in self.bn_nodes]
+        by_node = {layer.node_index: layer for layer in info.layers if layer.node_index is not None}
+        stored = {t.name: t for t in graph.initializer}
+        self.layers = [self._spec(i, node, by_node.get(i), stored) for i, node in self.bn_nodes]
         self.engine_name = self._pick_engine(engine)
         self.device = device
         # Full optimisation is safe for the statistics: the appended reductions consume every X,
@@ -112,7 +112,7 @@ class OnnxRunner:
             return numpy_helper.to_array(values[name]).astype(np.float64).reshape(-1) if name in values else None
 
         training = bool(layer.training) if layer is not None and layer.training is not None else attrs.get("training_mode", 0) == 1
-        if layer is not None and layer.extra.get("stats_source") == "computed":  # mean/var computed from the batch in-graph
+        if layer is not None and layer.stats_source == "computed":  # mean/var computed from the batch in-graph
             training = True
         return LayerSpec(
             name=layer.name if layer is not None else (node.name or f"BatchNormalization_{index}"),

@@ -12,7 +12,6 @@ from typing import Any, Mapping
 
 from bnlint.config import Config
 from bnlint.errors import UsageError
-from bnlint.findings import Finding
 
 # [tool.bnlint.dynamic] keys (dashes or underscores) and their defaults. The drift and batch-noise
 # thresholds come from measurements on the fixtures (README "Dynamic analysis").
@@ -94,7 +93,7 @@ def parse_arch_kwargs(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
 
 @dataclass
 class DynamicOptions:
-    """What the CLI passes to `run_dynamic`; None means "not given" (config, then default)."""
+    """What the CLI passes to `measure`; None means "not given" (config, then default)."""
 
     data: str
     inputs: Mapping[str, str] = field(default_factory=dict)  # model input name -> data key
@@ -106,14 +105,3 @@ class DynamicOptions:
     train_batch_size: int | None = None  # else a Lightning checkpoint's hyper_parameters.batch_size
     quiet: bool = False
     onnx_engine: str | None = None  # onnxruntime | reference | auto
-
-
-@dataclass
-class DynamicResult:
-    findings: list[Finding] = field(default_factory=list)
-    layer_stats: list[dict[str, Any]] = field(default_factory=list)  # JSON-able, one per measured layer
-    engine: str = ""  # e.g. "torch 2.13.0 (cpu)", "onnxruntime 1.32.0 (CPUExecutionProvider)"
-    samples: int = 0
-    notes: list[str] = field(default_factory=list)
-    # single-sample vs batched run: samples, max_abs_diff, relative_diff, layers, skipped (None if not run)
-    batch_dependence: dict[str, Any] | None = None

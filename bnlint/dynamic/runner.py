@@ -37,12 +37,16 @@ class Capture:
 
 class Runner(Protocol):
     engine: str
-    ops: Ops
     input_names: list[str]
     input_shapes: list[tuple[int | None, ...] | None]  # per-sample shape the model expects, if known
     fixed_batch: int | None  # a batch size the model is exported with, if fixed
     layers: list[LayerSpec]
     notes: list[str]
+
+    @property
+    def ops(self) -> Ops:
+        """Array operations for the moments the runner hands to `collect`'s callback."""
+        ...
 
     def collect(self, batches: Batches, add: Callable[[str, Any, Any, int], None], end_batch: Callable[[], None]) -> None:
         """Run every batch; for each BN call, `add(name, var, mean, values_per_sample)` per-sample moments."""

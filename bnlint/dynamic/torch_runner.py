@@ -64,6 +64,7 @@ class ModuleRunner:
         self.ops = TorchOps(device)
         self.notes: list[str] = []
         self.fixed_batch: int | None = None
+        self.file_names: dict[str, str] = {}  # layer -> the name its weights have in the file (set by the loader)
         self.bn = {name or type(m).__name__: m for name, m in module.named_modules() if is_batchnorm(m)}
         self.layers = [self._spec(name, m) for name, m in self.bn.items()]
         self.input_names = self._input_names()
@@ -187,7 +188,7 @@ class ScriptRunner:
         self.fixed_batch: int | None = None
         self.engine = f"torch {torch.__version__} ({device.type}, TorchScript)"
         module.eval()  # the in-memory copy only; scripted BN reads `training` at run time
-        graph = module.forward.graph.copy()
+        graph = module.forward.graph.copy()  # type: ignore[attr-defined]  # a ScriptMethod, typed as a plain callable
         torch._C._jit_pass_inline(graph)
         self.graph = graph
         self.self_value = list(graph.inputs())[0]

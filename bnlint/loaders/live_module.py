@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from bnlint.model import ArrayTensor, BNLayer, ModelInfo, ModuleRecord
-
-_NORM_NAMES = ("InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm", "LocalResponseNorm")
+from bnlint.norms import classify, is_batchnorm_class
 
 
 def _array(tensor: Any) -> ArrayTensor:
@@ -22,18 +21,22 @@ def _array(tensor: Any) -> ArrayTensor:
     return ArrayTensor(data.numpy().copy(), stored_dtype=stored)
 
 
-def module_to_model(module: Any, name: str = "<module>") -> ModelInfo:
-    from bnlint.dynamic.hooks import is_batchnorm  # the same test the dynamic runner uses
+def module_classes(module: Any) -> list[str]:
+    """The module's class and its bases, most derived first (a subclass of BatchNorm2d is BatchNorm)."""
+    return [cls.__name__ for cls in type(module).__mro__]
 
-    model = ModelInfo(path=name, format="torch-live")
-    others: list[str] = []
+
+def module_to_model(module: Any, name: str = "<module>") -> ModelInfo:
+    model = ModelInfo(path=name, format="torch-live", framework="torch")
     for order, (path, sub) in enumerate(module.named_modules()):
         cls = type(sub)
-        model.modules[path] = ModuleRecord(name=path, class_name=f"{cls.__module__}.{cls.__qualname__}", training=sub.training)
-        if any(n in cls.__name__ for n in _NORM_NAMES):
-            others.append(f"{cls.__name__} '{path}'")
+        has_weights = any(True for _ in sub.parameters(recurse=False))
+        model.modules[path] = ModuleRecord(name=path, class_name=f"{cls.__module__}.{cls.__qualname__}", training=sub.training,
+                                           has_weights=has_weights, order=order)
+        if classify(cls.__name__, "torch") == "other-norm":
+            model.other_norms.append(f"{cls.__name__} '{path}'")
             continue
-        if not is_batchnorm(sub):
+        if not is_batchnorm_class(module_classes(sub)):
             continue
         layer = BNLayer(name=path or cls.__name__, kind=cls.__name__, framework="torch", order=order)
         for tensor in ("weight", "bias", "running_mean", "running_var"):
@@ -51,6 +54,4 @@ def module_to_model(module: Any, name: str = "<module>") -> ModelInfo:
         layer.known.add("training")
         layer.requires_grad = {n: p.requires_grad for n, p in sub.named_parameters(recurse=False)}
         model.layers.append(layer)
-    if others:
-        model.metadata["other_norms"] = others
     return model

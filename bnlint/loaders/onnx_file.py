@@ -13,22 +13,24 @@ from collections import ChainMap, Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-if TYPE_CHECKING:
-    import networkx as nx
-
 from bnlint.errors import InputError
 from bnlint.loaders.onnx_tensors import CastTensor, _dtype_name, _tensor_ref
-from bnlint.model import ArrayTensor, BNLayer, ModelInfo, TensorRef
+from bnlint.model import ArrayTensor, BNLayer, GraphInput, GraphNode, ModelInfo, OpKind, Producer, StatsSource, TensorRef
 
 BN_OP_VERSIONS = (1, 6, 7, 9, 14, 15)  # opsets in which BatchNormalization changed
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm")  # ops a following BN can be folded into
-OTHER_NORMS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
+# What each ONNX op is to the neutral graph rules (bnlint.model.OpKind); everything else is "other".
+OP_KINDS: dict[str, OpKind] = {
+    "Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "dense", "MatMul": "matmul",
+    "BatchNormalization": "batchnorm", "InstanceNormalization": "other_norm", "LayerNormalization": "other_norm",
+    "GroupNormalization": "other_norm", "LpNormalization": "other_norm", "MeanVarianceNormalization": "other_norm",
+    "RMSNormalization": "other_norm", "SimplifiedLayerNormalization": "other_norm",
+}
 # A BN's mean/var source, most telling first: one batch-dependent input makes the pair batch-dependent.
 _STATS_PRIORITY = ("computed", "input", "unknown", "missing", "constant", "initializer")
 _MAX_CHAIN = 64  # Identity/Cast hops followed before giving up (a malformed graph may loop)
@@ -64,8 +66,8 @@ def _torch_scope(node: onnx.NodeProto) -> tuple[str | None, str | None]:
             scopes = ast.literal_eval(props[key]) if len(props.get(key, "")) < 10_000 else None
         except (KeyError, ValueError, SyntaxError):
             scopes = None
-        ok = isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str) and scopes[-2]
-        found.append(scopes[-2] if ok else None)  # the last entry is the aten op itself
+        ok = isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str) and bool(scopes[-2])
+        found.append(scopes[-2] if ok and scopes is not None else None)  # the last entry is the aten op itself
     return found[0], found[1]
 
 
@@ -107,6 +109,7 @@ class _Reader:
         self.ops: Counter[str] = Counter()
         self.other_norms: list[str] = []
         self.top_tensors: dict[str, TensorRef] = {}
+        self.details: dict[str, dict[str, Any]] = {}  # per layer, informational (ModelInfo.metadata)
 
     def scope(self, graph: onnx.GraphProto, parent: _Scope | None) -> _Scope:
         tensors: dict[str, tuple[str, TensorRef | None]] = {
@@ -135,7 +138,7 @@ class _Reader:
         for index, node in enumerate(graph.node):
             self.ops[node.op_type] += 1
             key = (rank[index] if rank is not None else outer, index if rank is None else 0)
-            if node.op_type in OTHER_NORMS:
+            if OP_KINDS.get(node.op_type) == "other_norm":
                 self.other_norms.append(prefix + (node.name or f"{node.op_type}_{index}"))
             if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
                 self.found.append((key, self.layer(node, index, scope, prefix, top=rank is not None)))
@@ -231,16 +234,13 @@ class _Reader:
         if self.names[name] > 1:  # duplicate node names: keep layer names unique
             name = f"{name}#{self.names[name]}"
         shape = next((ref.shape for key in ("weight", "running_mean", "bias", "running_var") if (ref := tensors.get(key))), None)
-        producer = scope.producers.get(inputs[0])
-        bias_name = None
-        if producer is not None and producer.op_type in LINEAR_OPS and len(producer.input) > 2 and producer.input[2]:
-            bias_name = producer.input[2]
         # Uses of X by the nodes computing this BN's own batch mean/var do not stop folding or
         # make a bias useful: count only the other consumers.
         own_uses = 0
         if stats_source == "computed":
             own_uses = sum(list(n.input).count(inputs[0]) for n in self.feeding_nodes(inputs[3:5], scope, inputs[0]))
         raw_momentum = _f32(attrs.get("momentum", 0.9))
+        torch_module, torch_class = _torch_scope(node)
         layer = BNLayer(
             name=name,
             kind="BatchNormalization",
@@ -249,34 +249,46 @@ class _Reader:
             tensors=tensors,
             eps=_f32(attrs.get("epsilon", 1e-5)),
             momentum=float(Decimal(1) - Decimal(str(raw_momentum))),  # ONNX (Keras) convention -> PyTorch's
+            raw_momentum=raw_momentum,
             training=bool(reasons),
+            training_reasons=reasons,
+            stats_source=_neutral_source(stats_source),
+            stats_ops=tuple(sorted(set(source_ops[k] for k in ("running_mean", "running_var") if k in source_ops))),
+            producer=self.producer(inputs[0], scope, own_uses),
+            node_index=index if top else None,
             known={"eps", "momentum", "training"},
         )
-        torch_module, torch_class = _torch_scope(node)
-        layer.extra.update(
-            torch_module=torch_module,
-            torch_class=torch_class,
-            opset=self.opset,
-            op_version=version,
-            node=index if top else None,
-            subgraph=prefix.rstrip("/") or None,
-            node_inputs=list(node.input),
-            node_outputs=list(node.output),
-            raw_momentum=raw_momentum,
-            training_mode=training_mode,
-            is_test=is_test,
-            spatial=int(attrs.get("spatial", 1)) if version <= 7 else None,
-            training_reasons=reasons,
-            param_sources=sources,
-            stats_source=stats_source,
-            stats_ops=sorted(set(source_ops[k] for k in ("running_mean", "running_var") if k in source_ops)),
-            producer_op=producer.op_type if producer is not None else None,
-            producer_node=(producer.name or None) if producer is not None else None,
-            producer_has_bias=bias_name is not None if producer is not None and producer.op_type in LINEAR_OPS else None,
-            producer_bias=bias_name,
-            producer_exclusive=scope.consumers[inputs[0]] - own_uses == 1 and inputs[0] not in scope.outputs,
-        )
+        self.details[name] = {
+            "torch_module": torch_module, "torch_class": torch_class, "op_version": version, "node_inputs": list(node.input),
+            "node_outputs": list(node.output), "training_mode": training_mode, "is_test": is_test,
+            "spatial": int(attrs.get("spatial", 1)) if version <= 7 else None, "param_sources": sources,
+            "stats_storage": stats_source, "subgraph": prefix.rstrip("/") or None,
+        }
         return layer
+
+    def producer(self, name: str, scope: _Scope, own_uses: int) -> Producer | None:
+        """The node computing a BN's input X, as the neutral Producer the graph rules read."""
+        node = scope.producers.get(name)
+        if node is None:
+            return None
+        kind = OP_KINDS.get(node.op_type, "other")
+        bias: TensorRef | None = None
+        has_bias = None
+        if kind in ("conv", "conv_transpose", "dense"):
+            bias_name = node.input[2] if len(node.input) > 2 else ""
+            has_bias = bool(bias_name)
+            found = scope.tensors.get(bias_name) if bias_name else None
+            bias = found[1] if found is not None else None
+        exclusive = scope.consumers[name] - own_uses == 1 and name not in scope.outputs
+        return Producer(name=node.name or node.op_type, op=node.op_type, kind=kind, has_bias=has_bias, bias=bias,
+                        exclusive=exclusive)
+
+
+def _neutral_source(source: str) -> StatsSource:
+    """initializer/constant are both stored statistics; the rest keep their names."""
+    neutral: dict[str, StatsSource] = {"initializer": "stored", "constant": "stored", "computed": "computed",
+                                        "input": "input", "missing": "missing"}
+    return neutral.get(source, "unknown")
 
 
 def _parse(path: Path) -> onnx.ModelProto:
@@ -333,31 +345,30 @@ def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
     return order if len(order) == len(graph.node) else None
 
 
-def build_graph(graph: onnx.GraphProto) -> "nx.DiGraph":
-    """One node per top-level ONNX node (key: its index), edges producer -> consumer."""
-    import networkx as nx
-
-    g = nx.DiGraph(name=graph.name)
-    produced: dict[str, int] = {}
+def graph_nodes(graph: onnx.GraphProto, tensors: dict[str, TensorRef]) -> list[GraphNode]:
+    """The top-level nodes as neutral GraphNodes, in file order, with their stored weight and bias."""
+    bn_inputs = {node.input[0] for node in graph.node if node.op_type == "BatchNormalization" and node.input}
+    nodes = []
     for index, node in enumerate(graph.node):
-        g.add_node(index, op_type=node.op_type, name=node.name, domain=node.domain, inputs=list(node.input), outputs=list(node.output))
-        for out in node.output:
-            if out:
-                produced[out] = index
-    for index, node in enumerate(graph.node):
-        names = list(node.input)
-        for _, sub in _subgraphs(node):
-            names.extend(_used_names(sub))  # a body reading an outer tensor depends on its producer
-        for name in names:
-            source = produced.get(name)
-            if source is not None and source != index:
-                g.add_edge(source, index, tensor=name)
-    g.graph["inputs"] = [value.name for value in graph.input]
-    g.graph["outputs"] = [value.name for value in graph.output]
-    return g
+        kind = OP_KINDS.get(node.op_type, "other")
+        weight = bias = None
+        rows_out = True
+        if kind in ("conv", "conv_transpose", "dense", "matmul"):
+            weight = tensors.get(node.input[1]) if len(node.input) > 1 else None
+            bias = tensors.get(node.input[2]) if len(node.input) > 2 and kind != "matmul" else None
+            if kind == "dense":  # Gemm: B is (K, N) unless transB=1
+                rows_out = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+            elif kind == "matmul":  # MatMul's B is (K, N): columns are output units
+                rows_out = False
+        nodes.append(GraphNode(
+            index=index, name=node.name or f"{node.op_type}_{index}", op=node.op_type, kind=kind,
+            inputs=tuple(node.input), outputs=tuple(node.output), weight=weight, bias=bias, weight_rows_out=rows_out,
+            followed_by_bn=bool(bn_inputs.intersection(node.output)),
+        ))
+    return nodes
 
 
-def load_onnx(path: Path) -> ModelInfo:
+def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
     """Read an ONNX file safely. Raises InputError (one line) for anything unreadable."""
     path = Path(path)
     model = _parse(path)
@@ -383,22 +394,22 @@ def load_onnx(path: Path) -> ModelInfo:
             continue  # old exporters list initializers as inputs too (keep_initializers_as_inputs)
         dims = _dims(value)
         elem = value.type.tensor_type.elem_type
-        inputs.append({"name": value.name, "shape": dims, "batch": dims[0] if dims else None, "dtype": _dtype_name(elem) if elem else None})
-    linear = reader.ops["Conv"] + reader.ops["Gemm"]
+        inputs.append(GraphInput(value.name, tuple(dims) if dims is not None else None, _dtype_name(elem) if elem else None))
+    linear = reader.ops["Conv"] + reader.ops["ConvTranspose"] + reader.ops["Gemm"]
     producer = f"{model.producer_name} {model.producer_version}".strip()
     metadata: dict[str, Any] = {
         "producer": producer or None,
         "opset": opset,
         "opsets": opsets,
         "ir_version": int(model.ir_version),
-        "inputs": inputs,
-        "folded_bn": not layers and linear > 0 and not reader.other_norms,
-        "other_norms": reader.other_norms,
         "external_data": any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer),
-        "onnx_model": model,  # for dynamic analysis / rules; not serialisable, never printed
-        "onnx_tensors": reader.top_tensors,  # lazy refs of initializers and Constant outputs, by name
+        "layers": reader.details,
     }
+    tensors = reader.top_tensors
     return ModelInfo(
-        path=str(path), format="onnx", layers=layers, metadata=metadata, notes=notes,
-        graph_factory=lambda: build_graph(model.graph),
+        path=str(path), format="onnx", framework="onnx", layers=layers, inputs=inputs, metadata=metadata, notes=notes,
+        nodes_factory=lambda: graph_nodes(model.graph, tensors),
+        folded_bn=not layers and linear > 0 and not reader.other_norms,
+        other_norms=reader.other_norms,
+        format_version=f"opset {opset}" if opset is not None else None,
     )

@@ -29,6 +29,10 @@ class Stub:
     """An instance of a class (or the result of a call) that was never imported or run."""
 
     qualname = "?"
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: dict[Any, Any]
+    items: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Stub":
         obj = object.__new__(cls)
@@ -266,7 +270,9 @@ class NumpyDtype:
             dtype = np.dtype(self.spec)
         except TypeError:
             return None
-        return dtype.newbyteorder(self.order) if self.order in "<>" else dtype
+        if self.order == "<":
+            return dtype.newbyteorder("<")
+        return dtype.newbyteorder(">") if self.order == ">" else dtype
 
 
 class NumpyArray:

@@ -81,5 +81,5 @@ def extract_safetensors(path: Path) -> Extracted:
     return result
 
 
-def load_safetensors(path: Path) -> ModelInfo:
+def load_safetensors(path: Path, companion: Path | None = None) -> ModelInfo:
     return to_model_info(extract_safetensors(path))

@@ -2,7 +2,7 @@
 
 With a module tree (pickled nn.Module, TorchScript) the class decides: BatchNorm1d/2d/3d,
 SyncBatchNorm, LazyBatchNorm*, FrozenBatchNorm2d are BN ("known"); InstanceNorm/GroupNorm/LayerNorm
-are not (their names go to metadata["other_norms"]); a class with another name that carries
+are not (their names go to ModelInfo.other_norms); a class with another name that carries
 running_mean/running_var buffers and an eps is BN-like ("inferred").
 
 Without one (bare state dicts, safetensors) a module prefix with 1-D running_mean and running_var
@@ -19,34 +19,17 @@ from collections.abc import Mapping
 from bnlint.loaders.lazy_tensor import LazyTensor
 from bnlint.loaders.torch_objects import Extracted, ModuleNode
 from bnlint.model import BNLayer, ModelInfo, ModuleRecord, TensorRef
+from bnlint.norms import NormKind, classify, short_name
 
-BN_CLASSES = frozenset({
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
-    "LazyBatchNorm3d", "FrozenBatchNorm2d", "NaiveSyncBatchNorm", "BatchNormAct2d", "SyncBatchNormAct",
-    "FrozenBatchNormAct2d", "_BatchNorm", "_NormBase",
-})
-BN_PATTERN = re.compile(r"BatchNorm|SyncBN|(^|[^A-Za-z])BN(\d?d)?$")
-OTHER_NORM_PATTERN = re.compile(r"InstanceNorm|GroupNorm|LayerNorm|RMSNorm|LocalResponseNorm|CrossMapLRN")
 INSTANCE_HINT = re.compile(r"^(in\d*|in_.*|inorm.*|.*instance.*|instnorm.*)$", re.IGNORECASE)
 BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 ATTRIBUTES = ("eps", "momentum", "affine", "track_running_stats", "training")
 
 
-def _short(class_name: str) -> str:
-    return class_name.rsplit(".", 1)[-1]
-
-
-def classify_module(node: ModuleNode) -> str:
-    """'bn' (known class), 'bn-like' (inferred), 'other-norm' or 'other'."""
-    short = _short(node.class_name)
-    if OTHER_NORM_PATTERN.search(short):
-        return "other-norm"
-    if short in BN_CLASSES:
-        return "bn"
+def classify_module(node: ModuleNode) -> NormKind:
+    """'bn' (known class), 'bn-like' (inferred), 'other-norm' or 'other' (bnlint.norms decides)."""
     has_stats = "running_mean" in node.buffers and "running_var" in node.buffers
-    if BN_PATTERN.search(short) or (has_stats and "eps" in node.attrs):
-        return "bn-like"
-    return "other"
+    return classify(node.class_name, "torch", has_running_stats=has_stats, has_eps="eps" in node.attrs)
 
 
 def _count(tensor: TensorRef | None) -> int | None:
@@ -70,7 +53,7 @@ def _channels(tensors: Mapping[str, TensorRef]) -> int | None:
 
 def _layer_from_module(node: ModuleNode, certainty: str, order: int) -> BNLayer:
     tensors = {k: v for k, v in {**node.params, **node.buffers}.items() if v is not None and k in BN_SUFFIXES}
-    layer = BNLayer(name=node.name or "(root)", kind=_short(node.class_name), framework="torch",
+    layer = BNLayer(name=node.name or "(root)", kind=short_name(node.class_name), framework="torch",
                     certainty=certainty, order=order)
     layer.tensors = {k: v for k, v in tensors.items() if k != "num_batches_tracked"}
     for attribute in ATTRIBUTES:
@@ -97,9 +80,6 @@ def _layer_from_module(node: ModuleNode, certainty: str, order: int) -> BNLayer:
         layer.num_batches_tracked = _count(tensors["num_batches_tracked"])
         if layer.num_batches_tracked is not None:
             layer.known.add("num_batches_tracked")
-    layer.extra["class_name"] = node.class_name
-    if node.attrs.get("__traced_training__"):
-        layer.extra["traced_training"] = True  # TorchScript: training=True baked into the traced call
     return layer
 
 
@@ -165,19 +145,23 @@ def key_prefix(keys: list[str]) -> str:
 
 def to_model_info(extracted: Extracted) -> ModelInfo:
     """The ModelInfo rules see, from what a torch/safetensors loader read."""
-    info = ModelInfo(path=extracted.path, format=extracted.format)
+    info = ModelInfo(path=extracted.path, format=extracted.format, framework="torch")
     info.unsafe_globals = list(extracted.unsafe_globals)
     info.notes = list(extracted.notes)
     info.metadata.update(extracted.metadata)
     layers, other_norms = layers_from_state_dict(extracted.tensors, extracted.modules)
     info.layers = layers
     if extracted.modules:
-        for node in extracted.modules.values():
+        for order, node in enumerate(extracted.modules.values()):
             training = node.attrs.get("training")
-            info.modules[node.name] = ModuleRecord(node.name, node.class_name, training if isinstance(training, bool) else None)
+            info.modules[node.name] = ModuleRecord(node.name, node.class_name, training if isinstance(training, bool) else None,
+                                                   has_weights=any(v is not None for v in node.params.values()), order=order)
     keys = list(extracted.tensors)
-    info.metadata["key_prefix"] = key_prefix(keys)
-    info.metadata["averaged_buffers"] = [k for k in keys if k.rsplit(".", 1)[-1] == "n_averaged"]
-    info.metadata["other_norms"] = other_norms
+    info.key_prefix = key_prefix(keys)
+    info.averaged_buffers = [k for k in keys if k.rsplit(".", 1)[-1] == "n_averaged"]
+    info.other_norms = other_norms
+    info.traced_training = list(extracted.traced_training)
+    hyper = extracted.metadata.get("hyper_parameters")
+    info.hyper_parameters = hyper if isinstance(hyper, Mapping) else None
     info.metadata["tensor_count"] = len(keys)
     return info

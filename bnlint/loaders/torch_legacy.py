@@ -134,6 +134,6 @@ def _plain_pickle(name: str, obj: Any, unsafe: list[str]) -> Extracted:
     return extracted
 
 
-def load_torch_legacy(path: Path) -> ModelInfo:
+def load_torch_legacy(path: Path, companion: Path | None = None) -> ModelInfo:
     return to_model_info(extract_torch_legacy(path))
 

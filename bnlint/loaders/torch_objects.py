@@ -17,7 +17,7 @@ import numpy as np
 
 from bnlint.loaders.lazy_tensor import LazyTensor
 from bnlint.loaders.safe_pickle import NumpyArray, Stub, stub_name
-from bnlint.model import ArrayTensor, TensorRef
+from bnlint.model import ArrayTensor, TensorRef, TracedCall
 
 # Keys under which training checkpoints keep the model, in order of preference.
 MODEL_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "model_state", "module",
@@ -47,6 +47,7 @@ class Extracted:
     metadata: dict[str, Any] = field(default_factory=dict)
     unsafe_globals: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    traced_training: list[TracedCall] = field(default_factory=list)  # TorchScript: batch_norm(training=True) calls
 
 
 def normalize_class(qualname: str) -> str:

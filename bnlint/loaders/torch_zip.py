@@ -131,6 +131,6 @@ def extract_torch_zip(path: Path) -> Extracted:
         archive.close()
 
 
-def load_torch_zip(path: Path) -> ModelInfo:
+def load_torch_zip(path: Path, companion: Path | None = None) -> ModelInfo:
     """ModelInfo for a torch.save zip file or a TorchScript archive."""
     return to_model_info(extract_torch_zip(path))

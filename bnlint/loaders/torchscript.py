@@ -18,7 +18,7 @@ from typing import Any
 from bnlint.loaders.lazy_tensor import LazyTensor
 from bnlint.loaders.safe_pickle import Stub, stub_name
 from bnlint.loaders.torch_objects import ATTRIBUTE_TYPES, Extracted, ModuleNode, normalize_class
-from bnlint.model import TensorRef
+from bnlint.model import TensorRef, TracedCall
 
 CLASS_RE = re.compile(r"^class ([\w.]+)(\((\w+)\))?:", re.M)
 LIST_RE = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$", re.M)
@@ -41,7 +41,9 @@ class ScriptClass:
 
 def _split_args(text: str, start: int) -> list[str] | None:
     """Top-level comma-separated arguments of the call whose '(' is at text[start - 1]."""
-    depth, args, current = 0, [], []
+    depth = 0
+    args: list[str] = []
+    current: list[str] = []
     for char in text[start:start + 4000]:
         if char in "([{":
             depth += 1
@@ -149,19 +151,15 @@ def extract_torchscript(path: str, top: Any, unsafe: list[str], sources: dict[st
     modules, tensors, by_class = _walk(top, classes)
     result = Extracted(path, "torchscript", tensors=tensors, modules=modules, unsafe_globals=list(unsafe))
     # One entry per module whose code has the literal (or per call site when no module uses the class).
-    where: list[dict[str, Any]] = []
     for cls in classes.values():
         for call in cls.bn_calls:
             if call["training"] is not True:
                 continue
-            site = {"code": call["code"], "file": call["file"], "line": call["line"], "class": normalize_class(cls.qualname)}
+            location = f"{call['file']}:{call['line']}"
             owners = by_class.get(cls.qualname, [])
-            where.extend({"layer": owner or "(root)", **site} for owner in owners)
+            result.traced_training.extend(TracedCall(owner or "(root)", call["code"], location) for owner in owners)
             if not owners:
-                where.append({"layer": None, **site})
-            for owner in owners:
-                modules[owner].attrs["__traced_training__"] = True
-    result.metadata["traced_training_bn"] = where
+                result.traced_training.append(TracedCall(None, call["code"], location))
     result.metadata["scripted_classes"] = len(classes)
     if not isinstance(top, Stub):
         result.notes.append("TorchScript data.pkl does not hold a module object")

@@ -34,7 +34,7 @@ SCHEMA_FILE = "bnlint-report.schema.json"
 
 def load_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of this output, shipped as package data."""
-    text = resources.files("bnlint").joinpath("schemas", SCHEMA_FILE).read_text(encoding="utf-8")
+    text = resources.files("bnlint").joinpath("schemas").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
     loaded: dict[str, Any] = json.loads(text)
     return loaded
 

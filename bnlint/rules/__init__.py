@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from bnlint.rules.registry import FAMILIES, Hit, RuleSpec, rule, registered
+from bnlint.rules.registry import FAMILIES, Hit, RuleSpec, registered, rule
 
 _MODULES = ("meta", "stats", "storage", "configuration", "modes", "graph", "dynamic")
 

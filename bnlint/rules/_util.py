@@ -1,17 +1,17 @@
-"""Small helpers shared by rule modules: number formatting and channel lists."""
+"""Small helpers shared by rule modules: number formatting, channel lists, framework names."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from bnlint.conventions import conventions
 from bnlint.model import BNLayer
 
-TORCH_DEFAULT_EPS = 1e-5
-TORCH_DEFAULT_MOMENTUM = 0.1
 
-
-def num(value: float) -> str:
-    """A compact, stable rendering of a measured number for messages."""
+def num(value: float | None) -> str:
+    """A compact, stable rendering of a measured number for messages ("-" when unknown)."""
+    if value is None:
+        return "-"
     if value != value:
         return "nan"
     if value in (float("inf"), float("-inf")):
@@ -31,5 +31,12 @@ def channel_text(mask: np.ndarray, limit: int = 5) -> str:
 
 
 def eps_of(layer: BNLayer) -> float:
-    """The layer's eps, or PyTorch's default when the file does not say (state dicts)."""
-    return float(layer.eps) if layer.is_known("eps") and layer.eps is not None else TORCH_DEFAULT_EPS
+    """The layer's eps, or its framework's default when the file does not say (state dicts)."""
+    if layer.is_known("eps") and layer.eps is not None:
+        return float(layer.eps)
+    return conventions(layer.framework).default_eps
+
+
+def tname(layer: BNLayer, role: str) -> str:
+    """The layer's framework's name for a tensor role: running_var is Keras' moving_variance."""
+    return conventions(layer.framework).tensor(role)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from bnlint.context import RuleContext
+from bnlint.conventions import conventions
 from bnlint.findings import Severity
 from bnlint.model import BNLayer, ModelInfo
-from bnlint.rules._util import TORCH_DEFAULT_EPS, num
+from bnlint.rules._util import num
 from bnlint.rules.registry import Hit, rule
-
-if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
-    from bnlint.engine import RuleContext
 
 
 def _has_buffers(layer: BNLayer) -> bool:
@@ -126,7 +125,7 @@ def cumulative_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     ## References
     - PyTorch docs, `torch.nn.BatchNorm2d` ("momentum").
     """
-    if layer.is_known("momentum") and layer.momentum is None and layer.framework == "torch":
+    if layer.is_known("momentum") and layer.momentum is None:  # only PyTorch has a cumulative mode
         extra = ""
         if layer.num_batches_tracked == 0:
             extra = " and num_batches_tracked is 0: the next train-mode batch replaces the statistics entirely"
@@ -141,48 +140,57 @@ def cumulative_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     code="BN304",
     name="unusual-momentum",
     severity=Severity.WARNING,
-    summary="momentum looks like the other framework's convention (PyTorch 0.99 vs Keras 0.99 are opposites).",
-    fix="PyTorch momentum = 1 - Keras/ONNX momentum: 0.99 in Keras is 0.01 in PyTorch.",
+    summary="momentum looks like the other framework's convention (PyTorch 0.1 and Keras 0.9 mean the same).",
+    fix="PyTorch momentum = 1 - Keras/ONNX/Caffe momentum: Keras 0.99 is PyTorch 0.01, PyTorch 0.1 is Keras 0.9.",
 )
 def unusual_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Reports a momentum whose weight on the *new* batch is at least `unusual_momentum` (default
-    0.5), and (as info) a momentum of 0.
+    Reports a momentum that puts at least `unusual_momentum` (default 0.5) of the weight on each
+    *new* batch, in whichever convention the layer's framework uses, and (as info) a momentum
+    that never updates the statistics at all.
 
     ## Why is this bad?
-    PyTorch updates `running = (1 - momentum) * running + momentum * batch` (default 0.1);
-    Keras and ONNX update `moving = momentum * moving + (1 - momentum) * batch` (default 0.99 /
-    0.9). Copying 0.99 from Keras into PyTorch makes the running statistics follow the last
-    batch almost entirely, so they are as noisy as a single batch. Momentum 0 freezes the
-    statistics in train mode — common in converted models, harmless until someone fine-tunes.
+    The two conventions are opposites. PyTorch updates
+    `running = (1 - momentum) * running + momentum * batch` (default 0.1); Keras, ONNX and Caffe
+    (`moving_average_fraction`) update `moving = momentum * moving + (1 - momentum) * batch`
+    (defaults 0.99, 0.9, 0.999). Copying Keras' 0.99 into PyTorch, or PyTorch's 0.1 into Keras,
+    makes the statistics follow the last batch almost entirely, so they are as noisy as a single
+    batch. A momentum that freezes the statistics in training is common in converted models and
+    harmless until someone fine-tunes.
 
     ## Example
-    `nn.BatchNorm2d(64, momentum=0.99)` (seen in a shipped torchvision model, pytorch/vision#8250).
+    `nn.BatchNorm2d(64, momentum=0.99)` (seen in a shipped torchvision model, pytorch/vision#8250),
+    or `keras.layers.BatchNormalization(momentum=0.1)`.
 
     ## Use instead
-    `nn.BatchNorm2d(64, momentum=0.01)` for Keras' 0.99.
+    `nn.BatchNorm2d(64, momentum=0.01)` for Keras' 0.99; `BatchNormalization(momentum=0.9)` for
+    PyTorch's 0.1.
 
     ## References
     - pytorch/vision#8250 (MaxViT shipped momentum 0.99).
     - Lightning-AI/pytorch-lightning#14866.
+    - Keras docs: `BatchNormalization` (`momentum`: "Momentum for the moving average").
     """
     if not layer.is_known("momentum") or layer.momentum is None:
         return
     momentum = float(layer.momentum)
-    raw = layer.extra.get("raw_momentum")
-    shown = f"momentum {num(momentum)}" if raw is None else f"ONNX momentum {num(float(raw))} (PyTorch {num(momentum)})"
+    own = conventions(layer.framework)
+    raw = layer.raw_momentum if layer.raw_momentum is not None else own.own_momentum(momentum)
+    shown = own.describe_momentum(raw)
     if momentum >= ctx.config.threshold("unusual_momentum"):
+        other = "Keras/ONNX" if own.momentum_weights == "new" else "PyTorch"  # the opposite convention
+        stats = "running" if layer.framework == "torch" else "stored"
         yield Hit(
-            message=f"{shown} weights each new batch by {momentum:.0%}: the running statistics follow the last batch "
-            f"(Keras/ONNX convention pasted into PyTorch? PyTorch equivalent of Keras {num(momentum)} is {num(1 - momentum)})",
+            message=f"{shown}: the {stats} statistics follow the last batch ({other} convention pasted in? "
+            f"{own.display}'s default is {num(own.default_momentum or 0.1)}; {other} {num(raw)} is {own.display} {num(1 - raw)})",
             layer=layer.name,
-            values={"momentum": momentum, "raw_momentum": raw},
+            values={"momentum": momentum, "raw_momentum": raw, "framework": layer.framework},
         )
     elif momentum == 0:
         yield Hit(
             message=f"{shown}: running statistics never change in train mode",
             layer=layer.name,
-            values={"momentum": momentum, "raw_momentum": raw},
+            values={"momentum": momentum, "raw_momentum": raw, "framework": layer.framework},
             severity=Severity.INFO,
         )
 
@@ -206,14 +214,15 @@ def _scale_change(layer: BNLayer, eps: float, other: float) -> float | None:
     code="BN305",
     name="eps-nondefault",
     severity=Severity.INFO,
-    summary="Every BatchNorm layer uses an eps other than the framework default 1e-5.",
-    fix="Fine if the model was trained with it (Keras uses 1e-3); when converting weights, copy eps with them.",
+    summary="Every BatchNorm layer uses an eps other than its framework's default (PyTorch/ONNX/Caffe 1e-5, Keras 1e-3).",
+    fix="Fine if the model was trained with it; when converting weights between frameworks, copy eps with them.",
     scope="model",
 )
 def eps_nondefault(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Notes models whose BatchNorm layers all share an eps other than 1e-5 (PyTorch's and ONNX's
-    default), and measures how much each channel's gain would change with the default.
+    Notes models whose BatchNorm layers all share an eps other than their framework's default
+    (1e-5 in PyTorch, ONNX and Caffe; 1e-3 in Keras), and measures how much each channel's gain
+    would change with that default.
 
     ## Why is this bad?
     It is not wrong in itself — Keras' default is 1e-3 and some torchvision models use 1e-3 on
@@ -231,12 +240,18 @@ def eps_nondefault(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """
     known = _known_eps(model)
     values = {eps for _, eps in known}
-    if len(values) == 1 and not np.isclose(next(iter(values)), TORCH_DEFAULT_EPS, rtol=1e-6, atol=0):
-        eps = next(iter(values))
-        changes = [c for layer, _ in known if (c := _scale_change(layer, eps, TORCH_DEFAULT_EPS)) is not None]
-        worst = max(changes) if changes else None
-        detail = f"; with eps 1e-05 instead, channel gains would change by up to {worst:.1%}" if worst is not None else ""
-        yield Hit(message=f"all {len(known)} BN layers use eps {num(eps)} (default 1e-05){detail}", values={"eps": eps, "max_gain_change": worst})
+    frameworks = {layer.framework for layer, _ in known}
+    if len(values) != 1 or len(frameworks) != 1:
+        return
+    eps = next(iter(values))
+    own = conventions(next(iter(frameworks)))
+    if np.isclose(eps, own.default_eps, rtol=1e-6, atol=0):
+        return
+    changes = [c for layer, _ in known if (c := _scale_change(layer, eps, own.default_eps)) is not None]
+    worst = max(changes) if changes else None
+    detail = f"; with eps {num(own.default_eps)} instead, channel gains would change by up to {worst:.1%}" if worst is not None else ""
+    yield Hit(message=f"all {len(known)} BN layers use eps {num(eps)} ({own.display}'s default is {num(own.default_eps)}){detail}",
+              values={"eps": eps, "default_eps": own.default_eps, "max_gain_change": worst})
 
 
 @rule(
@@ -280,3 +295,97 @@ def eps_mixed(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
                 layer=layer.name,
                 values={"eps": eps, "majority_eps": majority, "max_gain_change": change},
             )
+
+
+@rule(
+    code="BN307",
+    name="training-options",
+    severity=Severity.INFO,
+    summary="Batch renormalisation, virtual batches or cross-device synchronisation change how training normalises.",
+    fix="Nothing to fix at inference; when fine-tuning or judging small batches (BN604), use the batch size these options imply.",
+)
+def training_options(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Notes BatchNorm layers configured with options that change how *training* normalises:
+    `renorm` (batch renormalisation, tf.keras 2), `virtual_batch_size` (statistics over
+    sub-batches, tf.keras 2) and `synchronized` (statistics over all devices, Keras 3 /
+    SyncBatchNormalization).
+
+    ## Why is this bad?
+    It is not wrong, but it changes what the stored statistics mean and what fine-tuning will
+    do. In inference mode all three normalise with the moving statistics exactly like plain
+    BatchNorm. In training, renorm corrects the batch statistics towards the moving ones (with
+    clipped r and d), a virtual batch size makes each normalisation see only that many samples
+    (the small-batch noise of BN604 applies at that size, not at the real batch size), and
+    synchronisation pools statistics across devices (the per-device batch is then not the one
+    that counts). A converter that drops these options trains a different model.
+
+    ## Example
+    `tf.keras.layers.BatchNormalization(virtual_batch_size=4)` in a model trained with batches
+    of 64: every normalisation in training saw 4 samples.
+
+    ## Use instead
+    Keep the options when converting or fine-tuning; pass `--train-batch-size` equal to the
+    virtual batch size when checking small-batch noise.
+
+    ## References
+    - Ioffe 2017, "Batch Renormalization".
+    - TensorFlow docs: `tf.keras.layers.BatchNormalization` (`renorm`, `virtual_batch_size`).
+    - Keras docs: `BatchNormalization` (`synchronized`).
+    """
+    if not layer.training_options:
+        return
+    shown = ", ".join(f"{key}={value!r}" for key, value in sorted(layer.training_options.items()))
+    effects = []
+    if layer.training_options.get("renorm"):
+        effects.append("training corrects batch statistics towards the moving ones (batch renormalisation)")
+    if layer.training_options.get("virtual_batch_size"):
+        effects.append(f"training normalises over virtual batches of {layer.training_options['virtual_batch_size']} samples")
+    if layer.training_options.get("synchronized"):
+        effects.append("training pools batch statistics across devices")
+    detail = "; ".join(effects) or "changes how training computes batch statistics"
+    yield Hit(
+        message=f"{shown}: {detail}; inference uses the moving statistics as usual",
+        layer=layer.name,
+        values={"options": dict(layer.training_options)},
+    )
+
+
+@rule(
+    code="BN308",
+    name="non-channel-axis",
+    severity=Severity.INFO,
+    summary="BatchNorm normalises along an axis that is not the data's channel axis.",
+    fix="Normalise the channel axis: axis=-1 for channels-last data, axis=1 for channels-first.",
+)
+def non_channel_axis(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Notes BatchNorm layers whose `axis` is not the channel axis of the data they normalise, as
+    far as the file shows it (Keras: the layer's `axis` against the model's `data_format` and the
+    shape of the layer's input).
+
+    ## Why is this bad?
+    BatchNorm keeps one mean and variance per index of `axis` and pools everything else. On the
+    channel axis that is one statistic per feature map, as intended. On another axis (a spatial
+    one, say) it keeps one statistic per row of the image and pools the channels together, which
+    is rarely what was meant; it has been seen in shipped models with `axis=[1]` on
+    channels-last data, usually after a conversion from channels-first code.
+
+    ## Example
+    `BatchNormalization(axis=1)` after a `Conv2D` on `(batch, height, width, channels)` input.
+
+    ## Use instead
+    `BatchNormalization()` (axis=-1) for channels-last data; `axis=1` only for channels-first.
+
+    ## References
+    - Keras docs: `BatchNormalization` (`axis`: "the axis that should be normalized (typically
+      the features axis)").
+    """
+    if layer.channel_axis is not False:
+        return
+    yield Hit(
+        message=f"normalises axis {layer.axis}, which is not the channel axis of its input: one statistic per "
+        "position along that axis, channels pooled together",
+        layer=layer.name,
+        values={"axis": layer.axis},
+    )

@@ -1,6 +1,6 @@
 """BN6xx: what running the model on the user's data (--data) shows about each BatchNorm layer.
 
-The subject of these rules is `bnlint.dynamic.analysis.DynamicAnalysis`; the thresholds are the
+The subject of these rules is `bnlint.measurements.Measurements`; the thresholds are the
 [tool.bnlint.dynamic] settings (defaults in bnlint.dynamic.options.DYNAMIC_DEFAULTS). Nothing here
 imports torch.
 """
@@ -8,9 +8,12 @@ imports torch.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Iterator
 
+from bnlint.context import RuleContext
+from bnlint.dynamic.metrics import LayerDrift
 from bnlint.findings import Severity
+from bnlint.measurements import Measurements
 from bnlint.rules._util import num
 from bnlint.rules.registry import Hit, rule
 
@@ -18,7 +21,7 @@ REESTIMATE = ("re-estimate the running statistics on target-domain data over man
               "torch.optim.swa_utils.update_bn with momentum=None, or precise BN), never from one small batch")
 
 
-def _drifting(analysis: Any) -> list[Any]:
+def _drifting(analysis: Measurements) -> list[LayerDrift]:
     """Layers whose drift is large (drift_kl) and stands above the sample's noise floor (drift_significance)."""
     settings = analysis.settings
     found = []
@@ -44,7 +47,7 @@ def _drifting(analysis: Any) -> list[Any]:
     fix="If the data is the deployment domain, " + REESTIMATE + "; if it should be in-domain, check its preprocessing.",
     scope="dynamic",
 )
-def distribution_drift(analysis: Any, ctx: Any) -> Iterator[Hit]:
+def distribution_drift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Runs the model in eval mode over the `--data` sample and measures, per channel of every
     BatchNorm layer, the mean and variance of the layer's input over samples and spatial
@@ -91,12 +94,14 @@ def distribution_drift(analysis: Any, ctx: Any) -> Iterator[Hit]:
     for layer in _drifting(analysis):
         s = layer.summary
         over = sum(1 for v in layer.per_channel["kl"] if v > analysis.settings["drift_kl"])
-        worst = int(s["max_channel"]) if s.get("max_channel") is not None else None
+        max_channel, mean_kl, noise_kl = s.get("max_channel"), s.get("mean_kl"), s.get("noise_kl")
+        worst = int(max_channel) if max_channel is not None else None
+        ratio = num(mean_kl / noise_kl) if mean_kl is not None and noise_kl else "inf"
         yield Hit(
             message=f"input statistics on the data differ from the stored running statistics: mean KL {num(s['mean_kl'])} "
             f"(mean |SMD| {num(s['mean_abs_smd'])}, mean |log var ratio| {num(s['mean_abs_lvr'])}; "
             f"{over} of {layer.channels} channels over {num(analysis.settings['drift_kl'])}; worst channel {worst}, KL {num(s['max_kl'])}), "
-            f"{num(s['mean_kl'] / s['noise_kl']) if s['noise_kl'] else 'inf'}x the noise floor of {layer.samples} samples; "
+            f"{ratio}x the noise floor of {layer.samples} samples; "
             "eval mode normalises with the stored statistics, so this layer's output is shifted and rescaled",
             layer=layer.name,
             values={"mean_kl": s["mean_kl"], "max_kl": s["max_kl"], "mean_abs_smd": s["mean_abs_smd"], "max_abs_smd": s["max_abs_smd"],
@@ -113,7 +118,7 @@ def distribution_drift(analysis: Any, ctx: Any) -> Iterator[Hit]:
     fix="Look at the data's preprocessing and the layers before this one; later layers inherit the drift.",
     scope="dynamic",
 )
-def drift_onset(analysis: Any, ctx: Any) -> Iterator[Hit]:
+def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Among the layers reported by BN601, names the first one in execution (graph) order.
 
@@ -156,7 +161,7 @@ def drift_onset(analysis: Any, ctx: Any) -> Iterator[Hit]:
     fix="Run with more samples (the message estimates how many).",
     scope="dynamic",
 )
-def sample_too_small(analysis: Any, ctx: Any) -> Iterator[Hit]:
+def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Estimates each layer's noise floor: the KL divergence the sample would show between its
     statistics and the stored ones if there were no drift at all, from the jackknife standard
@@ -217,7 +222,7 @@ def sample_too_small(analysis: Any, ctx: Any) -> Iterator[Hit]:
     "(eval mode / FrozenBatchNorm2d) or use GroupNorm; then re-estimate running statistics over many batches.",
     scope="dynamic",
 )
-def small_batch_noise(analysis: Any, ctx: Any) -> Iterator[Hit]:
+def small_batch_noise(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Given the training batch size B (`--train-batch-size`, or `hyper_parameters.batch_size` of a
     Lightning checkpoint), cuts the data into consecutive batches of B samples and measures how
@@ -277,7 +282,7 @@ def small_batch_noise(analysis: Any, ctx: Any) -> Iterator[Hit]:
     fix="Use at least 2 samples per (per-device) batch and drop_last=True, or freeze this BatchNorm (eval mode).",
     scope="dynamic",
 )
-def single_value_batch(analysis: Any, ctx: Any) -> Iterator[Hit]:
+def single_value_batch(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Finds layers whose input has one value per channel per sample (BatchNorm1d on (N, C), or a
     1x1 feature map) when the training batch size is 1.
@@ -319,7 +324,7 @@ def single_value_batch(analysis: Any, ctx: Any) -> Iterator[Hit]:
     "track_running_stats=True, and export ONNX with training_mode=0.",
     scope="dynamic",
 )
-def batch_dependence(analysis: Any, ctx: Any) -> Iterator[Hit]:
+def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Runs the first few samples (`dependence-samples`, default 4) of the data one at a time and
     then together as one batch, and compares the model's outputs and every BatchNorm layer's

@@ -1,36 +1,25 @@
-"""BN404-BN406 (mode baked into an ONNX/TorchScript graph) and BN5xx (graph structure).
+"""BN404-BN406 (batch statistics baked into an exported graph) and BN5xx (graph structure).
 
-These rules read what the ONNX loader records: `layer.extra` (training reasons, where mean/var
-come from, the op feeding the BN) and `model.graph` / `model.metadata` (graph inputs, lazy
-initializer tensors). Layers from other formats lack those keys and are skipped.
+These rules read the neutral facts every graph loader fills (ONNX, Keras, Caffe): a layer's
+`training_reasons`, `stats_source` and `producer`, and the model's `nodes` and `inputs`. No rule
+here knows an op name of any framework: ops are judged by `GraphNode.kind`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
+from bnlint.context import RuleContext
 from bnlint.findings import Severity
-from bnlint.model import BNLayer, ModelInfo, TensorRef
+from bnlint.model import FOLDABLE_KINDS, BNLayer, GraphNode, ModelInfo, TensorRef
 from bnlint.rules._util import channel_text, channels, num
 from bnlint.rules.registry import Hit, rule
 
-if TYPE_CHECKING:
-    from bnlint.engine import RuleContext
-
-FOLDABLE_OPS = ("Conv", "ConvTranspose", "Gemm")  # a following inference BN folds into these
-CONV_OPS = ("Conv", "ConvTranspose")  # BN506 is about convolutions (as planned), not Linear/Gemm
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+CONV_KINDS = ("conv", "conv_transpose")  # BN506 is about convolutions (as planned), not Linear/Gemm
+WEIGHT_KINDS = ("conv", "conv_transpose", "dense", "matmul")
 MIN_CHANNELS = 4  # fewer output channels give no meaningful median for BN503
-
-
-def _node_label(data: dict[str, Any], index: int) -> str:
-    return data.get("name") or f"{data.get('op_type', 'node')}_{index}"
-
-
-def _onnx_tensor(model: ModelInfo, name: str) -> TensorRef | None:
-    return (model.metadata.get("onnx_tensors") or {}).get(name) if name else None
 
 
 def _is_float(ref: TensorRef) -> bool:
@@ -39,48 +28,55 @@ def _is_float(ref: TensorRef) -> bool:
 
 @rule(
     code="BN404",
-    name="onnx-training-mode",
+    name="graph-training-mode",
     severity=Severity.ERROR,
-    summary="An ONNX BatchNormalization node runs in training mode (batch statistics).",
-    fix="Export with model.eval() and torch.onnx.export(..., training=torch.onnx.TrainingMode.EVAL), "
-    "or rewrite the node to its inference form (one output, training_mode=0).",
+    summary="A BatchNorm in an exported graph normalises with batch statistics at inference (ONNX training mode, "
+    "Caffe use_global_stats: false).",
+    fix="ONNX: export with model.eval() and training=torch.onnx.TrainingMode.EVAL, or `bnlint fix` rewrites the node to "
+    "its inference form. Caffe: set use_global_stats: true (or drop the line) in the deploy prototxt.",
 )
-def onnx_training_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+def graph_training_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Finds ONNX `BatchNormalization` nodes that compute training statistics: `training_mode=1`
-    (opset 14 and later), more than one output (opsets 7 to 13: the running and saved
-    mean/variance outputs exist only in training mode), or `is_test=0` (opsets 1 and 6, where
-    0 is also the default when the attribute is absent).
+    Finds BatchNorm layers whose exported form computes batch statistics whatever the runtime
+    is asked to do:
+    - ONNX `BatchNormalization` nodes in training form: `training_mode=1` (opset 14 and later),
+      more than one output (opsets 7 to 13: the running and saved mean/variance outputs exist
+      only in training mode), or `is_test=0` (opsets 1 and 6, where 0 is also the default when
+      the attribute is absent);
+    - Caffe `BatchNorm` layers with `use_global_stats: false` in the net that will be deployed
+      (a deploy prototxt, or a `.caffemodel` read without one).
 
     ## Why is this bad?
-    In training mode the node normalises each batch with that batch's own mean and variance
-    and ignores the stored `input_mean`/`input_var` for its output. At inference that makes a
-    sample's result depend on the other samples in its batch, and a batch of one sample with
-    no spatial extent collapses every channel to the bias. onnxruntime runs such a node without
-    complaint and returns these batch-dependent outputs.
+    Such a layer normalises each batch with that batch's own mean and variance and ignores the
+    stored statistics. At inference that makes a sample's result depend on the other samples in
+    its batch, and a batch of one sample with no spatial extent collapses every channel to the
+    bias. onnxruntime and Caffe run these layers without complaint and return batch-dependent
+    outputs.
 
     ## Example
     `torch.onnx.export(model, x, "m.onnx", dynamo=False, training=torch.onnx.TrainingMode.TRAINING)`
     writes `BatchNormalization(..., training_mode=1)` with three outputs (opset 14+) or five
-    outputs (opset 9 to 13).
+    outputs (opset 9 to 13). In Caffe, a deploy prototxt copied from the train prototxt keeps
+    `batch_norm_param { use_global_stats: false }`.
 
     ## Use instead
     Call `model.eval()` and export with the default `training=torch.onnx.TrainingMode.EVAL`;
-    the node then has one output and uses the stored running statistics.
+    the node then has one output and uses the stored running statistics. In Caffe, delete the
+    `use_global_stats: false` line from the deploy prototxt (the TEST phase defaults to true).
 
     ## References
     - ONNX operator spec: BatchNormalization (versions 1, 6, 7, 9, 14, 15).
     - microsoft/onnxscript#1791 and #1338; microsoft/onnxruntime#29790.
+    - BVLC/caffe#5829 (`use_global_stats` at test time); Caffe `batch_norm_layer.cpp`.
     """
-    if layer.framework != "onnx" or not layer.training:
-        return
-    reasons = list(layer.extra.get("training_reasons") or ["training mode"])
-    opset = layer.extra.get("opset")
+    if not layer.training or not layer.training_reasons:
+        return  # a switchable train/eval flag (a pickled module) is BN401/BN402's
+    version = f"; {ctx.model.format_version}" if ctx.model.format_version else ""
     yield Hit(
-        message=f"BatchNormalization computes batch statistics ({'; '.join(reasons)}; opset {opset}): "
-        "outputs depend on the rest of the batch and the stored running statistics are not used",
+        message=f"{layer.kind} normalises with batch statistics at inference ({'; '.join(layer.training_reasons)}{version}): "
+        "outputs depend on the rest of the batch and the stored statistics are not used",
         layer=layer.name,
-        values={"reasons": reasons, "opset": opset, "outputs": len([o for o in layer.extra.get("node_outputs", []) if o])},
+        values={"reasons": list(layer.training_reasons), "format_version": ctx.model.format_version},
     )
 
 
@@ -122,17 +118,13 @@ def traced_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     - PyTorch docs: `torch.jit.trace` (ops that behave differently in training and eval mode keep
       the mode they were traced in, whatever mode the ScriptModule is later put in).
     """
-    for entry in model.metadata.get("traced_training_bn") or []:
-        layer, detail = None, str(entry)
-        if isinstance(entry, dict):
-            layer = entry.get("layer") or entry.get("module") or entry.get("name")
-            detail = str(entry.get("code") or entry.get("call") or entry.get("text") or entry.get("line") or "")
-        shown = f" ({detail.strip()[:160]})" if detail.strip() else ""
+    for call in model.traced_training:
+        shown = f" ({call.code.strip()[:160]})" if call.code.strip() else ""
         yield Hit(
             message=f"TorchScript calls batch_norm with training=True baked in{shown}: .eval() cannot switch it off, "
             "every call uses batch statistics and updates the running statistics",
-            layer=str(layer) if layer else None,
-            values={"entry": entry if isinstance(entry, (str, dict)) else str(entry)},
+            layer=call.layer,
+            values={"code": call.code, "location": call.location},
         )
 
 
@@ -169,15 +161,14 @@ def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]
     - PyTorch docs: `torch.nn.BatchNorm2d` ("track_running_stats").
     - ONNX operator spec: BatchNormalization (`input_mean`, `input_var`).
     """
-    if layer.framework != "onnx" or layer.extra.get("stats_source") != "computed":
+    if layer.stats_source != "computed":
         return
-    ops = layer.extra.get("stats_ops") or []
-    by = f" by {', '.join(ops)}" if ops else ""
+    by = f" by {', '.join(layer.stats_ops)}" if layer.stats_ops else ""
     yield Hit(
         message=f"mean/var are computed in the graph{by} from the input batch: every batch is normalised "
         "with its own statistics (the export of a track_running_stats=False layer)",
         layer=layer.name,
-        values={"stats_ops": ops, "training_mode": layer.extra.get("training_mode")},
+        values={"stats_ops": list(layer.stats_ops)},
     )
 
 
@@ -185,7 +176,7 @@ def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]
     code="BN501",
     name="bn-folded",
     severity=Severity.INFO,
-    summary="The ONNX graph has Conv/Gemm nodes but no BatchNormalization: BN was probably folded at export.",
+    summary="The graph has convolution/dense nodes but no BatchNorm: BN was probably folded at export.",
     fix="To lint the BN statistics, export with torch.onnx.export(..., dynamo=False, do_constant_folding=False) "
     "(or dynamo=True, optimize=False).",
     scope="model",
@@ -214,37 +205,26 @@ def bn_folded(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     - PyTorch docs: `torch.onnx.export` (`do_constant_folding`, `optimize`).
     - ONNX Runtime docs: graph optimizations (Conv/BatchNormalization fusion).
     """
-    if model.format != "onnx" or not model.metadata.get("folded_bn"):
+    if not model.folded_bn:
         return
-    ops = [data["op_type"] for _, data in _nodes(model)]
-    conv, gemm = ops.count("Conv"), ops.count("Gemm")
+    kinds = [node.kind for node in model.nodes]
+    conv, dense = kinds.count("conv") + kinds.count("conv_transpose"), kinds.count("dense")
     yield Hit(
-        message=f"no BatchNormalization node but {conv} Conv and {gemm} Gemm nodes: BatchNorm was probably folded "
-        "into their weights at export, so its statistics cannot be checked",
-        values={"conv": conv, "gemm": gemm},
+        message=f"no BatchNorm but {conv} convolution and {dense} dense (Gemm/Linear) nodes: BatchNorm was probably "
+        "folded into their weights at export, so its statistics cannot be checked",
+        values={"conv": conv, "dense": dense},
     )
 
 
-def _nodes(model: ModelInfo) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Top-level ONNX nodes as (index, attributes) read from the proto: cheap, no networkx."""
-    proto = model.metadata.get("onnx_model") if model.format == "onnx" else None
-    if proto is None:
-        return
-    for index, node in enumerate(proto.graph.node):
-        yield index, {"op_type": node.op_type, "name": node.name, "inputs": list(node.input), "outputs": list(node.output)}
-
-
-def _weight_nodes(model: ModelInfo, ops: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Nodes of these ops that no BatchNormalization follows: where a folded BN would have gone.
+def _weight_nodes(model: ModelInfo, kinds: tuple[str, ...]) -> Iterator[GraphNode]:
+    """Nodes of these kinds that no BatchNorm follows: where a folded BN would have gone.
 
     Where a BN node follows, its own statistics are linted directly (BN1xx) and the raw weights
     are rescaled by it, so reading every convolution's weights would cost time for nothing.
     """
-    nodes = list(_nodes(model))
-    bn_inputs = {data["inputs"][0] for _, data in nodes if data["op_type"] == "BatchNormalization" and data["inputs"]}
-    for index, data in nodes:
-        if data["op_type"] in ops and not bn_inputs.intersection(data["outputs"]):
-            yield index, data
+    for node in model.nodes:
+        if node.kind in kinds and not node.followed_by_bn:
+            yield node
 
 
 @rule(
@@ -277,11 +257,9 @@ def folded_weights_nonfinite(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit
     ## References
     - pytorch/pytorch#90342 (NaN running statistics); Xilinx/brevitas#388 (overflow when folding BN).
     """
-    for index, data in _weight_nodes(model, WEIGHT_OPS):
-        inputs = data.get("inputs") or []
+    for node in _weight_nodes(model, WEIGHT_KINDS):
         bad: dict[str, dict[str, int]] = {}
-        for role, position in (("weight", 1), ("bias", 2)):
-            ref = _onnx_tensor(model, inputs[position] if len(inputs) > position else "")
+        for role, ref in (("weight", node.weight), ("bias", node.bias)):
             if ref is None or not _is_float(ref):
                 continue
             values = ref.numpy()
@@ -290,29 +268,20 @@ def folded_weights_nonfinite(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit
                 bad[role] = {"nan": nan, "inf": inf, "size": int(values.size)}
         if bad:
             parts = [f"{role} has {c['nan']} NaN and {c['inf']} Inf of {c['size']} values" for role, c in bad.items()]
-            yield Hit(message=f"{data['op_type']}: {'; '.join(parts)}", layer=_node_label(data, index), values={"tensors": bad})
+            yield Hit(message=f"{node.op}: {'; '.join(parts)}", layer=node.name, values={"tensors": bad})
 
 
-def _channel_norms(weight: np.ndarray, op: str, trans_b: bool) -> np.ndarray | None:
-    """L2 norm per output channel: Conv weight (M, C/g, k...) by rows; Gemm/MatMul by output column."""
-    if op == "Conv" and weight.ndim >= 2:
+def _channel_norms(weight: np.ndarray, node: GraphNode) -> np.ndarray | None:
+    """L2 norm per output channel: conv weight (M, C/g, k...) by rows; dense/matmul by output unit."""
+    if node.kind == "conv" and weight.ndim >= 2:
         rows = weight.reshape(weight.shape[0], -1)
-    elif op in ("Gemm", "MatMul") and weight.ndim == 2:
-        rows = weight if trans_b else weight.T
+    elif node.kind in ("dense", "matmul") and weight.ndim == 2:
+        rows = weight if node.weight_rows_out else weight.T
     else:
         return None
     # float32 norms are ample for a 100x outlier test, and skip a float64 copy of the whole weight.
     rows = rows if rows.dtype in (np.float32, np.float64) else rows.astype(np.float32)
-    return np.linalg.norm(rows, axis=1).astype(np.float64)
-
-
-def _trans_b(model: ModelInfo, index: int) -> bool:
-    """Gemm's transB, read from the kept ModelProto (graph node keys are indices into graph.node)."""
-    proto = model.metadata.get("onnx_model")
-    if proto is None or index >= len(proto.graph.node):
-        return False
-    node = proto.graph.node[index]
-    return node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+    return np.asarray(np.linalg.norm(rows, axis=1), dtype=np.float64)
 
 
 @rule(
@@ -349,12 +318,11 @@ def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     - Xilinx/brevitas#388 (folded BN scales overflow); pytorch/vision#2599 (near-zero running_var).
     """
     ratio_limit = ctx.config.threshold("folded_scale_outlier_ratio")
-    for index, data in _weight_nodes(model, ("Conv", "Gemm", "MatMul")):
-        inputs = data.get("inputs") or []
-        ref = _onnx_tensor(model, inputs[1] if len(inputs) > 1 else "")
+    for node in _weight_nodes(model, ("conv", "dense", "matmul")):
+        ref = node.weight
         if ref is None or not _is_float(ref):
             continue
-        norms = _channel_norms(ref.numpy(), data["op_type"], _trans_b(model, index))
+        norms = _channel_norms(ref.numpy(), node)
         if norms is None or norms.size < MIN_CHANNELS or not np.isfinite(norms).all():
             continue  # non-finite weights are BN502's
         median = float(np.median(norms))
@@ -365,10 +333,10 @@ def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
         if outliers.any():
             worst = int(np.argmax(ratio))
             yield Hit(
-                message=f"{data['op_type']}: {int(outliers.sum())} of {norms.size} output channels have a weight norm over "
+                message=f"{node.op}: {int(outliers.sum())} of {norms.size} output channels have a weight norm over "
                 f"{num(ratio_limit)}x the median {num(median)} (channel {worst}: {num(float(ratio[worst]))}x; "
                 f"channels {channel_text(outliers)})",
-                layer=_node_label(data, index),
+                layer=node.name,
                 values={"median_norm": median, "max_ratio": float(ratio[worst]), "channels": channels(outliers, 16), "threshold": ratio_limit},
             )
 
@@ -405,30 +373,43 @@ def fixed_batch_one_training(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit
     - fastai/fastai#1352 ("Expected more than 1 value per channel when training").
     - ONNX operator spec: BatchNormalization.
     """
-    if model.format != "onnx":
+    batch_one = [entry.name for entry in model.inputs if entry.batch == 1]
+    risky = {layer.node_index: layer for layer in model.layers
+             if layer.node_index is not None and (layer.training_reasons or layer.stats_source == "computed")}
+    if not batch_one or not risky:
         return
-    batch_one = [entry["name"] for entry in model.metadata.get("inputs") or [] if entry.get("batch") == 1]
-    risky = {layer.extra.get("node"): layer for layer in model.layers
-             if layer.extra.get("node") is not None and (layer.training or layer.extra.get("stats_source") == "computed")}
-    graph = model.graph if batch_one and risky else None  # built (networkx imported) only when needed
-    if graph is None:
-        return
-    import networkx as nx  # only here: the one rule that walks the graph
-
     fed_by: dict[int, list[str]] = {}
     for name in batch_one:
-        starts = [n for n, data in graph.nodes(data=True) if name in (data.get("inputs") or [])]
-        reached = set(starts).union(*(nx.descendants(graph, n) for n in starts)) if starts else set()
-        for node in reached & risky.keys():
-            fed_by.setdefault(node, []).append(name)
-    for node, names in sorted(fed_by.items(), key=lambda item: risky[item[0]].order):
-        layer = risky[node]
+        for index in _reached(model.nodes, name) & risky.keys():
+            fed_by.setdefault(index, []).append(name)
+    for index, names in sorted(fed_by.items(), key=lambda item: risky[item[0]].order):
+        layer = risky[index]
         yield Hit(
             message=f"input {', '.join(repr(n) for n in names)} has batch dimension fixed to 1 and reaches this "
-            "BatchNormalization, which uses batch statistics: every sample is normalised with its own statistics",
+            f"{layer.kind}, which uses batch statistics: every sample is normalised with its own statistics",
             layer=layer.name,
             values={"inputs": names},
         )
+
+
+def _reached(nodes: list[GraphNode], start: str) -> set[int]:
+    """Indices of the nodes a tensor reaches (breadth-first over tensor names; linear in the graph)."""
+    consumers: dict[str, list[GraphNode]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            consumers.setdefault(name, []).append(node)
+    reached: set[int] = set()
+    queue, seen = [start], {start}
+    while queue:
+        for node in consumers.get(queue.pop(), ()):
+            if node.index in reached:
+                continue
+            reached.add(node.index)
+            for out in node.outputs:
+                if out and out not in seen:
+                    seen.add(out)
+                    queue.append(out)
+    return reached
 
 
 @rule(
@@ -462,16 +443,15 @@ def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     - ONNX Runtime docs: graph optimizations (Conv BatchNormalization fusion).
     - PyTorch docs: `torch.nn.utils.fusion.fuse_conv_bn_eval`.
     """
-    op = layer.extra.get("producer_op")
-    if op not in FOLDABLE_OPS or layer.training or not layer.extra.get("producer_exclusive"):
+    producer = layer.producer
+    if producer is None or producer.kind not in FOLDABLE_KINDS or layer.training or not producer.exclusive:
         return
-    if layer.extra.get("stats_source") not in ("initializer", "constant"):
+    if layer.stats_source != "stored":
         return
-    producer = layer.extra.get("producer_node") or op
     yield Hit(
-        message=f"follows {op} {producer!r} in an inference graph and could be folded into it",
+        message=f"follows {producer.op} {producer.name!r} in an inference graph and could be folded into it",
         layer=layer.name,
-        values={"producer_op": op, "producer": producer},
+        values={"producer_op": producer.op, "producer": producer.name},
     )
 
 
@@ -506,20 +486,19 @@ def conv_bias_before_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     - Ioffe & Szegedy 2015, "Batch Normalization", section 3.2 (the bias "can be ignored").
     - PyTorch docs: `torch.nn.Conv2d` (`bias`).
     """
-    op = layer.extra.get("producer_op")
-    if op not in CONV_OPS or not layer.extra.get("producer_has_bias") or not layer.extra.get("producer_exclusive"):
+    producer = layer.producer
+    if producer is None or producer.kind not in CONV_KINDS or not producer.has_bias or not producer.exclusive:
         return
-    ref = _onnx_tensor(ctx.model, layer.extra.get("producer_bias") or "")
+    ref = producer.bias
     if ref is None or not _is_float(ref):
         return  # a computed bias (e.g. the dynamo exporter's expanded zeros) cannot be judged
     bias = np.asarray(ref.numpy(), dtype=np.float64)
     largest = float(np.max(np.abs(bias))) if bias.size else 0.0
     if largest == 0.0:
         return  # an all-zero bias is an exporter artefact, not a trained parameter
-    producer = layer.extra.get("producer_node") or op
     yield Hit(
-        message=f"{op} {producer!r} adds a bias (max |b| = {num(largest)}) right before this BatchNormalization, "
+        message=f"{producer.op} {producer.name!r} adds a bias (max |b| = {num(largest)}) right before this {layer.kind}, "
         "which subtracts the channel mean: the bias is redundant",
         layer=layer.name,
-        values={"producer_op": op, "producer": producer, "max_abs_bias": largest},
+        values={"producer_op": producer.op, "producer": producer.name, "max_abs_bias": largest},
     )

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
+from bnlint.context import RuleContext
 from bnlint.findings import Severity
 from bnlint.model import ModelInfo
 from bnlint.rules.registry import Hit, rule
-
-if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
-    from bnlint.engine import RuleContext
 
 
 @rule(
@@ -78,8 +76,8 @@ def no_batchnorm(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     ## References
     - PyTorch docs: `torch.nn.InstanceNorm2d` ("track_running_stats").
     """
-    if model.layers or model.metadata.get("folded_bn"):
+    if model.layers or model.folded_bn:
         return
-    others = model.metadata.get("other_norms") or []
+    others = model.other_norms
     detail = f"; skipped other norms: {', '.join(others[:5])}" if others else ""
     yield Hit(message=f"no BatchNorm layer found{detail}", values={"other_norms": list(others)})

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from bnlint.context import RuleContext
 from bnlint.findings import Severity
-from bnlint.model import BNLayer, ModelInfo
-from bnlint.rules._util import num
+from bnlint.model import BNLayer, ModelInfo, ModuleRecord
+from bnlint.rules._util import eps_of, num
 from bnlint.rules.registry import Hit, rule
 
-if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
-    from bnlint.engine import RuleContext
 
+def _saved_modes(model: ModelInfo) -> tuple[list[BNLayer], list[BNLayer]]:
+    """(train-mode, eval-mode) layers among those with a saved, switchable mode flag.
 
-def _torch_modes(model: ModelInfo) -> tuple[list[BNLayer], list[BNLayer]]:
-    known = [layer for layer in model.layers if layer.framework == "torch" and layer.is_known("training")]
+    Modes baked into an exported graph (`training_reasons`) are BN404's, not a saved flag.
+    """
+    known = [layer for layer in model.layers if layer.is_known("training") and not layer.training_reasons]
     return [layer for layer in known if layer.training], [layer for layer in known if not layer.training]
 
 
@@ -53,7 +55,7 @@ def saved_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     ## References
     - PyTorch docs, "Saving and loading models" (call `model.eval()` before inference).
     """
-    train, evaluation = _torch_modes(model)
+    train, evaluation = _saved_modes(model)
     if train and not evaluation:
         state = "are in" if model.format == "torch-live" else "were saved in"
         yield Hit(
@@ -91,7 +93,7 @@ def mixed_modes(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     ## References
     - open-mmlab/mmdetection PR #560 (`norm_eval`).
     """
-    train, evaluation = _torch_modes(model)
+    train, evaluation = _saved_modes(model)
     if train and evaluation:
         yield Hit(
             message=f"{len(train)} BatchNorm layers are in train mode ({_names(train)}) and {len(evaluation)} in eval mode "
@@ -189,20 +191,119 @@ def stats_moved_while_frozen(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit
         before = base.get(_strip(layer.name))
         if before is None:
             continue
-        arrays = {t: (layer.array(t), before.array(t)) for t in ("weight", "bias", "running_mean", "running_var")}
-        if any(a is None or b is None or a.shape != b.shape for a, b in arrays.values()):
+        pairs = [(layer.array(t), before.array(t)) for t in ("weight", "bias", "running_mean", "running_var")]
+        arrays = [(a, b) for a, b in pairs if a is not None and b is not None and a.shape == b.shape]
+        if len(arrays) < 4:
             continue
-        frozen = all(np.array_equal(*arrays[t], equal_nan=True) for t in ("weight", "bias"))
-        mean, mean_ref = arrays["running_mean"]
-        var, var_ref = arrays["running_var"]
+        (weight, weight_ref), (bias, bias_ref), (mean, mean_ref), (var, var_ref) = arrays
+        frozen = np.array_equal(weight, weight_ref, equal_nan=True) and np.array_equal(bias, bias_ref, equal_nan=True)
         if not frozen or (np.array_equal(mean, mean_ref, equal_nan=True) and np.array_equal(var, var_ref, equal_nan=True)):
             continue
+        eps = eps_of(layer)
         with np.errstate(all="ignore"):
-            shift = np.abs(mean - mean_ref) / np.sqrt(np.maximum(var_ref, 0) + 1e-5)
-            ratio = np.abs(np.log((var + 1e-5) / (var_ref + 1e-5)))
+            shift = np.abs(mean - mean_ref) / np.sqrt(np.maximum(var_ref, 0) + eps)
+            ratio = np.abs(np.log((var + eps) / (var_ref + eps)))
         yield Hit(
             message=f"weight/bias identical to the reference but running stats moved (max mean shift "
             f"{num(float(np.nanmax(shift)))} reference std, max |log var ratio| {num(float(np.nanmax(ratio)))})",
             layer=layer.name,
             values={"max_mean_shift": float(np.nanmax(shift)), "max_abs_log_var_ratio": float(np.nanmax(ratio))},
         )
+
+
+def _preceding_weighted(model: ModelInfo, layer: BNLayer) -> ModuleRecord | None:
+    """The nearest module before the layer, in order, that holds weights and is not a BatchNorm."""
+    bn_names = {bn.name for bn in model.layers}
+    record = model.modules.get(layer.name)
+    if record is None:
+        return None
+    earlier = [m for m in model.modules.values() if m.order < record.order and m.has_weights and m.name not in bn_names]
+    return max(earlier, key=lambda m: m.order) if earlier else None
+
+
+@rule(
+    code="BN408",
+    name="trainable-bn-in-frozen-model",
+    severity=Severity.ERROR,
+    summary="A Keras BatchNormalization stays trainable while the layers around it are frozen: fit() moves its statistics.",
+    fix="Set trainable=False on the BatchNormalization layers too (e.g. freeze the whole backbone with "
+    "base_model.trainable = False); in Keras that also makes them run in inference mode during fit().",
+)
+def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Finds BatchNormalization layers that are trainable (their own flag and every enclosing
+    model's) while the weighted layer before them is frozen (`trainable: false`) — the shape of
+    a backbone frozen layer by layer with its BatchNorm layers left out. A BatchNorm layer with
+    `trainable: false`, the correct Keras freeze, is never reported.
+
+    ## Why is this bad?
+    In Keras (TF 2 and Keras 3), a BatchNormalization layer with `trainable=True` runs in
+    training mode inside `fit()`: it normalises every batch with that batch's statistics and
+    moves its moving mean and variance towards the fine-tuning data. The frozen layers around it
+    were trained against the old statistics, so the "frozen" backbone changes anyway, most of
+    all on a small or differently distributed fine-tuning set. Setting `trainable=False` on a
+    BatchNormalization layer makes it run in inference mode (it reads its moving statistics and
+    updates nothing), which is what a frozen backbone needs.
+
+    ## Example
+    ```python
+    for layer in base_model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False   # BN left trainable: its statistics drift in fit()
+    ```
+
+    ## Use instead
+    ```python
+    base_model.trainable = False      # freezes every sublayer, BatchNormalization included
+    x = base_model(inputs, training=False)
+    ```
+
+    ## References
+    - Keras guide: "Transfer learning & fine-tuning" (BatchNormalization and `trainable=False`).
+    - keras-team/keras#4762 and #9965 (BatchNorm statistics updated in "frozen" models before Keras 2.1.3).
+    """
+    if layer.effective_trainable is not True:
+        return
+    before = _preceding_weighted(ctx.model, layer)
+    if before is None or before.effective_trainable is not False:
+        return
+    yield Hit(
+        message=f"trainable while the layer before it, {before.name!r}, is frozen: in fit() it runs in training mode, "
+        "normalises with each batch's statistics and moves its moving mean/variance to the fine-tuning data",
+        layer=layer.name,
+        values={"frozen_neighbour": before.name},
+    )
+
+
+@rule(
+    code="BN409",
+    name="mode-disagreement",
+    severity=Severity.WARNING,
+    summary="Two files of one model disagree about whether a BatchNorm uses its stored statistics.",
+    fix="Make the files agree: use_global_stats: true (or unset) in the deploy prototxt, and deploy the file you linted.",
+)
+def mode_disagreement(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Reports BatchNorm layers described by two files (a Caffe deploy `.prototxt` and the
+    `.caffemodel` with its weights) that disagree about `use_global_stats`.
+
+    ## Why is this bad?
+    Which setting applies depends on which file the runtime reads the layer definition from: a
+    shipped `.caffemodel` is often the TRAIN net with `use_global_stats: false`, while the
+    deploy prototxt says true (or relies on the TEST-phase default). Loading the caffemodel's
+    own definition, or a tool that converts from it, then normalises with batch statistics at
+    inference.
+
+    ## Example
+    `deploy.prototxt` has no `use_global_stats` (TEST default: true); `model.caffemodel` stores
+    `batch_norm_param { use_global_stats: false }`.
+
+    ## Use instead
+    Deploy with the prototxt that says `use_global_stats: true` (or leaves it unset), and
+    re-save the caffemodel from the deploy net if tools read its definition.
+
+    ## References
+    - BVLC/caffe#5829; Caffe `batch_norm_layer.cpp` (`use_global_stats` defaults by phase).
+    """
+    if layer.mode_disagreement:
+        yield Hit(message=layer.mode_disagreement, layer=layer.name, values={"disagreement": layer.mode_disagreement})

@@ -59,10 +59,13 @@ _REGISTRY: dict[str, RuleSpec] = {}
 _CODE = re.compile(r"^BN\d{3}$")
 
 
-def rule(*, code: str, name: str, severity: Severity, summary: str, fix: str, scope: Scope = "layer"):
-    """Register a check. Layer rules get (layer, ctx); model rules (model, ctx); dynamic rules (analysis, ctx)."""
+CheckFn = Callable[..., Iterable[Hit]]
 
-    def register(check: Callable[..., Iterable[Hit]]) -> Callable[..., Iterable[Hit]]:
+
+def rule(*, code: str, name: str, severity: Severity, summary: str, fix: str, scope: Scope = "layer") -> Callable[[CheckFn], CheckFn]:
+    """Register a check. Layer rules get (layer, ctx); model rules (model, ctx); dynamic rules (measurements, ctx)."""
+
+    def register(check: CheckFn) -> CheckFn:
         if not _CODE.match(code):
             raise ValueError(f"bad rule code {code!r}")
         if code in _REGISTRY and _REGISTRY[code].check.__qualname__ != check.__qualname__:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
+from bnlint.context import RuleContext
+from bnlint.conventions import conventions
 from bnlint.findings import Severity
 from bnlint.model import BN_TENSORS, BNLayer
-from bnlint.rules._util import TORCH_DEFAULT_MOMENTUM, channel_text, channels, eps_of, num
+from bnlint.rules._util import channel_text, channels, eps_of, num, tname
 from bnlint.rules.registry import Hit, rule
-
-if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
-    from bnlint.engine import RuleContext
 
 FP16_MAX = 65504.0
 
@@ -57,7 +56,7 @@ def nonfinite_stats(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
         nan, inf = np.isnan(values), np.isinf(values)
         if nan.any() or inf.any():
             counts[tensor] = {"nan": int(nan.sum()), "inf": int(inf.sum()), "channels": channels(nan | inf, limit=16)}
-            parts.append(f"{tensor} has {int(nan.sum())} NaN and {int(inf.sum())} Inf (channels {channel_text(nan | inf)})")
+            parts.append(f"{tname(layer, tensor)} has {int(nan.sum())} NaN and {int(inf.sum())} Inf (channels {channel_text(nan | inf)})")
     if counts:
         yield Hit(message="; ".join(parts), layer=layer.name, values={"tensors": counts})
 
@@ -94,7 +93,7 @@ def negative_running_var(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     negative = var < 0
     if negative.any():
         yield Hit(
-            message=f"running_var is negative in {int(negative.sum())} of {var.size} channels "
+            message=f"{tname(layer, 'running_var')} is negative in {int(negative.sum())} of {var.size} channels "
             f"(channels {channel_text(negative)}; min {num(float(var[negative].min()))})",
             layer=layer.name,
             values={"count": int(negative.sum()), "min": float(var[negative].min()), "channels": channels(negative, 16)},
@@ -137,7 +136,7 @@ def near_zero_variance(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     if tiny.any():
         smallest = float(denominator[tiny].min())
         yield Hit(
-            message=f"running_var + eps is below {num(ctx.config.threshold('min_var_plus_eps'))} in "
+            message=f"{tname(layer, 'running_var')} + eps is below {num(ctx.config.threshold('min_var_plus_eps'))} in "
             f"{int(tiny.sum())} channels (channels {channel_text(tiny)}; min {num(smallest)} with eps {num(eps)})",
             layer=layer.name,
             values={"count": int(tiny.sum()), "min_var_plus_eps": smallest, "eps": eps, "channels": channels(tiny, 16)},
@@ -185,22 +184,32 @@ def stats_never_updated(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """
     if layer.is_known("track_running_stats") and layer.track_running_stats is False:
         return
+    mean, var = tname(layer, "running_mean"), tname(layer, "running_var")
+    counter = "" if layer.num_batches_tracked is None and layer.framework != "torch" else \
+        f"; num_batches_tracked {'absent' if layer.num_batches_tracked is None else layer.num_batches_tracked}"
+    if layer.stats_updated is False:  # the format itself records it (Caffe: scale factor 0)
+        yield Hit(
+            message=f"the statistics were never updated ({layer.stats_note or 'the file records no update'}): "
+            f"inference normalises with mean 0 and variance 0 + eps instead of the data's statistics",
+            layer=layer.name,
+            values={"num_batches_tracked": layer.num_batches_tracked, "weights_trained": None},
+        )
+        return
     if not _is_default_stats(layer):
         return
     weight, bias = layer.array("weight"), layer.array("bias")
     trained = (weight is not None and not np.all(weight == 1)) or (bias is not None and not np.all(bias == 0))
-    counter = "absent" if layer.num_batches_tracked is None else str(layer.num_batches_tracked)
     if trained:
         yield Hit(
-            message=f"running_mean is all 0 and running_var all 1 (never updated; num_batches_tracked {counter}) "
-            "while weight/bias are trained: eval mode normalises with the wrong statistics",
+            message=f"{mean} is all 0 and {var} all 1 (never updated{counter}) "
+            f"while {tname(layer, 'weight')}/{tname(layer, 'bias')} are trained: inference normalises with the wrong statistics",
             layer=layer.name,
             values={"num_batches_tracked": layer.num_batches_tracked, "weights_trained": True},
         )
     else:
         yield Hit(
-            message=f"layer is entirely at its initial values (running stats 0/1, weight 1, bias 0; "
-            f"num_batches_tracked {counter}): the model looks untrained",
+            message=f"layer is entirely at its initial values ({mean}/{var} 0/1, {tname(layer, 'weight')} 1, "
+            f"{tname(layer, 'bias')} 0{counter}): the model looks untrained",
             layer=layer.name,
             values={"num_batches_tracked": layer.num_batches_tracked, "weights_trained": False},
             severity=Severity.WARNING,
@@ -239,7 +248,9 @@ def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     count = layer.num_batches_tracked
     if count is None or count <= 0 or count >= ctx.config.threshold("few_updates") or _is_default_stats(layer):
         return
-    momentum = layer.momentum if layer.is_known("momentum") else TORCH_DEFAULT_MOMENTUM
+    own = conventions(layer.framework)
+    default = own.torch_momentum(own.default_momentum) if own.default_momentum is not None else 0.1
+    momentum = layer.momentum if layer.is_known("momentum") else default
     if momentum is None:  # cumulative average: the initial values are gone after the first batch
         message = f"running statistics are the average of only {count} batches (num_batches_tracked {count})"
         leftover = 0.0
@@ -295,7 +306,7 @@ def variance_outlier(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     if outlier.any():
         worst = int(np.flatnonzero(outlier)[np.argmax(np.abs(np.log(var[outlier] / median)))])
         yield Hit(
-            message=f"running_var of {int(outlier.sum())} channels is more than {num(ratio)}x away from the layer "
+            message=f"{tname(layer, 'running_var')} of {int(outlier.sum())} channels is more than {num(ratio)}x away from the layer "
             f"median {num(median)} (channels {channel_text(outlier)}; worst channel {worst}: {num(float(var[worst]))})",
             layer=layer.name,
             values={"median": median, "count": int(outlier.sum()), "channels": channels(outlier, 16), "worst": float(var[worst])},
@@ -335,7 +346,7 @@ def variance_overflows_fp16(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     big = np.isfinite(var) & (var > FP16_MAX)
     if big.any():
         yield Hit(
-            message=f"running_var exceeds the float16 maximum 65504 in {int(big.sum())} channels "
+            message=f"{tname(layer, 'running_var')} exceeds the float16 maximum 65504 in {int(big.sum())} channels "
             f"(channels {channel_text(big)}; max {num(float(var[big].max()))}): a half-precision cast makes them Inf",
             layer=layer.name,
             values={"count": int(big.sum()), "max": float(var[big].max()), "channels": channels(big, 16)},
@@ -376,7 +387,7 @@ def dead_channels(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     dead = np.isfinite(weight) & (np.abs(weight) <= ctx.config.threshold("dead_gamma"))
     if dead.any():
         yield Hit(
-            message=f"{int(dead.sum())} of {weight.size} channels have |weight| <= {num(ctx.config.threshold('dead_gamma'))} "
+            message=f"{int(dead.sum())} of {weight.size} channels have |{tname(layer, 'weight')}| <= {num(ctx.config.threshold('dead_gamma'))} "
             f"and output a constant (channels {channel_text(dead)})",
             layer=layer.name,
             values={"count": int(dead.sum()), "channels": channels(dead, 64)},
@@ -421,7 +432,7 @@ def scale_overflow(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     big = gain > ctx.config.threshold("max_scale")
     if big.any():
         yield Hit(
-            message=f"effective gain |weight|/sqrt(running_var + eps) exceeds {num(ctx.config.threshold('max_scale'))} in "
+            message=f"effective gain |{tname(layer, 'weight')}|/sqrt({tname(layer, 'running_var')} + eps) exceeds {num(ctx.config.threshold('max_scale'))} in "
             f"{int(big.sum())} channels (channels {channel_text(big)}; max {num(float(gain.max()))})",
             layer=layer.name,
             values={"count": int(big.sum()), "max_gain": float(gain.max()), "channels": channels(big, 16)},

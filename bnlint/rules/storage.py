@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
+from bnlint.context import RuleContext
 from bnlint.findings import Severity
 from bnlint.model import BN_TENSORS, BNLayer, ModelInfo
 from bnlint.rules.registry import Hit, rule
-
-if TYPE_CHECKING:  # the engine imports the rules: a runtime import would be circular
-    from bnlint.engine import RuleContext
 
 HALF_DTYPES = ("float16", "bfloat16")
 
@@ -108,7 +106,7 @@ def averaged_checkpoint(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     - PyTorch docs, "Stochastic Weight Averaging" (`update_bn`).
     - mosaicml/composer#624.
     """
-    buffers = model.metadata.get("averaged_buffers") or []
+    buffers = model.averaged_buffers
     if buffers and model.layers:
         yield Hit(
             message=f"averaged (SWA/EMA) checkpoint ({', '.join(buffers[:3])}): BatchNorm running statistics are not "
@@ -146,8 +144,8 @@ def dataparallel_prefix(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     ## References
     - pytorch/pytorch#49794.
     """
-    prefix = model.metadata.get("key_prefix") or ""
-    if model.metadata.get("averaged_buffers"):
+    prefix = model.key_prefix
+    if model.averaged_buffers:
         return  # AveragedModel wraps its model as `module`: that prefix says nothing about DataParallel
     plain = [layer.name for layer in model.layers if layer.kind != "SyncBatchNorm"]
     if prefix.startswith("module.") and plain:
