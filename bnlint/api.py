@@ -27,19 +27,27 @@ class ModelInput:
 
 
 def _caffe_pairs(files: list[Path]) -> list[ModelInput]:
-    """Pair each .caffemodel with a .prototxt of the same folder: same stem first, else the only one.
-
-    A prototxt that completes a caffemodel is linted with it, not on its own.
+    """Pair each .caffemodel with its .prototxt: same stem, else a unique stem that extends the
+    other (`net.caffemodel` + `net_deploy.prototxt`), else the only prototxt beside the only
+    caffemodel (or the only two Caffe files given). A paired prototxt is linted with its model.
     """
     models = [f for f in files if f.suffix.lower() == ".caffemodel"]
     texts = [f for f in files if f.suffix.lower() == ".prototxt"]
     paired: dict[Path, Path] = {}
     for model in models:
         here = [t for t in texts if t.parent == model.parent and t not in paired.values()]
-        same = [t for t in here if t.stem == model.stem or t.stem.startswith(model.stem) or model.stem.startswith(t.stem)]
-        choice = same[0] if len(same) == 1 else (here[0] if len(here) == 1 else None)
-        if choice is not None:
-            paired[model] = choice
+        same = [t for t in here if t.stem == model.stem]
+        if not same:
+            same = [t for t in here if t.stem.startswith(model.stem) or model.stem.startswith(t.stem)]
+        if len(same) == 1:
+            paired[model] = same[0]
+        else:
+            alone = [m for m in models if m.parent == model.parent]
+            beside = [t for t in texts if t.parent == model.parent]
+            if len(alone) == 1 and len(beside) == 1 and beside[0] not in paired.values():
+                paired[model] = beside[0]
+    if len(models) == 1 and len(texts) == 1 and not paired:
+        paired[models[0]] = texts[0]  # `bnlint deploy.prototxt weights/model.caffemodel`
     used = set(paired.values())
     return [ModelInput(f, paired.get(f)) for f in files if f not in used]
 

@@ -33,7 +33,8 @@ def _in_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("name", sorted(n for n, e in MODELS.items() if not e.get("expect_error")))
 def test_fixture_gives_exactly_the_expected_codes(name: str) -> None:
-    code, payload = run_json(f"fixtures/{name}")
+    companion = [f"fixtures/{MODELS[name]['with']}"] if "with" in MODELS[name] else []  # e.g. a caffemodel's prototxt
+    code, payload = run_json(f"fixtures/{name}", *companion)
     (file,) = payload["files"]
     assert file["error"] is None, file["error"]
     found = sorted({f["code"] for f in file["findings"]})

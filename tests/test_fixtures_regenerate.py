@@ -21,11 +21,13 @@ MODELS = sorted(name for name, entry in MANIFEST.items() if name != "data" and n
 
 
 def _findings(folder: Path) -> dict[str, list[tuple]]:
-    report = lint_paths([folder / name for name in MODELS])
-    return {
-        Path(result.path).name: [(f.code, f.layer, f.message, json.dumps(dict(f.values), sort_keys=True, default=str)) for f in result.findings]
-        for result in report.files
-    }
+    """Findings per manifest entry, linted one model (with its companion file) at a time."""
+    findings = {}
+    for name in MODELS:
+        companion = [folder / MANIFEST[name]["with"]] if "with" in MANIFEST[name] else []
+        (result,) = lint_paths([folder / name, *companion]).files
+        findings[name] = [(f.code, f.layer, f.message, json.dumps(dict(f.values), sort_keys=True, default=str)) for f in result.findings]
+    return findings
 
 
 @pytest.mark.skipif(os.environ.get("BNLINT_SKIP_REGENERATE") == "1", reason="BNLINT_SKIP_REGENERATE=1")
