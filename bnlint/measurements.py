@@ -23,10 +23,11 @@ class BatchDependence:
     relative_diff: float
     layers: list[dict[str, Any]] = field(default_factory=list)  # BN layers whose output changes while their input does not
     skipped: str | None = None  # why the comparison could not vary the batch
+    method: str = "alone"  # "alone": each sample alone vs all together; "mates": one sample with two sets of batch mates
 
     def record(self) -> dict[str, Any]:
         return {"samples": self.samples, "max_abs_diff": self.max_abs_diff, "relative_diff": self.relative_diff,
-                "layers": self.layers, "skipped": self.skipped}
+                "layers": self.layers, "skipped": self.skipped, "method": self.method}
 
 
 @dataclass
@@ -41,5 +42,6 @@ class Measurements:
     train_batch_source: str | None
     dependence: BatchDependence | None
     batch_stats_layers: list[str]  # layers known to normalise with batch statistics at inference
+    after_stochastic: list[str] = field(default_factory=list)  # layers with dropout / stochastic depth before them
     layer_stats: list[dict[str, Any]] = field(default_factory=list)  # JSON-able, one per measured layer
     notes: list[str] = field(default_factory=list)

@@ -153,6 +153,10 @@ class BNLayer:
     # virtual_batch_size, synchronized; name -> value, only those set to a non-default.
     training_options: dict[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()  # other names of the same layer (e.g. the ONNX node name)
+    # Whether a dropout / stochastic-depth module comes before this layer in definition or graph
+    # order (None: the format does not show modules). Such a module makes train-mode statistics
+    # larger than what eval mode sees ("variance shift", BN607).
+    after_stochastic: bool | None = None
     # Two files describing the same layer disagree about its mode (Caffe: deploy prototxt vs
     # caffemodel); the loader's one-line account of how, for BN409.
     mode_disagreement: str | None = None
@@ -236,6 +240,9 @@ class ModelInfo:
     # should not pay for it).
     nodes_factory: Callable[[], list[GraphNode]] | None = field(default=None, repr=False)
     folded_bn: bool = False  # no BatchNorm left but linear ops: BN was probably folded at export
+    # An exported inference graph (ONNX, a Caffe net): folding BN into the op before it is a
+    # deployment choice there (BN505), not in a training framework's model file.
+    exported: bool = False
     other_norms: list[str] = field(default_factory=list)  # InstanceNorm/GroupNorm/LayerNorm/... seen and skipped
     key_prefix: str = ""  # a prefix shared by every tensor name ("module." from DataParallel)
     averaged_buffers: list[str] = field(default_factory=list)  # n_averaged buffers (SWA/EMA checkpoints)

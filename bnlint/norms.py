@@ -68,5 +68,15 @@ def is_batchnorm_class(names: Iterable[str], framework: str = "torch") -> bool:
     return any(classify(name, framework) == "bn" for name in names)
 
 
+# Regularisers that are random in training and off in eval: with one upstream, statistics
+# estimated in train mode see a larger variance than eval mode produces ("variance shift").
+STOCHASTIC_PATTERN = re.compile(r"Dropout|DropPath|DropBlock|StochasticDepth|DropConnect|GaussianNoise")
+
+
+def is_stochastic(class_name: str) -> bool:
+    """Dropout and its relatives (any framework's class or op name)."""
+    return bool(STOCHASTIC_PATTERN.search(short_name(class_name)))
+
+
 def is_frozen(class_name: str) -> bool:
     return short_name(class_name) in FROZEN_NAMES

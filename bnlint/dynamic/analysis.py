@@ -69,6 +69,13 @@ def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, 
 
         device = next((p.device for p in module.parameters()), None) or pick_device("cpu")
         return ModuleRunner(module, device, options.data, "live module")
+    if model.framework == "keras":
+        from bnlint.dynamic.keras_runner import KerasRunner
+
+        return KerasRunner(model, None, options.data, options.trust, options.arch)
+    if model.framework == "caffe":
+        raise UsageError("running a Caffe model on --data is not supported (no Caffe runtime is bundled); convert it "
+                         "to ONNX to measure drift, or lint it statically")
     if model.format == "onnx":
         if options.arch:
             raise UsageError("--arch applies to PyTorch weights, not to an ONNX file")
@@ -107,40 +114,61 @@ def _eval_form(spec: LayerSpec, x: np.ndarray) -> np.ndarray | None:
     return (x.astype(np.float64) - spec.running_mean.reshape(shape)) * scale.reshape(shape) + np.reshape(shift, shape if np.ndim(shift) else ())
 
 
+def _compositions(runner: Runner, arrays: list[np.ndarray], names: dict[str, str] | None
+                  ) -> tuple[Capture, list[tuple[Capture, int, int]], str | None]:
+    """The reference batch, and (capture, sample's row in the reference, its row there) for the
+    same samples run in other batch compositions; plus why none could be made, if so.
+
+    A free batch size runs each sample alone. A batch size fixed at B > 1 runs sample 0 twice:
+    with samples 1..B-1 and with samples B..2B-2, so its batch mates change and its batch size
+    does not. A batch fixed at 1 cannot vary at all.
+    """
+    k, fixed = arrays[0].shape[0], runner.fixed_batch
+    if fixed is None:
+        together = _renamed(runner.capture(arrays), names)
+        return together, [(_renamed(runner.capture([a[i:i + 1] for a in arrays]), names), i, 0) for i in range(k)], None
+    if fixed > 1 and k >= 2 * fixed - 1:
+        together = _renamed(runner.capture([a[:fixed] for a in arrays]), names)
+        mates = _renamed(runner.capture([np.concatenate([a[:1], a[fixed:2 * fixed - 1]]) for a in arrays]), names)
+        return together, [(mates, 0, 0)], None
+    together = _renamed(runner.capture([a[:fixed] for a in arrays]), names)
+    why = (f"the model's batch size is fixed at {fixed}" if fixed == 1 else
+           f"the model's batch size is fixed at {fixed} and fewer than {2 * fixed - 1} samples were given")
+    return together, [], why
+
+
 def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: float,
                            names: dict[str, str] | None = None) -> BatchDependence:
-    """Run k samples one at a time and as one batch; compare outputs and every BN layer's input/output.
+    """Run samples in two batch compositions; compare outputs and every BN layer's input/output.
 
-    A layer is blamed when its output changes while its input does not, or (when the model's
-    output does depend on the batch) when its output is not the eval-mode normalisation of its
-    input with its stored statistics (inputs of later layers already differ, so only this test
-    can tell whether they, too, use batch statistics).
+    In inference form BatchNorm is a fixed per-channel affine map, so a sample's results must not
+    depend on its batch mates. A layer is blamed when its output changes while its input does not,
+    or (when the model's output does depend on the batch, or no composition could be varied) when
+    its output is not the eval-mode normalisation of its input with its stored statistics (inputs
+    of later layers already differ, so only this test can tell whether they, too, use batch
+    statistics).
     """
-    k = arrays[0].shape[0]
-    skipped = None
-    if runner.fixed_batch is not None:  # cannot vary the batch: only the eval-form test below can run
-        if k < runner.fixed_batch:
-            return BatchDependence(k, 0.0, 0.0, skipped=f"fewer samples than the model's fixed batch size {runner.fixed_batch}")
-        arrays = [a[: runner.fixed_batch] for a in arrays]
-        k, skipped = runner.fixed_batch, f"the model's batch size is fixed at {runner.fixed_batch}"
-    together = _renamed(runner.capture(arrays), names)
-    alone = [] if skipped else [_renamed(runner.capture([a[i : i + 1] for a in arrays]), names) for i in range(k)]
+    together, others, skipped = _compositions(runner, arrays, names)
     max_abs = rel = 0.0
-    for single, batched in zip([np.concatenate(g) for g in zip(*(c.outputs for c in alone))], together.outputs):
-        diff, ratio = _relative(single, batched)
-        max_abs, rel = max(max_abs, diff), max(rel, ratio)
+    for capture, row, other_row in others:
+        for batched, single in zip(together.outputs, capture.outputs):
+            if batched.shape[1:] == single.shape[1:] and row < batched.shape[0] and other_row < single.shape[0]:
+                diff, ratio = _relative(single[other_row:other_row + 1], batched[row:row + 1])
+                max_abs, rel = max(max_abs, diff), max(rel, ratio)
     suspect = rel > tolerance or skipped is not None
     specs = {spec.name: spec for spec in runner.layers}
     culprits = []
     for name, calls in together.layers.items():
-        singles = [c.layers.get(name, []) for c in alone]
         x_b, y_b = calls[0]
         entry = None
-        if alone and all(s for s in singles):
-            _, x_rel = _relative(np.concatenate([s[0][0] for s in singles]), x_b)
-            y_abs, y_rel = _relative(np.concatenate([s[0][1] for s in singles]), y_b)
-            if x_rel <= tolerance < y_rel:
-                entry = {"layer": name, "max_abs_diff": y_abs, "relative_diff": y_rel, "evidence": "its input is the same alone and in the batch, its output is not"}
+        pairs = [(c.layers[name][0], r, o) for c, r, o in others if c.layers.get(name)]
+        if others and len(pairs) == len(others):
+            x_diff = max(_relative(x[o:o + 1], x_b[r:r + 1])[1] for (x, _), r, o in pairs)
+            y_pairs = [_relative(y[o:o + 1], y_b[r:r + 1]) for (_, y), r, o in pairs]
+            y_abs, y_rel = max(p[0] for p in y_pairs), max(p[1] for p in y_pairs)
+            if x_diff <= tolerance < y_rel:
+                entry = {"layer": name, "max_abs_diff": y_abs, "relative_diff": y_rel,
+                         "evidence": "its input is the same in both batches, its output is not"}
         expected = _eval_form(specs[name], x_b) if name in specs else None
         if entry is None and suspect and expected is not None:
             f_abs, f_rel = _relative(y_b, expected)
@@ -150,7 +178,9 @@ def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: 
             entry = {"layer": name, "max_abs_diff": None, "relative_diff": None, "evidence": "its stored form computes mean and variance from the batch"}
         if entry is not None:
             culprits.append(entry)
-    return BatchDependence(k, max_abs, rel, culprits, skipped=skipped)
+    samples = arrays[0].shape[0] if runner.fixed_batch is None else min(arrays[0].shape[0], 2 * runner.fixed_batch - 1)
+    method = "alone" if runner.fixed_batch is None else "mates"
+    return BatchDependence(samples, max_abs, rel, culprits, skipped=skipped, method=method)
 
 
 def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None) -> Measurements:
@@ -214,7 +244,8 @@ def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: A
         notes.append(f"{len(unreached)} BatchNorm layer(s) never ran on this data: {', '.join(unreached[:5])}")
 
     dependence = None
-    count = min(max(int(settings["dependence_samples"]), runner.fixed_batch or 0), samples)
+    wanted = 2 * runner.fixed_batch - 1 if runner.fixed_batch else 0  # sample 0 in two compositions
+    count = min(max(int(settings["dependence_samples"]), wanted), samples)
     if count >= 2 or (runner.fixed_batch and count >= runner.fixed_batch):
         first = next(zip_batches(sources, count, limit=count))[1]
         dependence = check_batch_dependence(runner, first, float(settings["batch_dependence_rtol"]), names)
@@ -222,5 +253,7 @@ def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: A
         layers=layers, samples=samples, settings=settings, engine=runner.engine,
         train_batch_size=train_batch, train_batch_source=train_source, dependence=dependence,
         batch_stats_layers=[s.name for s in runner.layers if s.uses_batch_stats],
+        after_stochastic=sorted({s.name for s in runner.layers if s.after_stochastic}
+                                | {layer.name for layer in model.layers if layer.after_stochastic}),
         layer_stats=[layer_record(layer, settings) for layer in layers], notes=notes,
     )

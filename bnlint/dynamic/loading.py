@@ -27,36 +27,58 @@ from bnlint.model import ModelInfo
 WEIGHT_FORMATS = ("torch-state-dict", "torch-checkpoint", "lightning", "safetensors")
 
 
+def import_target(target: str, flag: str = "--arch") -> Any:
+    """Import `package.module` or `path/to/file.py` (the user's own code, run by their choice).
+
+    The working directory is on the import path, as with `python -m`, so `mypkg.models` in the
+    current folder is found. Any failure of the user's code is one UsageError line.
+    """
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise UsageError(f"{flag}: no such file {target}")
+        name = f"bnlint_arch_{abs(hash(str(path.resolve())))}"
+        if name in sys.modules:
+            return sys.modules[name]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UsageError(f"{flag}: cannot import {target}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # dataclasses and pickling look the module up by name
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException as exc:  # noqa: BLE001 - the user's own code: report its failure in one line
+            sys.modules.pop(name, None)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise UsageError(f"{flag}: importing {target} failed: {type(exc).__name__}: {exc}") from None
+        return module
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(target)
+    except ImportError as exc:
+        raise UsageError(f"{flag}: cannot import {target}: {exc} (run bnlint from the folder that holds the package, "
+                         "or give path/to/file.py)") from None
+    except BaseException as exc:  # noqa: BLE001 - the user's module raised while importing
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise UsageError(f"{flag}: importing {target} failed: {type(exc).__name__}: {exc}") from None
+
+
 def build_arch(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
     """`package.module:factory` or `path/to/file.py:factory`, called with kwargs; must return an nn.Module."""
     target, sep, attribute = spec.rpartition(":")
     if not sep or not target or not attribute:
         raise UsageError(f"--arch expects 'package.module:factory' or 'path/to/file.py:factory', got {spec!r}")
-    if target.endswith(".py") or os.sep in target or "/" in target:
-        path = Path(target)
-        if not path.is_file():
-            raise UsageError(f"--arch: no such file {target}")
-        name = f"bnlint_arch_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise UsageError(f"--arch: cannot import {target}")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses and pickling look the module up by name
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:  # the user's own code: report its failure in one line
-            raise UsageError(f"--arch: importing {target} failed: {type(exc).__name__}: {exc}") from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise UsageError(f"--arch: cannot import {target}: {exc}") from None
+    module = import_target(target)
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise UsageError(f"--arch: {target} has no callable {attribute!r}")
     try:
         built = factory(**kwargs)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's factory
         raise UsageError(f"--arch: {spec}(**{dict(kwargs)}) raised {type(exc).__name__}: {exc}") from None
     if not isinstance(built, nn.Module):
         raise UsageError(f"--arch: {spec} returned {type(built).__name__}, not a torch.nn.Module")

@@ -25,6 +25,7 @@ class LayerSpec:
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     uses_batch_stats: bool | None = None  # known to normalise with batch statistics at inference
+    after_stochastic: bool | None = None  # a dropout / stochastic-depth module runs before it (if known)
 
 
 @dataclass

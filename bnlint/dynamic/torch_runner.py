@@ -21,6 +21,7 @@ from bnlint.dynamic.hooks import capture_io, eval_mode, is_batchnorm, record_inp
 from bnlint.dynamic.runner import Batches, Capture, LayerSpec, flatten_outputs
 from bnlint.dynamic.stats import TorchOps
 from bnlint.errors import DataError
+from bnlint.norms import is_stochastic
 
 
 def pick_device(requested: str) -> torch.device:
@@ -67,6 +68,13 @@ class ModuleRunner:
         self.file_names: dict[str, str] = {}  # layer -> the name its weights have in the file (set by the loader)
         self.bn = {name or type(m).__name__: m for name, m in module.named_modules() if is_batchnorm(m)}
         self.layers = [self._spec(name, m) for name, m in self.bn.items()]
+        stochastic_seen, after = False, set()
+        for name, sub in module.named_modules():
+            stochastic_seen = stochastic_seen or is_stochastic(type(sub).__name__)
+            if stochastic_seen and (name or type(sub).__name__) in self.bn:
+                after.add(name or type(sub).__name__)
+        for spec in self.layers:
+            spec.after_stochastic = spec.name in after
         self.input_names = self._input_names()
         self.input_shapes = [self._first_conv_shape()] + [None] * (len(self.input_names) - 1)
         self.dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)

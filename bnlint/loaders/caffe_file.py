@@ -242,7 +242,7 @@ def load_caffe(path: Path, companion: Path | None = None) -> ModelInfo:
     layers, notes = _merged(definition, weights)
     graph = _Graph(layers)
     where = (text_file or model_file or Path(path)).name
-    info = ModelInfo(path=str(path), format="caffe", framework="caffe",
+    info = ModelInfo(path=str(path), format="caffe", framework="caffe", exported=True,
                      format_version="caffemodel + prototxt" if weights is not None and text_file is not None
                      else ("prototxt" if weights is None else "caffemodel"))
     info.nodes_factory = graph.nodes

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from bnlint.model import ArrayTensor, BNLayer, ModelInfo, ModuleRecord
-from bnlint.norms import classify, is_batchnorm_class
+from bnlint.norms import classify, is_batchnorm_class, is_stochastic
 
 
 def _array(tensor: Any) -> ArrayTensor:
@@ -28,8 +28,10 @@ def module_classes(module: Any) -> list[str]:
 
 def module_to_model(module: Any, name: str = "<module>") -> ModelInfo:
     model = ModelInfo(path=name, format="torch-live", framework="torch")
+    stochastic_seen = False
     for order, (path, sub) in enumerate(module.named_modules()):
         cls = type(sub)
+        stochastic_seen = stochastic_seen or is_stochastic(cls.__name__)
         has_weights = any(True for _ in sub.parameters(recurse=False))
         model.modules[path] = ModuleRecord(name=path, class_name=f"{cls.__module__}.{cls.__qualname__}", training=sub.training,
                                            has_weights=has_weights, order=order)
@@ -38,7 +40,7 @@ def module_to_model(module: Any, name: str = "<module>") -> ModelInfo:
             continue
         if not is_batchnorm_class(module_classes(sub)):
             continue
-        layer = BNLayer(name=path or cls.__name__, kind=cls.__name__, framework="torch", order=order)
+        layer = BNLayer(name=path or cls.__name__, kind=cls.__name__, framework="torch", order=order, after_stochastic=stochastic_seen)
         for tensor in ("weight", "bias", "running_mean", "running_var"):
             value = getattr(sub, tensor, None)
             if value is not None:

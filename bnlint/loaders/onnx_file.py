@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from bnlint.errors import InputError
 from bnlint.loaders.onnx_tensors import CastTensor, _dtype_name, _tensor_ref
 from bnlint.model import ArrayTensor, BNLayer, GraphInput, GraphNode, ModelInfo, OpKind, Producer, StatsSource, TensorRef
+from bnlint.norms import is_stochastic
 
 BN_OP_VERSIONS = (1, 6, 7, 9, 14, 15)  # opsets in which BatchNormalization changed
 # What each ONNX op is to the neutral graph rules (bnlint.model.OpKind); everything else is "other".
@@ -380,10 +381,15 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
         order = list(range(len(model.graph.node)))
         notes.append("the ONNX graph has a cycle; layers are listed in file order")
     reader = _Reader(path, opset)
-    reader.walk(model.graph, None, "", {node: rank for rank, node in enumerate(order)}, 0)
+    ranks = {node: rank for rank, node in enumerate(order)}
+    reader.walk(model.graph, None, "", ranks, 0)
     layers = [layer for _, layer in sorted(reader.found, key=lambda item: item[0])]
+    # Eval-mode exports usually drop Dropout nodes, so their absence says nothing (None).
+    dropout = [ranks[i] for i, node in enumerate(model.graph.node) if is_stochastic(node.op_type)]
     for rank, layer in enumerate(layers):
         layer.order = rank
+        if dropout and layer.node_index is not None:
+            layer.after_stochastic = min(dropout) < ranks[layer.node_index]
     function_bns = sum(node.op_type == "BatchNormalization" for function in model.functions for node in function.node)
     if function_bns:
         notes.append(f"{function_bns} BatchNormalization node(s) inside ONNX local functions were not linted")
@@ -407,7 +413,7 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
     }
     tensors = reader.top_tensors
     return ModelInfo(
-        path=str(path), format="onnx", framework="onnx", layers=layers, inputs=inputs, metadata=metadata, notes=notes,
+        path=str(path), format="onnx", framework="onnx", layers=layers, inputs=inputs, metadata=metadata, notes=notes, exported=True,
         nodes_factory=lambda: graph_nodes(model.graph, tensors),
         folded_bn=not layers and linear > 0 and not reader.other_norms,
         other_norms=reader.other_norms,

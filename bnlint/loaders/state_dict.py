@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from bnlint.loaders.lazy_tensor import LazyTensor
 from bnlint.loaders.torch_objects import Extracted, ModuleNode
 from bnlint.model import BNLayer, ModelInfo, ModuleRecord, TensorRef
-from bnlint.norms import NormKind, classify, short_name
+from bnlint.norms import NormKind, classify, is_stochastic, short_name
 
 INSTANCE_HINT = re.compile(r"^(in\d*|in_.*|inorm.*|.*instance.*|instnorm.*)$", re.IGNORECASE)
 BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -104,12 +104,15 @@ def layers_from_state_dict(
     layers: list[BNLayer] = []
     other_norms: list[str] = []
     if modules:
+        stochastic_seen = False
         for node in modules.values():
+            stochastic_seen = stochastic_seen or is_stochastic(node.class_name)
             kind = classify_module(node)
             if kind == "other-norm":
                 other_norms.append(node.name)
             elif kind in ("bn", "bn-like"):
                 layers.append(_layer_from_module(node, "known" if kind == "bn" else "inferred", len(layers)))
+                layers[-1].after_stochastic = stochastic_seen
         return layers, other_norms
     for prefix, group in _group_by_prefix(tensors).items():
         mean, var = group.get("running_mean"), group.get("running_var")

@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+import numpy as np
+
 from bnlint.context import RuleContext
 from bnlint.dynamic.metrics import LayerDrift
+from bnlint.dynamic.stats import GROUPS
 from bnlint.findings import Severity
 from bnlint.measurements import Measurements
 from bnlint.rules._util import num
@@ -21,13 +24,57 @@ REESTIMATE = ("re-estimate the running statistics on target-domain data over man
               "torch.optim.swa_utils.update_bn with momentum=None, or precise BN), never from one small batch")
 
 
+def _judgeable(layer: LayerDrift) -> bool:
+    """Enough independent samples to estimate the noise at all: one per jackknife group.
+
+    Values within one sample are correlated (neighbouring positions of a feature map), so the
+    independent units are samples, not values; with fewer than GROUPS samples the jackknife
+    standard error has too few degrees of freedom to be trusted, in any architecture.
+    """
+    return (layer.summary.get("groups") or 0) >= GROUPS
+
+
 def _drifting(analysis: Measurements) -> list[LayerDrift]:
+    """Layers that drift from the data (BN601): over the noise floor and not a variance shift (BN607)."""
+    shifted = {layer.name for layer in _variance_shifted(analysis)}
+    return [layer for layer in _over_noise(analysis) if layer.name not in shifted]
+
+
+# Variance shift (BN607): the data's variance is below the stored one in nearly every channel of a
+# layer, by more than its mean moves, from some layer on, with every earlier layer clean.
+SHIFT_CHANNELS = 0.9  # share of channels with log variance ratio < 0
+SHIFT_DOMINANCE = 2.0  # mean |LVR| at least this many times mean |SMD|
+
+
+def _one_sided(layer: LayerDrift) -> bool:
+    lvr, smd = layer.per_channel.get("lvr"), layer.per_channel.get("smd")
+    if lvr is None or smd is None:
+        return False
+    finite = np.isfinite(lvr) & np.isfinite(smd)
+    if not finite.any():
+        return False
+    low = float(np.mean(lvr[finite] < 0))
+    return low >= SHIFT_CHANNELS and float(np.mean(np.abs(lvr[finite]))) >= SHIFT_DOMINANCE * float(np.mean(np.abs(smd[finite])))
+
+
+def _variance_shifted(analysis: Measurements) -> list[LayerDrift]:
+    """Over-noise layers explained by variance shift: the first over-noise layer is not the first
+    BN layer (earlier layers are clean, so the input is not to blame), and from there on every
+    over-noise layer's variance ratio is one-sided (eval variance below the stored one)."""
+    over = _over_noise(analysis)
+    judged = [layer for layer in analysis.layers if layer.has_running_stats and _judgeable(layer)]
+    if not over or not judged or min(x.order for x in over) <= min(x.order for x in judged):
+        return []
+    return over if all(_one_sided(layer) for layer in over) else []
+
+
+def _over_noise(analysis: Measurements) -> list[LayerDrift]:
     """Layers whose drift is large (drift_kl) and stands above the sample's noise floor (drift_significance)."""
     settings = analysis.settings
     found = []
     for layer in analysis.layers:
         s = layer.summary
-        if not layer.has_running_stats or layer.name in analysis.batch_stats_layers:
+        if not layer.has_running_stats or layer.name in analysis.batch_stats_layers or not _judgeable(layer):
             continue
         kl, noise, se = s.get("mean_kl"), s.get("noise_kl"), s.get("kl_se")
         if kl is None or noise is None or se is None:
@@ -154,6 +201,70 @@ def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
 
 
 @rule(
+    code="BN607",
+    name="variance-shift",
+    severity=Severity.WARNING,
+    summary="From some layer on, the stored variances exceed what eval mode produces in nearly every channel: "
+    "statistics estimated in train mode with dropout or stochastic depth active, not data drift.",
+    fix="Re-estimate the statistics in eval mode on training-distribution data: `bnlint fix MODEL --data SAMPLE -o FIXED` "
+    "(exact, layer by layer). torch.optim.swa_utils.update_bn cannot fix this: it estimates in train mode.",
+    scope="dynamic",
+)
+def variance_shift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Tells variance shift apart from data drift. It reports when the layers over the noise floor
+    (as BN601 measures it) start after the first BatchNorm (the early layers match the stored
+    statistics, so the input is fine), and in every one of them the data's variance is below the
+    stored variance in at least 90% of the channels while the means barely move (mean |log
+    variance ratio| at least twice mean |SMD|). It names the dropout / stochastic-depth modules
+    before those layers where the file shows them. Layers it explains are not reported as drift.
+
+    ## Why is this bad?
+    Dropout and stochastic depth are random in train mode and off in eval mode. Running
+    statistics estimated in train mode (the usual EMA during training, or `update_bn`) include
+    the extra variance those modules inject; eval mode never produces it, so every later
+    BatchNorm over-normalises: its output variance is e^LVR < 1 of what the next layers were
+    trained on (Li et al. 2019, "Understanding the Disharmony between Dropout and Batch
+    Normalization by Variance Shift"). Measured on a torchvision EfficientNet-B0 with stochastic
+    depth: early layers match to 0.001, later layers see e^-0.8 to e^-1.1 of the stored variance
+    in every channel. The data is not the problem, so "look at the data" is the wrong advice, and
+    `update_bn` re-estimates in train mode with the same modules active: the mismatch remains.
+
+    ## Example
+    An EfficientNet whose BatchNorm statistics were re-estimated with `update_bn` on its own
+    training data, checked with `bnlint model.pt --arch ... --data train_sample.npz`.
+
+    ## Use instead
+    Re-estimate in eval mode, layer by layer: `bnlint fix model.pt --arch ... --data sample.npz
+    -o fixed.pt` sets each BatchNorm's statistics to what eval mode feeds it, after the layers
+    before it are fixed. Or move dropout after the last BatchNorm (Li et al.'s advice).
+
+    ## References
+    - Li, Chen, Hu & Yang 2019, "Understanding the Disharmony between Dropout and Batch Normalization by Variance Shift".
+    - Huang et al. 2016, "Deep Networks with Stochastic Depth".
+    - Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm" (precise BN in eval mode).
+    """
+    shifted = _variance_shifted(analysis)
+    if not shifted:
+        return
+    first = min(shifted, key=lambda layer: layer.order)
+    lvr = [float(np.nanmean(layer.per_channel["lvr"])) for layer in shifted]
+    marked = [name for name in analysis.after_stochastic if name in {layer.name for layer in shifted}]
+    if marked:
+        cause = "dropout / stochastic depth runs before these layers in this model"
+    else:
+        cause = "no dropout module is visible in this file, but the pattern is that of one upstream (or of a nonlinearity change)"
+    yield Hit(
+        message=f"from here on ({len(shifted)} layer(s)) eval mode feeds each BatchNorm only e^{num(max(lvr))} to e^{num(min(lvr))} "
+        f"of its stored variance in nearly every channel, while earlier layers match: a variance shift, not data drift "
+        f"({cause}); the statistics were estimated in train mode. update_bn cannot fix it (it runs in train mode); "
+        "`bnlint fix` re-estimates them in eval mode",
+        layer=first.name,
+        values={"layers": [layer.name for layer in shifted], "mean_lvr": lvr, "after_stochastic": marked},
+    )
+
+
+@rule(
     code="BN603",
     name="sample-too-small",
     severity=Severity.INFO,
@@ -167,7 +278,11 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     statistics and the stored ones if there were no drift at all, from the jackknife standard
     errors of the per-channel mean and log variance. Where even drift at the `drift-kl`
     threshold could not be told from that noise (threshold < `drift-significance` x floor), or
-    where fewer than two samples reached the layer, it says so instead of guessing.
+    where fewer than 8 samples reached the layer, it says so instead of guessing, and no drift is
+    judged there. The floor counts independent samples, not values: the values of one sample
+    are spatially correlated, and the jackknife needs one sample in each of its 8 groups before
+    its standard error means anything, whatever the architecture (a ResNet's 7x7 features and an
+    EfficientNet's alike). Silence about a layer therefore always means "judged, and no drift".
 
     ## Why is this bad?
     Statistics of a few samples scatter: with 8 samples of 7x7 features the 95th percentile of
@@ -193,14 +308,14 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
         if not layer.has_running_stats or layer.name in drifting or layer.name in analysis.batch_stats_layers:
             continue
         noise = layer.summary.get("noise_kl")
-        if noise is None or noise > limit:
-            unjudged.append((math.inf if noise is None else noise, layer))
+        if noise is None or noise > limit or not _judgeable(layer):
+            unjudged.append((math.inf if noise is None or not _judgeable(layer) else noise, layer))
     if not unjudged:
         return
     noise, worst = max(unjudged, key=lambda pair: pair[0])
     if math.isinf(noise):
-        need = "at least 2 samples"
-        text = f"{worst.samples} sample(s) reached it, too few for a standard error"
+        need = f"at least {GROUPS} samples"
+        text = f"{worst.samples} sample(s) reached it, too few to estimate the noise (one per jackknife group)"
     else:
         need = f"about {int(math.ceil(analysis.samples * noise / limit))} samples"
         text = f"noise floor KL {num(noise)} > {num(limit)} (drift-kl / drift-significance)"
@@ -331,7 +446,11 @@ def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     input and output. In inference form, BatchNorm is a fixed per-channel affine map, so the two
     must agree to float rounding; a difference above `batch-dependence-rtol` (default 1e-3,
     relative to the largest output) is reported at each layer whose output changes while its
-    input does not (or at model level if no layer explains it).
+    input does not (or at model level if no layer explains it). A graph whose batch size is fixed
+    at B > 1 cannot run a sample alone: the first sample then runs twice, with samples 1..B-1 and
+    with samples B..2B-2, so only its batch mates change (2B - 1 samples are needed). With a batch
+    fixed at 1, every layer's output is checked against its input normalised with the stored
+    statistics instead.
 
     ## Why is this bad?
     A model that normalises with the statistics of the batch at inference gives a sample
@@ -356,8 +475,11 @@ def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     tolerance = analysis.settings["batch_dependence_rtol"]
     if dependence is None or (dependence.relative_diff <= tolerance and not dependence.layers):
         return
-    if dependence.skipped:  # fixed batch size: only the per-layer eval-form test ran
-        head = f"with the model's fixed batch of {dependence.samples}"
+    if dependence.skipped:  # batch fixed at 1 (or too few samples): only the per-layer eval-form test ran
+        head = f"with the model's fixed batch ({dependence.skipped})"
+    elif dependence.method == "mates":
+        head = (f"one sample run with two different sets of batch mates (the batch size is fixed) gives outputs that differ "
+                f"by up to {num(dependence.max_abs_diff)} (relative {num(dependence.relative_diff)}, tolerance {num(tolerance)})")
     else:
         head = (f"{dependence.samples} samples run one at a time and as one batch give outputs that differ by up to "
                 f"{num(dependence.max_abs_diff)} (relative {num(dependence.relative_diff)}, tolerance {num(tolerance)})")

@@ -444,7 +444,7 @@ def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     - PyTorch docs: `torch.nn.utils.fusion.fuse_conv_bn_eval`.
     """
     producer = layer.producer
-    if producer is None or producer.kind not in FOLDABLE_KINDS or layer.training or not producer.exclusive:
+    if not ctx.model.exported or producer is None or producer.kind not in FOLDABLE_KINDS or layer.training or not producer.exclusive:
         return
     if layer.stats_source != "stored":
         return

@@ -227,7 +227,9 @@ def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports layers whose `num_batches_tracked` is positive but below the `few_updates` threshold
     (default 20), and says how much of the initial values (mean 0, var 1) is still mixed into the
-    stored statistics.
+    stored statistics. When the file does not record the momentum (a state dict), the count is
+    ambiguous — `update_bn` also leaves it at the number of batches of its cumulative average —
+    so the finding is information, with both readings.
 
     ## Why is this bad?
     With PyTorch's default `momentum=0.1` each train-mode batch moves the running statistics
@@ -254,6 +256,17 @@ def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     if momentum is None:  # cumulative average: the initial values are gone after the first batch
         message = f"running statistics are the average of only {count} batches (num_batches_tracked {count})"
         leftover = 0.0
+    elif not layer.is_known("momentum"):
+        # A state dict does not say how the statistics were estimated: update_bn (a cumulative
+        # average over a whole loader) also leaves num_batches_tracked at the number of batches.
+        leftover = (1.0 - float(momentum)) ** count
+        yield Hit(
+            message=f"num_batches_tracked is only {count}: if these are running averages with momentum {num(float(momentum))}, "
+            f"the initial values (mean 0, var 1) still make up {leftover:.0%} of them; if they were re-estimated as a "
+            f"cumulative average (update_bn), they average {count} batches",
+            layer=layer.name, values={"num_batches_tracked": count, "initial_weight": leftover}, severity=Severity.INFO,
+        )
+        return
     else:
         leftover = (1.0 - float(momentum)) ** count
         message = (
