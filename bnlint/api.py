@@ -101,6 +101,12 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
                 notes.append(f"{shown}: skipped: {exc.problem}")
             return None
         result.error = FileError(path=shown, message=_problem(exc, path))
+    except (Exception, RecursionError) as exc:  # noqa: BLE001 - a bug or an input no check foresaw: still one line
+        if os.environ.get("BNLINT_DEBUG"):
+            raise
+        text = (str(exc).strip().splitlines() or [""])[0][:200]
+        result.error = FileError(path=shown, message=f"internal error while linting: {type(exc).__name__}: {text} "
+                                 "(please report it; BNLINT_DEBUG=1 or --debug shows the traceback)")
     return result
 
 

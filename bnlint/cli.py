@@ -6,6 +6,7 @@ Exit codes: 0 clean (nothing at or above --fail-on), 1 findings at or above it,
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Sequence, TextIO
 
@@ -19,12 +20,25 @@ EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
 
 class DefaultCheckGroup(click.Group):
-    """`bnlint PATH...` means `bnlint check PATH...`; `bnlint rules` and `bnlint rule CODE` stay commands."""
+    """`bnlint PATH...` means `bnlint check PATH...`; `bnlint rules`, `bnlint rule CODE` stay commands.
+
+    `bnlint --help` shows the lint options too, since linting is what `bnlint PATH` does.
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["check", *args]
         return super().parse_args(ctx, args)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_help(ctx, formatter)
+        command = self.commands.get("check")
+        if command is None:
+            return
+        with click.Context(command, info_name="check", parent=ctx) as sub:
+            rows = [row for param in command.get_params(sub) if (row := param.get_help_record(sub)) is not None]
+        with formatter.section("Lint options (bnlint PATH... is bnlint check PATH...)"):
+            formatter.write_dl(rows)
 
 
 def _split_codes(values: Sequence[str]) -> tuple[str, ...] | None:
@@ -50,7 +64,7 @@ def main(ctx: click.Context) -> None:
 
 @main.command("check")
 @click.argument("paths", nargs=-1, type=click.Path(), required=False)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True, help="Output format.")
+@click.option("--format", "--output-format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True, help="Output format.")
 @click.option("--select", multiple=True, help="Only these rule codes or prefixes (comma-separated, repeatable).")
 @click.option("--ignore", multiple=True, help="Skip these rule codes or prefixes (comma-separated, repeatable).")
 @click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]), default=None, help="Lowest severity that makes the exit code 1 [default: warning].")
@@ -71,26 +85,46 @@ def main(ctx: click.Context) -> None:
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Report only findings not in this baseline file.")
 @click.option("--skip-unrecognised", is_flag=True, help="Skip files in no model format (e.g. Git LFS pointers) with a note instead of an error (the pre-commit hook uses this).")
 @click.option("--write-baseline", is_flag=True, help="Write the current findings to --baseline and exit 0.")
+@click.option("--show-fixes", is_flag=True, help="Print each finding's fix under it (by default each code's fix is listed once at the end).")
+@click.option("--group", is_flag=True, help="One line per file and code for findings repeated across layers.")
+@click.option("--statistics", is_flag=True, help="Print the number of findings per code instead of the findings.")
+@click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are findings (unreadable files still exit 2).")
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error instead of one line.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write a self-contained HTML report (findings, fixes, drift plots) to FILE.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the drift overview (mean |SMD| and KL per layer) as a PNG to FILE (needs --data and bnlint[plot]).")
 def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tuple[str, ...], fail_on: str | None,
           output: str | None, quiet: bool, color: str, config_path: str | None, reference: str | None,
           data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
           arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
-          baseline: str | None, write_baseline: bool, skip_unrecognised: bool) -> None:
+          baseline: str | None, write_baseline: bool, skip_unrecognised: bool, show_fixes: bool, group: bool,
+          statistics: bool, exit_zero: bool, debug: bool, report_path: str | None, plot_path: str | None) -> None:
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx/.keras/.h5/.caffemodel/.prototxt files)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
 
+    if debug:
+        os.environ["BNLINT_DEBUG"] = "1"
     try:
         config = load_config(config_path).with_overrides(
-            select=_split_codes(select), ignore=_split_codes(ignore), fail_on=fail_on
-        )
+            select=_split_codes(select), ignore=_split_codes(ignore), fail_on="never" if exit_zero else fail_on
+        ).validate()
         if write_baseline and not baseline:
             raise BnlintError("--write-baseline needs --baseline FILE")
         dynamic = _dynamic_options(data, inputs, batch_size, train_batch_size, arch, arch_kwargs, trust, device, onnx_engine, quiet) if data else None
+        if plot_path:  # fail before a long run, not after it
+            if not data:
+                raise BnlintError("--plot needs --data (it draws the measured drift)")
+            from bnlint.report.plots import require
+
+            require()
         if not paths:
             if data:
                 raise BnlintError("--data needs a model file to run")
             # Nothing to lint (e.g. a pre-commit hook with no model files staged): clean exit.
+            if not quiet:
+                click.echo("bnlint: nothing to lint (no paths given)", err=True)
             sys.exit(EXIT_CLEAN)
         report = lint_paths(paths, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
                             baseline=None if write_baseline else baseline)
@@ -103,10 +137,29 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
     except BnlintError as exc:
         click.echo(f"bnlint: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
+    except (Exception, RecursionError) as exc:  # noqa: BLE001 - a bug outside any one file: one line, exit 2
+        if debug:
+            raise
+        click.echo(f"bnlint: internal error: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]} "
+                   "(--debug shows the traceback)", err=True)
+        sys.exit(EXIT_ERROR)
 
     for note in report.notes:
         click.echo(f"bnlint: {note}", err=True)
-    _write(report, _rules_run(config, dynamic is not None), fmt, output, quiet, color)
+    rules_run = _rules_run(config, dynamic is not None)
+    _write(report, rules_run, fmt, output, quiet, color, show_fixes=show_fixes, group=group, statistics=statistics)
+    try:
+        if report_path:
+            from bnlint.report.html import write_html
+
+            write_html(report, rules_run, report_path, tool_version=__version__)
+        if plot_path:
+            from bnlint.report.plots import write_drift_png
+
+            write_drift_png(report, plot_path)
+    except BnlintError as exc:
+        click.echo(f"bnlint: error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
     sys.exit(exit_code(report, config.fail_level()))
 
 
@@ -138,7 +191,7 @@ def _rules_run(config: Any, dynamic: bool) -> dict[str, Any]:
     return {code: spec for code, spec in all_rules().items() if config.code_enabled(code) and (dynamic or spec.scope != "dynamic")}
 
 
-def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, quiet: bool, color: str) -> None:
+def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, quiet: bool, color: str, **text_options: bool) -> None:
     from bnlint.report import write_report
 
     if output:
@@ -149,9 +202,10 @@ def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, qui
             sys.exit(EXIT_ERROR)
     else:
         stream = click.get_text_stream("stdout")
-    use_color = color == "always" or (color == "auto" and output is None and stream.isatty())
+    # NO_COLOR (https://no-color.org) turns colour off unless it is asked for explicitly.
+    use_color = color == "always" or (color == "auto" and output is None and stream.isatty() and not os.environ.get("NO_COLOR"))
     try:
-        write_report(report, rules, fmt, stream, color=use_color, quiet=quiet, tool_version=__version__)
+        write_report(report, rules, fmt, stream, color=use_color, quiet=quiet, tool_version=__version__, **text_options)
     finally:
         if output:
             stream.close()

@@ -73,6 +73,20 @@ class Config:
     def with_overrides(self, **changes: Any) -> "Config":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def validate(self) -> "Config":
+        """Every code or prefix in select/ignore/per-layer-ignores must name a rule: a typo such as
+        BN1O1 would otherwise switch the linter off silently. Raises UsageError."""
+        from bnlint.rules import all_rules  # imported here: the rules import this module
+
+        codes = list(all_rules())
+        where = f"{self.source}: " if self.source else ""
+        for kind, prefixes in (("select", self.select), ("ignore", self.ignore),
+                               *(("per-layer-ignores", p) for p in self.per_layer_ignores.values())):
+            for prefix in prefixes:
+                if not any(code.startswith(prefix) for code in codes):
+                    raise UsageError(f"{where}{kind}: unknown rule code or prefix {prefix!r} (see `bnlint rules`)")
+        return self
+
 
 def _codes(value: Any, where: str) -> tuple[str, ...]:
     if isinstance(value, str):

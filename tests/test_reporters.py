@@ -130,6 +130,12 @@ data/target.onnx: drift by layer, top 3 of 3 by max|SMD|
   bn2          64        0.8       2.5    3.25     50.0%
   bn1          32       0.01      0.05   0.001      0.0%
 
+fixes:
+  BN101 nonfinite-stats: fix nonfinite-stats (bnlint rule BN101)
+  BN106 variance-outlier: fix variance-outlier (bnlint rule BN106)
+  BN305 eps-nondefault: fix eps-nondefault (bnlint rule BN305)
+  BN601 distribution-drift: fix distribution-drift (bnlint rule BN601)
+
 1 error, 3 warnings, 1 info in 4 files (1 unreadable)
 """
 
@@ -149,6 +155,23 @@ def test_text_color_wraps_severity_and_escapes_file_controls() -> None:
     assert first == "\x1b[1mmodels/res net.pt\x1b[0m:layer1.0.bn1: \x1b[1;31mBN101 [error]\x1b[0m running_var has 2 NaN"
     assert "\x1b[33mBN106 [warning]\x1b[0m" in out
     assert "\\x1b[31mX" in out  # the layer's own escape sequence is shown, never sent
+
+
+def test_text_show_fixes_group_and_statistics() -> None:
+    fixed = render("text", show_fixes=True).splitlines()
+    assert fixed[1] == "    fix: fix nonfinite-stats (bnlint rule BN101)" and "fixes:" not in fixed
+    grouped = render("text", group=True)
+    assert "data/target.onnx: BN601 [warning] 2 layers (bn2, bn3); first: mean |SMD| 0.8 over 64 channels" in grouped
+    assert "data/target.onnx:bn2:" not in grouped
+    stats = render("text", statistics=True).splitlines()
+    assert stats[:4] == ["2  BN601  [warning]  distribution-drift", "1  BN101  [error]    nonfinite-stats",
+                         "1  BN106  [warning]  variance-outlier", "1  BN305  [info]     eps-nondefault"]
+    assert "BN101 [error] running_var" not in "\n".join(stats) and "drift by layer" not in "\n".join(stats)
+
+
+def test_integer_layer_names_do_not_look_like_line_numbers() -> None:
+    report = Report(files=[FileResult(path="m.pt", findings=[Finding("BN101", Severity.ERROR, "m.pt", "1", "NaN")])])
+    assert render("text", report, quiet=True) == "m.pt:[1]: BN101 [error] NaN\n"
 
 
 def test_text_empty_report() -> None:

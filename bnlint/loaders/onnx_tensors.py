@@ -38,6 +38,11 @@ def _nbytes(proto: onnx.TensorProto) -> int | None:
     return -(-count // per_byte) if per_byte else count * itemsize
 
 
+# TensorProto data types whose raw_data is plain little-endian numpy (read without numpy_helper).
+_FAST_DTYPES = {onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.DOUBLE: "<f8", onnx.TensorProto.FLOAT16: "<f2",
+                onnx.TensorProto.INT64: "<i8", onnx.TensorProto.INT32: "<i4"}
+
+
 @dataclass(frozen=True)
 class OnnxTensor:
     """A TensorRef over an initializer or Constant tensor; decoded only when `.numpy()` is called."""
@@ -58,6 +63,14 @@ class OnnxTensor:
 
     def numpy(self) -> np.ndarray:
         proto = self.proto
+        fast = _FAST_DTYPES.get(proto.data_type)
+        if self.external is None and fast is not None and proto.HasField("raw_data"):
+            # The common case (float32/float16/int64 raw bytes): no generic decoding needed.
+            raw = proto.raw_data
+            dims = tuple(int(d) for d in proto.dims)
+            count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            if len(raw) == count * np.dtype(fast).itemsize:
+                return np.frombuffer(raw, dtype=fast).reshape(dims)
         if self.external is not None:
             proto = onnx.TensorProto()
             proto.CopyFrom(self.proto)  # no payload to copy: the bytes are external

@@ -24,6 +24,9 @@ class Output:
     tool_version: str
     color: bool = False
     quiet: bool = False
+    show_fixes: bool = False  # text: each finding's fix under it (else once per code at the end)
+    group: bool = False  # text: one line per (file, code) for per-layer findings
+    statistics: bool = False  # text: counts per code instead of findings
 
 
 def dump_json(document: Any) -> str:
@@ -35,7 +38,8 @@ def dump_json(document: Any) -> str:
 def _text(out: Output) -> str:
     from bnlint.report import text
 
-    return text.render(out.report, color=out.color, quiet=out.quiet)
+    return text.render(out.report, out.rules, color=out.color, quiet=out.quiet, show_fixes=out.show_fixes,
+                       group=out.group, statistics=out.statistics)
 
 
 def _json(out: Output) -> str:
@@ -76,6 +80,7 @@ def write_report(
     color: bool = False,
     quiet: bool = False,
     tool_version: str,
+    **text_options: bool,
 ) -> None:
     """Write `report` to `stream` in format `fmt` (one of FORMATS).
 
@@ -86,4 +91,4 @@ def write_report(
         reporter = REPORTERS[fmt]
     except KeyError:
         raise UsageError(f"unknown output format {fmt!r} (expected one of {', '.join(FORMATS)})") from None
-    stream.write(reporter(Output(report, rules, tool_version, color=color, quiet=quiet)))
+    stream.write(reporter(Output(report, rules, tool_version, color=color, quiet=quiet, **text_options)))

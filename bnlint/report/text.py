@@ -1,8 +1,12 @@
-"""Human output: one line per finding, grouped by file, then a drift table and a summary.
+"""Human output: one line per finding, grouped by file, then a drift table, fixes and a summary.
 
     path:layer: CODE [severity] message      (path: CODE [severity] message when no layer)
     path: error: message                     (a file that could not be read)
     path: note: text                         (loader notes; not with quiet)
+    fixes: CODE name: fix (bnlint rule CODE) (each code's fix once; under each finding with show_fixes)
+
+With group, per-layer findings of one code in one file share a line; with statistics, a count per
+code replaces the findings.
 
 Findings are printed in the order the engine produced them. Control characters in paths, layer
 names and messages are escaped (a model file controls its layer names; it must not control the
@@ -12,10 +16,11 @@ terminal). quiet=True keeps finding and file-error lines only.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from bnlint.findings import FileResult, Finding, Report, Severity
 from bnlint.report._common import printable, severity_counts
+from bnlint.rules.registry import RuleSpec
 
 # How many layers the drift table shows; the JSON output carries all of them.
 TOP_LAYERS = 10
@@ -38,11 +43,69 @@ def _paint(text: str, code: str, color: bool) -> str:
     return f"{code}{text}{_RESET}" if color else text
 
 
+def layer_label(layer: str) -> str:
+    """A layer name as shown after the path: a bare integer (an nn.Sequential index) is bracketed,
+    so that `model.pt:[1]:` cannot be read as line 1 by editors and CI log parsers."""
+    shown = printable(layer)
+    return f"[{shown}]" if shown.isdigit() else shown
+
+
 def format_finding(finding: Finding, *, color: bool = False) -> str:
     path = _paint(printable(finding.path), _BOLD, color)
-    where = f"{path}:{printable(finding.layer)}:" if finding.layer is not None else f"{path}:"
+    where = f"{path}:{layer_label(finding.layer)}:" if finding.layer is not None else f"{path}:"
     tag = _paint(f"{finding.code} [{finding.severity.label}]", _COLORS[finding.severity], color)
     return f"{where} {tag} {printable(finding.message)}"
+
+
+def _grouped(findings: Sequence[Finding]) -> list[tuple[Finding, list[str]]]:
+    """(first finding, layers) per code of one file, in first-seen order; model-level findings alone."""
+    groups: dict[str, tuple[Finding, list[str]]] = {}
+    out: list[tuple[Finding, list[str]]] = []
+    for finding in findings:
+        if finding.layer is None:
+            out.append((finding, []))
+            continue
+        if finding.code not in groups:
+            groups[finding.code] = (finding, [])
+            out.append(groups[finding.code])
+        groups[finding.code][1].append(finding.layer)
+    return out
+
+
+def format_group(first: Finding, layers: list[str], *, color: bool = False) -> str:
+    if len(layers) <= 1:
+        return format_finding(first, color=color)
+    path = _paint(printable(first.path), _BOLD, color)
+    tag = _paint(f"{first.code} [{first.severity.label}]", _COLORS[first.severity], color)
+    shown = ", ".join(layer_label(name) for name in layers[:5]) + (f", ... (+{len(layers) - 5})" if len(layers) > 5 else "")
+    return f"{path}: {tag} {len(layers)} layers ({shown}); first: {printable(first.message)}"
+
+
+def fix_line(code: str, rules: Mapping[str, RuleSpec], indent: str = "  ") -> str | None:
+    spec = rules.get(code)
+    if spec is None:
+        return None
+    return f"{indent}{code} {spec.name}: {printable(spec.fix)} (bnlint rule {code})"
+
+
+def fix_under(code: str, rules: Mapping[str, RuleSpec]) -> str | None:
+    spec = rules.get(code)
+    return None if spec is None else f"    fix: {printable(spec.fix)} (bnlint rule {code})"
+
+
+def statistics_lines(findings: Iterable[Finding], rules: Mapping[str, RuleSpec]) -> list[str]:
+    """ruff-style counts: one line per code, most frequent first."""
+    counts: dict[str, int] = {}
+    severity: dict[str, Severity] = {}
+    for finding in findings:
+        counts[finding.code] = counts.get(finding.code, 0) + 1
+        severity[finding.code] = max(severity.get(finding.code, finding.severity), finding.severity)
+    if not counts:
+        return []
+    width = len(str(max(counts.values())))
+    ordered = sorted(counts, key=lambda code: (-counts[code], code))
+    return [f"{counts[c]:>{width}}  {c}  {'[' + severity[c].label + ']':<9}  {rules[c].name if c in rules else ''}".rstrip()
+            for c in ordered]
 
 
 def _plural(n: int, word: str) -> str:
@@ -101,15 +164,25 @@ def drift_table(result: FileResult, limit: int = TOP_LAYERS) -> list[str]:
     return [title, line(header), *(line(r) for r in rows)]
 
 
-def render(report: Report, *, color: bool = False, quiet: bool = False) -> str:
-    """The human-readable report: findings, notes, drift tables and a summary line."""
+def render(report: Report, rules: Mapping[str, RuleSpec] | None = None, *, color: bool = False, quiet: bool = False,
+           show_fixes: bool = False, group: bool = False, statistics: bool = False) -> str:
+    """The human-readable report: findings, notes, drift tables, fixes and a summary line."""
+    rules = rules or {}
     lines: list[str] = []
+    if statistics:
+        lines.extend(statistics_lines(report.findings, rules))
     for result in report.files:
         if result.error is not None:
             label = _paint("error", _COLORS[Severity.ERROR], color)
             lines.append(f"{_paint(printable(result.path), _BOLD, color)}: {label}: {printable(result.error.message)}")
-        lines.extend(format_finding(f, color=color) for f in result.findings)
-        if not quiet:
+        if not statistics:
+            entries = _grouped(result.findings) if group else [(f, [f.layer] if f.layer else []) for f in result.findings]
+            for first, layers in entries:
+                lines.append(format_group(first, layers, color=color))
+                fix = fix_under(first.code, rules) if show_fixes else None
+                if fix is not None:
+                    lines.append(fix)
+        if not quiet and not statistics:
             lines.extend(f"{printable(result.path)}: note: {printable(n)}" for n in result.notes)
             table = drift_table(result)
             if table:  # a table stands apart from the finding lines around it
@@ -117,6 +190,12 @@ def render(report: Report, *, color: bool = False, quiet: bool = False) -> str:
                     lines.append("")
                 lines.extend([*table, ""])
     if not quiet:
+        codes = list(dict.fromkeys(f.code for f in report.findings))
+        fixes = [line for code in codes if (line := fix_line(code, rules)) is not None] if not (show_fixes or statistics) else []
+        if fixes:
+            while lines and not lines[-1]:
+                lines.pop()
+            lines.extend(["", "fixes:", *fixes])
         while lines and not lines[-1]:
             lines.pop()
         lines.extend(["", summary_line(report)] if lines else [summary_line(report)])
