@@ -299,7 +299,7 @@ def test_artifact_uri_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 GITHUB = """\
 ::error file=models/res net.pt,title=BN101 nonfinite-stats::layer1.0.bn1: running_var has 2 NaN
-::warning file=models/res net.pt,title=BN106 variance-outlier::stage:1,"bn"<&>%25%0A\x1b[31mX: channel 3 var 1e+09 vs median 1
+::warning file=models/res net.pt,title=BN106 variance-outlier::stage:1,"bn"<&>%25%0A\\x1b[31mX: channel 3 var 1e+09 vs median 1
 ::notice file=models/res net.pt,title=BN305 eps-nondefault::eps 0.001 differs from torch's 1e-05
 ::error file=models/broken.onnx,title=bnlint%3A unreadable file::truncated protobuf
 ::warning file=data/target.onnx,title=BN601 distribution-drift::bn2: mean |SMD| 0.8 over 64 channels
@@ -309,6 +309,11 @@ GITHUB = """\
 
 def test_github_exact() -> None:
     assert render("github") == GITHUB
+
+
+def test_github_escapes_terminal_and_bidi_controls() -> None:
+    assert escape_data("a\x1b[31m\u202eb%\n") == "a\\x1b[31m\\u202eb%25%0A"
+    assert escape_property("x:\u2066y") == "x%3A\\u2066y"
 
 
 def test_github_escaping() -> None:

@@ -23,7 +23,9 @@ INFORMATION_URI = "https://pypi.org/project/bnlint/"
 # JSON schema). Reporters read these names and nothing else; a missing key shows as "-".
 LAYER_STAT_KEYS = ("layer", "channels", "mean_abs_smd", "max_abs_smd", "max_kl", "fraction_over_threshold")
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, and the invisible bidi / direction marks that can reorder what a reader sees
+# (Trojan Source, CVE-2021-42574): a model file controls its layer names.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def json_safe(value: Any) -> Any:
@@ -66,8 +68,9 @@ def first_paragraph(doc: str) -> str:
 
 
 def printable(text: str) -> str:
-    """Escape control characters (newlines, ESC, NUL) so a layer name read from a file can
-    neither break the one-line-per-finding layout nor send terminal escape sequences."""
+    """Escape control characters (newlines, ESC, NUL) and bidi overrides, so a layer name read from
+    a file can neither break the one-line-per-finding layout, send terminal escape sequences, nor
+    reorder the text a reviewer reads."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 from typing import Mapping
 
 from bnlint.findings import Finding, Report, Severity
-from bnlint.report._common import rule_name
+from bnlint.report._common import printable, rule_name
 from bnlint.rules.registry import RuleSpec
 
 COMMANDS: dict[Severity, str] = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}
 
 
 def escape_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    """%, CR and LF as the runner's syntax requires; then every other control or bidi character
+    (ESC, U+202E, ...) shown escaped, so annotations are data and never terminal commands."""
+    escaped = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return printable(escaped)
 
 
 def escape_property(text: str) -> str:
