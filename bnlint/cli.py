@@ -221,12 +221,14 @@ def rules_command(fmt: str) -> None:
 
     specs = all_rules().values()
     if fmt == "json":
-        rows = [{"code": s.code, "name": s.name, "severity": s.severity.label, "family": s.family, "summary": s.summary, "fix": s.fix} for s in specs]
+        rows = [{"code": s.code, "name": s.name, "severity": s.severity.label, "family": s.family, "summary": s.summary,
+                 "fix": s.fix, "frameworks": list(s.frameworks)} for s in specs]
         click.echo(json.dumps(rows, indent=2))
     elif fmt == "markdown":
-        click.echo("| code | name | severity | what it finds |\n|---|---|---|---|")
+        click.echo("| code | name | severity | PyTorch | ONNX | Keras | Caffe | what it finds |\n|---|---|---|:-:|:-:|:-:|:-:|---|")
         for s in specs:
-            click.echo(f"| {s.code} | {s.name} | {s.severity.label} | {s.summary} |")
+            marks = " | ".join("✓" if f in s.frameworks else "" for f in ("torch", "onnx", "keras", "caffe"))
+            click.echo(f"| {s.code} | {s.name} | {s.severity.label} | {marks} | {s.summary.replace('|', '&#124;')} |")
     else:
         width = max(len(s.name) for s in specs)
         for s in specs:

@@ -62,9 +62,13 @@ def test_missing_file_is_one_line_exit_2() -> None:
 
 
 def test_no_paths_is_a_clean_no_op() -> None:
-    """What a hook or a script passing an empty file list gets: exit 0, no output."""
+    """What a hook or a script passing an empty file list gets: exit 0, nothing on stdout, and a
+    note on stderr saying there was nothing to lint (silent unless -q)."""
     result = run("check")
-    assert result.exit_code == 0 and result.output == ""
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr == "bnlint: nothing to lint (no paths given)\n"
+    quiet = run("check", "-q")
+    assert quiet.exit_code == 0 and quiet.output == ""
 
 
 def test_bare_command_prints_help() -> None:
@@ -149,3 +153,59 @@ def test_sarif_and_json_of_real_fixtures_validate_against_their_schemas(tmp_path
     report = json.loads(run(*files, "--format", "json").stdout)
     jsonschema.validate(report, json.loads((ROOT / "bnlint/schemas/bnlint-report.schema.json").read_text()))
     assert report["version"] == 1 and report["summary"]["unreadable"] == 1
+
+
+# ---------------------------------------------------------------- first-contact polish (issue 9)
+
+@pytest.mark.parametrize("args", [["--select", "BN1O1"], ["--ignore", "BNX"], ["--select", "BN101,BN9"]])
+def test_unknown_rule_codes_are_a_usage_error(args: list[str]) -> None:
+    result = run(HEALTHY, *args)
+    assert result.exit_code == 2 and "unknown rule code or prefix" in result.stderr and "Traceback" not in result.output
+
+
+def test_unknown_code_in_config_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "bnlint.toml"
+    config.write_text('ignore = ["BN1O1"]\n')
+    result = run(FAULTY, "--config", str(config))
+    assert result.exit_code == 2 and "BN1O1" in result.stderr
+
+
+def test_exit_zero_statistics_and_output_format_alias() -> None:
+    assert run(FAULTY, "--exit-zero").exit_code == 0
+    assert run("fixtures/bad_truncated.pt", "--exit-zero").exit_code == 2  # unreadable inputs still fail
+    stats = run("fixtures/fault_keras_momentum_module.pt", "--statistics")
+    assert stats.stdout.splitlines()[:2] == ["3  BN304  [warning]  unusual-momentum", "1  BN305  [info]     eps-nondefault"]
+    alias = run(FAULTY, "--output-format", "json")
+    assert json.loads(alias.stdout)["files"][0]["findings"][0]["code"] == "BN101"
+
+
+def test_fixes_are_shown_once_or_per_finding() -> None:
+    default = run("fixtures/fault_never_updated.pt").stdout
+    assert default.count("(bnlint rule BN104)") == 1 and "fixes:" in default
+    shown = run("fixtures/fault_never_updated.pt", "--show-fixes").stdout
+    assert shown.count("    fix: ") == 3 and "fixes:" not in shown
+    grouped = run("fixtures/fault_never_updated.pt", "--group").stdout
+    assert "BN104 [error] 3 layers (bn1, bn2, bn3)" in grouped
+
+
+def test_no_color_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\x1b[" not in run(FAULTY, "--color", "auto").stdout
+    assert "\x1b[" in run(FAULTY, "--color", "always").stdout  # explicit wins
+
+
+def test_help_shows_lint_options_and_the_default_command() -> None:
+    out = run("--help").output
+    assert "bnlint PATH... is bnlint check PATH..." in out and "--select" in out and "--data" in out
+
+
+def test_internal_error_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnlint.api
+
+    def boom(*_: object, **__: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(bnlint.api, "_analyse", boom)
+    result = run(HEALTHY)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "internal error while linting: ZeroDivisionError: a bug" in result.output

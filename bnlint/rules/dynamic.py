@@ -93,6 +93,7 @@ def _over_noise(analysis: Measurements) -> list[LayerDrift]:
     summary="The layer's input on the given data differs from its stored running statistics.",
     fix="If the data is the deployment domain, " + REESTIMATE + "; if it should be in-domain, check its preprocessing.",
     scope="dynamic",
+    frameworks=('torch', 'onnx', 'keras'),
 )
 def distribution_drift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -164,6 +165,7 @@ def distribution_drift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit
     summary="The first BatchNorm layer, in execution order, where the data drifts from the stored statistics.",
     fix="Look at the data's preprocessing and the layers before this one; later layers inherit the drift.",
     scope="dynamic",
+    frameworks=('torch', 'onnx', 'keras'),
 )
 def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -209,6 +211,7 @@ def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     fix="Re-estimate the statistics in eval mode on training-distribution data: `bnlint fix MODEL --data SAMPLE -o FIXED` "
     "(exact, layer by layer). torch.optim.swa_utils.update_bn cannot fix this: it estimates in train mode.",
     scope="dynamic",
+    frameworks=('torch', 'onnx', 'keras'),
 )
 def variance_shift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -271,6 +274,7 @@ def variance_shift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     summary="The data sample is too small to judge drift in some layers against its own noise.",
     fix="Run with more samples (the message estimates how many).",
     scope="dynamic",
+    frameworks=('torch', 'onnx', 'keras'),
 )
 def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -336,6 +340,7 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     fix="Train with more values per channel per batch (larger batches, SyncBatchNorm across devices), or freeze BN "
     "(eval mode / FrozenBatchNorm2d) or use GroupNorm; then re-estimate running statistics over many batches.",
     scope="dynamic",
+    frameworks=('torch', 'onnx', 'keras'),
 )
 def small_batch_noise(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -396,6 +401,7 @@ def small_batch_noise(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]
     summary="At the training batch size, the layer holds a single value per channel.",
     fix="Use at least 2 samples per (per-device) batch and drop_last=True, or freeze this BatchNorm (eval mode).",
     scope="dynamic",
+    frameworks=('torch', 'onnx', 'keras'),
 )
 def single_value_batch(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -438,6 +444,7 @@ def single_value_batch(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit
     fix="Put BatchNorm in eval mode before saving/exporting (model.eval(); re-trace or export again), keep "
     "track_running_stats=True, and export ONNX with training_mode=0.",
     scope="dynamic",
+    frameworks=('torch', 'onnx', 'keras'),
 )
 def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does

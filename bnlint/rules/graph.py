@@ -34,6 +34,7 @@ def _is_float(ref: TensorRef) -> bool:
     "Caffe use_global_stats: false).",
     fix="ONNX: export with model.eval() and training=torch.onnx.TrainingMode.EVAL, or `bnlint fix` rewrites the node to "
     "its inference form. Caffe: set use_global_stats: true (or drop the line) in the deploy prototxt.",
+    frameworks=('onnx', 'caffe'),
 )
 def graph_training_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -87,6 +88,7 @@ def graph_training_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     summary="A TorchScript graph calls batch_norm with training=True baked in.",
     fix="Call model.eval() first, then re-run torch.jit.trace (or script) and save again.",
     scope="model",
+    frameworks=('torch',),
 )
 def traced_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -135,6 +137,7 @@ def traced_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     summary="An ONNX BatchNormalization's mean/var are computed from the input batch, not stored.",
     fix="Train with track_running_stats=True (or re-estimate running statistics) and export in eval mode; "
     "if per-batch normalisation is intended, use InstanceNorm/GroupNorm instead.",
+    frameworks=('onnx',),
 )
 def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -180,6 +183,7 @@ def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]
     fix="To lint the BN statistics, export with torch.onnx.export(..., dynamo=False, do_constant_folding=False) "
     "(or dynamo=True, optimize=False).",
     scope="model",
+    frameworks=('onnx',),
 )
 def bn_folded(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -234,6 +238,7 @@ def _weight_nodes(model: ModelInfo, kinds: tuple[str, ...]) -> Iterator[GraphNod
     summary="Conv/Gemm weights or biases hold NaN or Inf.",
     fix="Re-export from a checkpoint whose BN statistics are finite and positive (see BN101-BN103); fold in float32.",
     scope="model",
+    frameworks=('onnx', 'caffe'),
 )
 def folded_weights_nonfinite(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -291,6 +296,7 @@ def _channel_norms(weight: np.ndarray, node: GraphNode) -> np.ndarray | None:
     summary="A Conv/Gemm output channel's weight norm is far above the layer's median (a folded tiny variance?).",
     fix="Check the source checkpoint's BN running_var for near-zero channels (BN103, BN109) and re-estimate them before export.",
     scope="model",
+    frameworks=('onnx', 'caffe'),
 )
 def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -348,6 +354,7 @@ def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     summary="A graph input with batch dimension fixed to 1 feeds a BatchNorm that uses batch statistics.",
     fix="Export in eval mode (running statistics), or make the batch dimension dynamic and feed real batches.",
     scope="model",
+    frameworks=('onnx', 'caffe'),
 )
 def fixed_batch_one_training(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -419,6 +426,7 @@ def _reached(nodes: list[GraphNode], start: str) -> set[int]:
     summary="An inference BatchNormalization directly after Conv/Gemm could be folded into it.",
     fix="Nothing to fix for linting (bnlint needs the unfolded BN); for deployment let the runtime fuse it "
     "or export with constant folding.",
+    frameworks=('onnx', 'caffe'),
 )
 def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -461,6 +469,7 @@ def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     severity=Severity.INFO,
     summary="A Conv with a bias feeds a BatchNormalization directly: the bias is redundant.",
     fix="Build the layer with bias=False (nn.Conv2d(..., bias=False)); BN's beta provides the offset.",
+    frameworks=('onnx', 'keras', 'caffe'),
 )
 def conv_bias_before_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does

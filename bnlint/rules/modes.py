@@ -34,6 +34,7 @@ def _names(layers: list[BNLayer], limit: int = 3) -> str:
     summary="The module was saved with its BatchNorm layers in train mode.",
     fix="Call model.eval() before saving or exporting, and after loading for inference.",
     scope="model",
+    frameworks=('torch',),
 )
 def saved_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -72,6 +73,7 @@ def saved_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     summary="Some BatchNorm layers are in train mode and others in eval mode.",
     fix="Override train() to keep frozen BN in eval (mmdetection's norm_eval) or use FrozenBatchNorm2d.",
     scope="model",
+    frameworks=('torch',),
 )
 def mixed_modes(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -108,6 +110,7 @@ def mixed_modes(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     severity=Severity.ERROR,
     summary="BatchNorm parameters are frozen (requires_grad=False) but the layer is in train mode.",
     fix="Call bn.eval() after every model.train() (override train()), or replace the layer with FrozenBatchNorm2d.",
+    frameworks=('torch',),
 )
 def frozen_bn_in_train_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -228,6 +231,7 @@ def _preceding_weighted(model: ModelInfo, layer: BNLayer) -> ModuleRecord | None
     summary="A Keras BatchNormalization stays trainable while the layers around it are frozen: fit() moves its statistics.",
     fix="Set trainable=False on the BatchNormalization layers too (e.g. freeze the whole backbone with "
     "base_model.trainable = False); in Keras that also makes them run in inference mode during fit().",
+    frameworks=('keras',),
 )
 def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -281,6 +285,7 @@ def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[H
     severity=Severity.WARNING,
     summary="Two files of one model disagree about whether a BatchNorm uses its stored statistics.",
     fix="Make the files agree: use_global_stats: true (or unset) in the deploy prototxt, and deploy the file you linted.",
+    frameworks=('caffe',),
 )
 def mode_disagreement(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does

@@ -39,6 +39,9 @@ class Hit:
     severity: Severity | None = None  # override the rule's default (e.g. error vs warning by magnitude)
 
 
+FRAMEWORKS = ("torch", "onnx", "keras", "caffe")
+
+
 @dataclass(frozen=True)
 class RuleSpec:
     code: str
@@ -49,6 +52,8 @@ class RuleSpec:
     scope: Scope
     check: Callable[..., Iterable[Hit]]
     doc: str
+    # The frameworks whose loaders record the facts this rule reads (README's rule table).
+    frameworks: tuple[str, ...] = FRAMEWORKS
 
     @property
     def family(self) -> str:
@@ -62,7 +67,8 @@ _CODE = re.compile(r"^BN\d{3}$")
 CheckFn = Callable[..., Iterable[Hit]]
 
 
-def rule(*, code: str, name: str, severity: Severity, summary: str, fix: str, scope: Scope = "layer") -> Callable[[CheckFn], CheckFn]:
+def rule(*, code: str, name: str, severity: Severity, summary: str, fix: str, scope: Scope = "layer",
+         frameworks: tuple[str, ...] = FRAMEWORKS) -> Callable[[CheckFn], CheckFn]:
     """Register a check. Layer rules get (layer, ctx); model rules (model, ctx); dynamic rules (measurements, ctx)."""
 
     def register(check: CheckFn) -> CheckFn:
@@ -79,6 +85,7 @@ def rule(*, code: str, name: str, severity: Severity, summary: str, fix: str, sc
             scope=scope,
             check=check,
             doc=inspect.cleandoc(check.__doc__ or ""),
+            frameworks=frameworks,
         )
         return check
 

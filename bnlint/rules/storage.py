@@ -83,6 +83,7 @@ def zero_eps(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     summary="An SWA/EMA averaged checkpoint: its BatchNorm statistics are not averaged and must be re-estimated.",
     fix="Run torch.optim.swa_utils.update_bn(train_loader, averaged_model) before saving or evaluating.",
     scope="model",
+    frameworks=('torch',),
 )
 def averaged_checkpoint(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -122,6 +123,7 @@ def averaged_checkpoint(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     summary="Keys carry a `module.` prefix (DataParallel/DDP) and BatchNorm is not SyncBatchNorm.",
     fix="Consider SyncBatchNorm (or precise BN after training) when the per-device batch was small.",
     scope="model",
+    frameworks=('torch',),
 )
 def dataparallel_prefix(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
