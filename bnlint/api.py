@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from bnlint.config import Config
-from bnlint.errors import BnlintError, InputError, NotAModel
-from bnlint.findings import FileError, FileResult, Report
+from bnlint.errors import BnlintError, InputError, NotAModel, UnsafeInputError
+from bnlint.findings import FileError, FileResult, Finding, Report
 from bnlint.loaders import CAFFE_EXTENSIONS, is_model_file, load_model
 from bnlint.model import ModelInfo
 
@@ -101,6 +101,8 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
                 notes.append(f"{shown}: skipped: {exc.problem}")
             return None
         result.error = FileError(path=shown, message=_problem(exc, path))
+        if isinstance(exc, UnsafeInputError):  # the pickle scan's findings survive the failed load
+            result.findings.extend(_pickle_findings(exc, shown, config))
     except (Exception, RecursionError) as exc:  # noqa: BLE001 - a bug or an input no check foresaw: still one line
         if os.environ.get("BNLINT_DEBUG"):
             raise
@@ -108,6 +110,17 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
         result.error = FileError(path=shown, message=f"internal error while linting: {type(exc).__name__}: {text} "
                                  "(please report it; BNLINT_DEBUG=1 or --debug shows the traceback)")
     return result
+
+
+def _pickle_findings(exc: UnsafeInputError, shown: str, config: Config) -> list[Finding]:
+    """BN001/BN003 for a file whose pickles were scanned but that could not be loaded."""
+    from bnlint.context import RuleContext
+    from bnlint.engine import run_rules
+    from bnlint.rules.meta import PICKLE_SAFETY_CODES
+
+    model = ModelInfo(path=shown, format="torch-checkpoint", unsafe_globals=list(exc.unsafe_globals),
+                      unknown_callables=list(exc.unknown_callables))
+    return [f for f in run_rules(RuleContext(model=model, config=config)) if f.code in PICKLE_SAFETY_CODES]
 
 
 def _analyse(result: FileResult, model: ModelInfo, config: Config, *, reference: ModelInfo | None = None,

@@ -30,3 +30,19 @@ class UsageError(BnlintError):
 
 class TrustRequired(InputError):
     """The requested job would run code from the input file and --trust was not given."""
+
+
+class UnsafeInputError(InputError):
+    """An input that could not be read, whose pickle(s) named code that loading them would run.
+
+    The pickle scan runs before (and independently of) building any object, so what it saw is
+    kept however the rest of the load ends: `unsafe_globals` are execution primitives (rule
+    BN001, error) and `unknown_callables` are other callables outside the allowlist that
+    loading would call (rule BN003, warning). Both are qualified names, never imported. The
+    file result carries the error line *and* these findings.
+    """
+
+    def __init__(self, path: str, problem: str, unsafe_globals: list[str], unknown_callables: list[str] | None = None) -> None:
+        super().__init__(path, problem)
+        self.unsafe_globals = list(unsafe_globals)
+        self.unknown_callables = list(unknown_callables or [])

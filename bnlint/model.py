@@ -252,8 +252,11 @@ class ModelInfo:
     # Informational facts for notes and debugging (opset, producer, checkpoint key, ...): never
     # read by rules; everything rules need is a field above.
     metadata: dict[str, Any] = field(default_factory=dict)
-    # Qualified names of pickle globals the safe reader refused to import (never executed).
+    # Qualified names the pickle scan found (never imported, never executed): execution
+    # primitives the pickles name or call (BN001), and other callables outside the allowlist that
+    # loading would call (BN003).
     unsafe_globals: list[str] = field(default_factory=list)
+    unknown_callables: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     _nodes: list[GraphNode] | None = field(default=None, repr=False, compare=False)

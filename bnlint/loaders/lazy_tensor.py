@@ -3,6 +3,11 @@
 A `ByteSource` says where one storage's bytes are (a byte range of a plain file, or a compressed
 zip member). A `LazyTensor` is a strided view of a storage, like a torch tensor, and reads only
 the byte range its view covers. Used by the torch (zip, legacy) and safetensors loaders.
+
+Shapes come from the file, so nothing is allocated before it is checked: a view must lie inside
+its storage (`check_view`, as torch's own `set_` demands), and `.numpy()` refuses a tensor whose
+size is far beyond the bytes it reads (a stride-0 view declaring 1e9 elements over one stored
+element) or beyond an absolute cap.
 """
 
 from __future__ import annotations
@@ -48,6 +53,15 @@ OPAQUE_SIZES: dict[str, int] = {
 }
 
 
+MAX_DIMS = 32
+MAX_EXTENT = 1 << 48  # any one size, stride or offset, in elements
+MAX_TENSOR_BYTES = 1 << 34  # 16 GiB: one tensor materialised in memory
+# How far a view may expand beyond the bytes it reads (stride-0 / overlapping views are legal in
+# torch, e.g. `x.expand(n)`, but a BN tensor built that way is tiny).
+BROADCAST_ALLOWANCE = 1 << 20
+MAX_INFLATE_BYTES = 64 << 20  # from a compressed (never torch-written) storage member
+
+
 def element_size(dtype: str) -> int:
     if dtype in DTYPES:
         return DTYPES[dtype][1]
@@ -68,6 +82,10 @@ class ByteSource:
             raise InputError(self.path, f"tensor view [{start}, {start + count}) lies outside its storage of {self.length} bytes")
         if self.member is not None:
             # Compressed members cannot be read at an offset: read the member (rare: torch stores).
+            # What they inflate to is not backed by bytes in the file, so it is capped.
+            if start + count > MAX_INFLATE_BYTES:
+                raise InputError(self.path, f"refusing to inflate {start + count} bytes of compressed zip member {self.member} "
+                                 f"(at most {MAX_INFLATE_BYTES})")
             try:
                 with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as handle:
                     handle.seek(start)
@@ -133,17 +151,28 @@ class LazyTensor:
         path = self.storage.source.path if self.storage.source else "<tensor>"
         if dtype not in DTYPES:
             raise InputError(path, f"tensor dtype {dtype} cannot be read")
+        problem = _shape_problem(self)
+        if problem:
+            raise InputError(path, problem)
         code, itemsize = DTYPES[dtype]
         order = ">" if self.storage.big_endian and itemsize > 1 else "<"
         stored = np.dtype(order + code if code != "b1" else "?")
-        if self.numel == 0:
-            return np.zeros(self.size, dtype=np.float32 if dtype == "bfloat16" else stored.newbyteorder("="))
+        numel = self.numel
+        if numel == 0:
+            try:
+                return np.zeros(self.size, dtype=np.float32 if dtype == "bfloat16" else stored.newbyteorder("="))
+            except ValueError as exc:
+                raise InputError(path, f"empty tensor with an impossible shape {self.size[:8]} ({exc})") from None
         if self.storage.source is None:
             raise InputError(path, f"storage {self.storage.key} has no data in the file")
-        if any(s < 0 for s in self.stride) or len(self.stride) != len(self.size):
-            raise InputError(path, f"tensor has an invalid stride {self.stride}")
         # Read only the elements this view can touch: [offset, offset + extent).
-        extent = 1 + sum((dim - 1) * step for dim, step in zip(self.size, self.stride))
+        extent = view_extent(self.size, self.stride)
+        nbytes = numel * itemsize
+        if nbytes > MAX_TENSOR_BYTES:
+            raise InputError(path, f"tensor of {numel} elements ({nbytes} bytes) is larger than the {MAX_TENSOR_BYTES} bytes bnlint reads")
+        if nbytes > max(extent * itemsize, BROADCAST_ALLOWANCE):
+            raise InputError(path, f"tensor declares {numel} elements over only {extent} stored element(s) "
+                             "(a stride-0 or overlapping view): refusing to expand it")
         raw = self.storage.source.read(self.offset * itemsize, extent * itemsize)
         flat = np.frombuffer(raw, dtype=stored)
         view = np.lib.stride_tricks.as_strided(
@@ -154,3 +183,39 @@ class LazyTensor:
             # bfloat16 is the top half of a float32: shift into place, bit-exact.
             return (array.astype(np.uint32) << 16).view(np.float32)
         return array
+
+
+def view_extent(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """How many storage elements a (non-empty) view spans from its offset."""
+    return 1 + sum((dim - 1) * step for dim, step in zip(size, stride))
+
+
+def _shape_problem(tensor: LazyTensor) -> str | None:
+    size, stride = tensor.size, tensor.stride
+    if len(size) != len(stride):
+        return f"tensor size {size[:8]} and stride {stride[:8]} differ in length"
+    if len(size) > MAX_DIMS:
+        return f"tensor has {len(size)} dimensions (at most {MAX_DIMS})"
+    if not 0 <= tensor.offset <= MAX_EXTENT or any(not 0 <= v <= MAX_EXTENT for v in size + stride):
+        return f"tensor has an invalid size {size[:8]}, stride {stride[:8]} or offset"
+    return None
+
+
+def check_view(tensor: LazyTensor) -> str | None:
+    """Why a tensor view cannot be backed by its storage (None when it can).
+
+    Checked when the pickle is read, before anything is allocated: the view's last element must
+    lie inside the storage's declared size (torch's `set_` refuses the same files).
+    """
+    problem = _shape_problem(tensor)
+    if problem or tensor.numel == 0:
+        return problem
+    storage = tensor.storage
+    if storage.location == "meta" and storage.source is None and storage.numel == 0:
+        return None  # a meta tensor: a shape without data
+    end = (tensor.offset + view_extent(tensor.size, tensor.stride)) * element_size(tensor.dtype)
+    available = storage.numel * element_size(storage.dtype)
+    if end > available:
+        return (f"tensor view of shape {tensor.size[:8]} at offset {tensor.offset} needs {end} bytes "
+                f"but its storage holds {available}")
+    return None

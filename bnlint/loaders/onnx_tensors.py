@@ -39,7 +39,7 @@ def _nbytes(proto: onnx.TensorProto) -> int | None:
 
 
 # TensorProto data types whose raw_data is plain little-endian numpy (read without numpy_helper).
-_FAST_DTYPES = {onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.DOUBLE: "<f8", onnx.TensorProto.FLOAT16: "<f2",
+_FAST_DTYPES: dict[int, str] = {onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.DOUBLE: "<f8", onnx.TensorProto.FLOAT16: "<f2",
                 onnx.TensorProto.INT64: "<i8", onnx.TensorProto.INT32: "<i4"}
 
 
@@ -63,7 +63,7 @@ class OnnxTensor:
 
     def numpy(self) -> np.ndarray:
         proto = self.proto
-        fast = _FAST_DTYPES.get(proto.data_type)
+        fast = _FAST_DTYPES.get(int(proto.data_type))
         if self.external is None and fast is not None and proto.HasField("raw_data"):
             # The common case (float32/float16/int64 raw bytes): no generic decoding needed.
             raw = proto.raw_data

@@ -150,6 +150,7 @@ def to_model_info(extracted: Extracted) -> ModelInfo:
     """The ModelInfo rules see, from what a torch/safetensors loader read."""
     info = ModelInfo(path=extracted.path, format=extracted.format, framework="torch")
     info.unsafe_globals = list(extracted.unsafe_globals)
+    info.unknown_callables = list(extracted.unknown_callables)
     info.notes = list(extracted.notes)
     info.metadata.update(extracted.metadata)
     layers, other_norms = layers_from_state_dict(extracted.tensors, extracted.modules)

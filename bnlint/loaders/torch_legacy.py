@@ -1,45 +1,59 @@
-"""Pre-1.6 torch.save files (not zip), read without torch and without running pickle code.
+"""Pre-1.6 torch.save files (not zip) and plain pickles, read without torch and without running pickle code.
 
 Layout: five pickles in a row - magic number, protocol version (1001), sys_info, the object
 (tensors are persistent ids ('storage', type, key, location, numel, view)), the list of storage
 keys - then for each key, in that order, an int64 little-endian element count and the raw
-little-endian bytes. We note where each storage starts and read it only if a rule asks.
-The even older tar format is refused with instructions to re-save.
+little-endian bytes. torch.load unpickles all five, so all five are scanned before anything is
+built; storages are located and read only if a rule asks. The file is memory-mapped: only the
+pickles are copied.
+
+The even older tar format (pre-0.4: members `sys_info`, `pickle`, `storages`, `tensors`, each one or
+more pickles, the last two interleaved with raw data) is read as data with `tarfile`: every pickle
+is scanned for BN001/BN003, but its tensors are not read (a note says so).
 """
 
 from __future__ import annotations
 
-import io
+import mmap
 import os
 import struct
+import tarfile
 from pathlib import Path
 from typing import Any
 
 from bnlint.errors import InputError
 from bnlint.loaders.lazy_tensor import ByteSource, StorageRef, element_size
-from bnlint.loaders.safe_pickle import BadPickle, SafeUnpickler, storage_from_pid
+from bnlint.loaders.safe_pickle import (
+    PICKLE_ERRORS,
+    BadPickle,
+    Buffer,
+    PickleFindings,
+    PickleScan,
+    StorageType,
+    safe_load,
+    scan_pickle,
+    storage_from_pid,
+)
 from bnlint.loaders.state_dict import to_model_info
 from bnlint.loaders.torch_objects import Extracted, extract_from_object
-from bnlint.loaders.torch_zip import PICKLE_ERRORS
 from bnlint.model import ModelInfo
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 RESAVE = "load it with a trusted torch and re-save it with `torch.save(obj, path)` (current torch writes zip files)"
+TAR_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
+TAR_NOTE = "legacy tar checkpoint: BN statistics not read (its pickles were scanned for unsafe globals)"
 
 
 class _LegacyReader:
-    def __init__(self, path: Path, handle: io.BufferedReader) -> None:
-        self.path = str(path)
-        self.handle = handle
+    def __init__(self, path: str, data: Buffer) -> None:
+        self.path = path
+        self.data = data
         self.storages: dict[str, StorageRef] = {}
         self.views: list[tuple[StorageRef, StorageRef, int]] = []  # (view, root, element offset)
-        self.unsafe: list[str] = []
 
-    def load(self, persistent: bool = False) -> Any:
-        unpickler = SafeUnpickler(self.handle, self.persistent_load if persistent else None)
-        obj = unpickler.load()
-        self.unsafe.extend(name for name in unpickler.unsafe_globals if name not in self.unsafe)
+    def load(self, scan: PickleScan, persistent: bool = False) -> Any:
+        obj, _ = safe_load(self.data, self.persistent_load if persistent else None, scan)
         return obj
 
     def new_storage(self, key: str, dtype: str, numel: int) -> StorageRef:
@@ -56,25 +70,24 @@ class _LegacyReader:
             return root
         if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, (int, str)) for v in view)):
             raise BadPickle("malformed storage view in a legacy torch pickle")
-        view_key, offset, size = str(view[0]), view[1], view[2]
-        if not isinstance(offset, int) or not isinstance(size, int) or offset < 0 or size < 0:
+        view_key, offset, size = str(view[0])[:256], view[1], view[2]
+        if not isinstance(offset, int) or not isinstance(size, int) or not 0 <= offset <= 1 << 48 or not 0 <= size <= 1 << 48:
             raise BadPickle("malformed storage view in a legacy torch pickle")
         if view_key not in self.storages:
             self.storages[view_key] = StorageRef(view_key, root.dtype, size, root.location)
             self.views.append((self.storages[view_key], root, offset))
         return self.storages[view_key]
 
-    def locate_storages(self, keys: Any) -> None:
+    def locate_storages(self, keys: Any, position: int) -> None:
         """Record where each storage's bytes lie (after the pickles), without reading them."""
         if not isinstance(keys, list):
             raise BadPickle("storage key list missing")
-        size = os.fstat(self.handle.fileno()).st_size
-        position = self.handle.tell()
+        size = len(self.data)
         for key in keys:
-            storage = self.storages.get(str(key))
+            storage = self.storages.get(str(key)) if isinstance(key, (str, int, bytes)) else None
             if storage is None:
-                raise BadPickle(f"storage key {key!r} is not used by the pickle")
-            header = os.pread(self.handle.fileno(), 8, position)
+                raise BadPickle(f"storage key {str(key)[:40]!r} is not used by the pickle")
+            header = bytes(self.data[position:position + 8])
             if len(header) != 8:
                 raise InputError(self.path, "file is truncated: storage data missing")
             (numel,) = struct.unpack("<q", header)
@@ -90,50 +103,187 @@ class _LegacyReader:
                 view.source = ByteSource(self.path, start, min(view.numel * itemsize, max(0, root.source.length - offset * itemsize)))
 
 
-def _is_tar(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        block = handle.read(512)
-    return len(block) == 512 and block[257:262] == b"ustar"
+def _scan_all(data: Buffer, start: int, count: int, findings: PickleFindings) -> tuple[list[PickleScan], PickleScan | None]:
+    """Scan up to `count` pickles back to back: the valid ones, and the scan that failed (if any)."""
+    scans: list[PickleScan] = []
+    position = start
+    while len(scans) < count and position < len(data):
+        scan = scan_pickle(data, position)
+        findings.add(scan)
+        if scan.error is not None:
+            return scans, scan
+        scans.append(scan)
+        position = scan.end
+    return scans, None
+
+
+def is_torch_tar(path: Path) -> bool:
+    """A tar whose first members are torch's (sys_info, pickle, storages, tensors): torch.load opens it."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            names = []
+            for _ in range(16):
+                member = tar.next()
+                if member is None:
+                    break
+                names.append(member.name)
+    except (tarfile.TarError, OSError, ValueError, EOFError, UnicodeError):
+        return False
+    return bool(names) and set(names) <= set(TAR_MEMBERS) and bool({"pickle", "storages"} & set(names))
 
 
 def extract_torch_legacy(path: Path) -> Extracted:
-    """Read a legacy torch file (or report a plain pickle's unsafe globals); nothing is executed."""
+    """Read a legacy torch file (or report a plain pickle's findings); nothing is executed."""
     name = str(path)
+    if is_torch_tar(path):
+        return _extract_tar(path)
     try:
-        if _is_tar(path):
-            raise InputError(name, f"a pre-0.4 tar-format torch file, which bnlint cannot read safely; {RESAVE}")
         with open(path, "rb") as raw:
-            reader = _LegacyReader(path, io.BufferedReader(raw))
-            first = reader.load()
-            if not (isinstance(first, int) and first == MAGIC_NUMBER):
-                return _plain_pickle(name, first, reader.unsafe)
-            protocol = reader.load()
-            if protocol != PROTOCOL_VERSION:
-                raise InputError(name, f"unsupported legacy torch protocol {protocol!r}; {RESAVE}")
-            reader.load()  # sys_info: byte order and type sizes; storages are always little-endian
-            top = reader.load(persistent=True)
-            reader.locate_storages(reader.load())
-    except InputError:
-        raise
+            if os.fstat(raw.fileno()).st_size == 0:
+                raise InputError(name, "empty file")
+            with mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _extract(name, data)
     except OSError as exc:
         raise InputError(name, f"cannot read: {exc.strerror or exc}") from None
+
+
+def _extract(name: str, data: Buffer) -> Extracted:
+    findings = PickleFindings()
+    # torch.load runs all five pickles of a legacy file; a plain pickle may be followed by others.
+    scans, failed = _scan_all(data, 0, 5, findings)
+    try:
+        if not scans:
+            problem = failed.error if failed is not None else "no pickle"
+            raise InputError(name, f"not a readable legacy torch file or pickle ({problem}); {RESAVE}")
+        reader = _LegacyReader(name, data)
+        first = reader.load(scans[0])
+        if not (isinstance(first, int) and first == MAGIC_NUMBER):
+            return _plain_pickle(name, findings)
+        if len(scans) < 5:
+            problem = failed.error if failed is not None else "it ends after the first pickles"
+            raise InputError(name, f"not a readable legacy torch file ({problem}); {RESAVE}")
+        protocol = reader.load(scans[1])
+        if protocol != PROTOCOL_VERSION:
+            raise InputError(name, f"unsupported legacy torch protocol {str(protocol)[:20]}; {RESAVE}")
+        reader.load(scans[2])  # sys_info: byte order and type sizes; storages are always little-endian
+        top = reader.load(scans[3], persistent=True)
+        reader.locate_storages(reader.load(scans[4]), scans[4].end)
+    except InputError as exc:
+        raise findings.wrap(exc) from None
     except PICKLE_ERRORS as exc:
-        raise InputError(name, f"not a readable legacy torch file ({type(exc).__name__}: {exc}); {RESAVE}") from None
-    extracted = extract_from_object(name, top, reader.unsafe)
+        raise findings.error(name, f"not a readable legacy torch file ({type(exc).__name__}: {str(exc)[:200]}); {RESAVE}") from None
+    extracted = extract_from_object(name, top, findings.unsafe, findings.unknown)
     extracted.metadata["legacy_format"] = True
     extracted.notes.append("legacy (pre-1.6, non-zip) torch file")
     return extracted
 
 
-def _plain_pickle(name: str, obj: Any, unsafe: list[str]) -> Extracted:
+def _plain_pickle(name: str, findings: PickleFindings) -> Extracted:
     """A pickle that is not a torch file: only worth reporting if it would have run code."""
-    if not unsafe:
+    if not findings:
         raise InputError(name, "a plain Python pickle, not a PyTorch checkpoint (no torch magic number)")
-    extracted = Extracted(name, "torch-checkpoint", unsafe_globals=list(unsafe))
+    extracted = Extracted(name, "torch-checkpoint")
+    extracted.set_pickle_findings(findings.unsafe, findings.unknown)
     extracted.notes.append("a plain Python pickle, not a PyTorch checkpoint: only its globals were inspected")
+    return extracted
+
+
+# ---------------------------------------------------------------------------------------------
+# The pre-0.4 tar format: scanned, not loaded
+
+
+class _Records:
+    """A tar member holding pickles interleaved with raw records, read front to back."""
+
+    def __init__(self, data: Buffer, start: int, end: int, findings: PickleFindings) -> None:
+        self.data, self.position, self.end, self.findings = data, start, end, findings
+
+    def pickle(self) -> Any:
+        scan = scan_pickle(self.data, self.position, self.end)
+        self.findings.add(scan)
+        if scan.error is not None:
+            raise BadPickle(scan.error)
+        self.position = scan.end
+        obj, _ = safe_load(self.data, None, scan)
+        return obj
+
+    def skip(self, count: int) -> bytes:
+        if count < 0 or self.position + count > self.end:
+            raise BadPickle("record runs past the end of its tar member")
+        chunk = bytes(self.data[self.position:self.position + count])
+        self.position += count
+        return chunk
+
+    def count(self) -> int:
+        value = self.pickle()
+        if not isinstance(value, int) or not 0 <= value <= self.end - self.position:
+            raise BadPickle("record count is not a sane int")
+        return value
+
+
+def _scan_storages(records: _Records) -> None:
+    for _ in range(records.count()):
+        entry = records.pickle()
+        storage_type = entry[2] if isinstance(entry, tuple) and len(entry) == 3 else None
+        if not isinstance(storage_type, StorageType):
+            raise BadPickle("storage record without a storage type")
+        (numel,) = struct.unpack("<q", records.skip(8))
+        records.skip(numel * element_size(storage_type.dtype))
+    records.pickle()  # storage views
+
+
+def _scan_tensors(records: _Records) -> None:
+    for _ in range(records.count()):
+        records.pickle()  # (key, storage id, original tensor type)
+        (ndim,) = struct.unpack("<i", records.skip(4))
+        if not 0 <= ndim <= 64:
+            raise BadPickle("tensor record with an invalid number of dimensions")
+        records.skip(4 + 16 * ndim + 8)
+
+
+def _extract_tar(path: Path) -> Extracted:
+    name = str(path)
+    findings = PickleFindings()
+    problems: list[str] = []
+    try:
+        with open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data, \
+                tarfile.open(fileobj=raw, mode="r:") as tar:
+            members = []
+            for _ in range(64):
+                member = tar.next()
+                if member is None:
+                    break
+                members.append(member)
+            for member in members:
+                if member.name not in TAR_MEMBERS:
+                    continue
+                if not member.isfile() or member.issparse():
+                    problems.append(f"tar member {member.name} is not a plain file")
+                    continue
+                start, end = member.offset_data, member.offset_data + member.size
+                if end > len(data):
+                    problems.append(f"file is truncated: tar member {member.name} ends past the end of the file")
+                    continue
+                records = _Records(data, start, end, findings)
+                try:
+                    if member.name == "storages":
+                        _scan_storages(records)
+                    elif member.name == "tensors":
+                        _scan_tensors(records)
+                    else:
+                        records.pickle()
+                except (*PICKLE_ERRORS, InputError) as exc:
+                    problems.append(f"tar member {member.name} is not readable ({str(exc)[:200]})")
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise findings.error(name, f"unreadable legacy tar checkpoint ({exc})") from None
+    if problems:
+        raise findings.error(name, problems[0])
+    extracted = Extracted(name, "torch-checkpoint")
+    extracted.set_pickle_findings(findings.unsafe, findings.unknown)
+    extracted.metadata["legacy_format"] = True
+    extracted.notes.append(TAR_NOTE)
     return extracted
 
 
 def load_torch_legacy(path: Path, companion: Path | None = None) -> ModelInfo:
     return to_model_info(extract_torch_legacy(path))
-

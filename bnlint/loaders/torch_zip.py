@@ -4,32 +4,43 @@ Layout: `<root>/data.pkl` (the object pickle; tensors are persistent ids naming 
 `<root>/data/<key>` (raw storage bytes, stored uncompressed), `<root>/byteorder` ("little"/"big").
 TorchScript adds `<root>/code/**.py` (the module classes as text: read, never run) and
 `<root>/constants.pkl`. Storages are located here but read only when a rule asks for a tensor.
+
+Every `*.pkl` member is scanned (torch.jit.load unpickles data.pkl and constants.pkl, other tools
+more), not only the one we build objects from. Nothing is read before its size is checked: member
+count, declared sizes per kind, compression ratio, and a total of decompressed bytes per archive.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import struct
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from bnlint.errors import InputError
 from bnlint.loaders.lazy_tensor import ByteSource, StorageRef, element_size
-from bnlint.loaders.safe_pickle import BadPickle, safe_load, storage_from_pid
+from bnlint.loaders.safe_pickle import PICKLE_ERRORS, BadPickle, PickleFindings, PickleScan, safe_load, scan_pickle, storage_from_pid
 from bnlint.loaders.state_dict import to_model_info
 from bnlint.loaders.torch_objects import Extracted, extract_from_object
 from bnlint.loaders.torchscript import extract_torchscript
 from bnlint.model import ModelInfo
 
-# Errors a malformed pickle can raise inside the C unpickler or our builders.
-PICKLE_ERRORS = (pickle.UnpicklingError, BadPickle, EOFError, ValueError, TypeError, AttributeError,
-                 KeyError, IndexError, RecursionError, MemoryError, struct.error, UnicodeDecodeError, OverflowError)
+__all__ = ["PICKLE_ERRORS", "TorchArchive", "extract_torch_zip", "load_torch_zip"]
+
+MAX_MEMBERS = 200_000
+MAX_PICKLE_BYTES = 256 << 20  # one *.pkl member, uncompressed
+MAX_CODE_BYTES = 32 << 20  # all of code/, uncompressed
+MAX_RECORD_BYTES = 64  # byteorder and other one-word records
+# Compressed members: declared size at most this many times the compressed size. Pickles and code
+# compress ~3-10x; deflate cannot exceed ~1032x, which zero-filled storages approach.
+MAX_TEXT_RATIO = 100
+MAX_DATA_RATIO = 1100
 
 
 class TorchArchive:
-    """An open torch zip archive: its root folder, byte order and storage locations."""
+    """An open torch zip archive: its root folder, byte order, storage locations and pickle findings."""
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)
@@ -38,38 +49,121 @@ class TorchArchive:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
             raise InputError(self.path, f"truncated or corrupt zip archive ({exc})") from None
-        pickles = sorted((n for n in self.zip.namelist() if n == "data.pkl" or n.endswith("/data.pkl")),
-                         key=lambda n: n.count("/"))
-        if not pickles or pickles[0].count("/") > 1:
-            self.zip.close()
-            raise InputError(self.path, "zip archive without data.pkl: not a PyTorch checkpoint or TorchScript file")
-        self.root = pickles[0][: -len("data.pkl")]
-        self.names = set(self.zip.namelist())
-        order = self.read_member("byteorder").strip() if self.has("byteorder") else b"little"
-        if order not in (b"little", b"big"):
-            self.zip.close()
-            raise InputError(self.path, f"unknown byteorder record {order[:20]!r}")
-        self.big_endian = order == b"big"
+        self.findings = PickleFindings()
+        self.scans: dict[str, tuple[bytes, PickleScan]] = {}
         self.storages: dict[str, StorageRef] = {}
         self._fd: int | None = None
+        # Decompressed bytes this archive may still cost: stored members cost what they occupy.
+        self._budget = 2 * self.size + (64 << 20)
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        infos = self.zip.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise InputError(self.path, f"zip archive with {len(infos)} members (more than {MAX_MEMBERS})")
+        names = [info.filename for info in infos]
+        self.names = set(names)
+        # Readers disagree on which copy of a duplicated member counts: such archives are refused
+        # (after every copy has been scanned), rather than linting one while torch loads the other.
+        self.duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
+        # Structural problems are kept for `check()`: every pickle is scanned before the refusal.
+        self.problem: str | None = None
+        self.big_endian = False
+        pickles = sorted((n for n in self.names if n == "data.pkl" or n.endswith("/data.pkl")), key=lambda n: n.count("/"))
+        if not pickles or pickles[0].count("/") > 1:
+            self.root = ""
+            self.problem = "zip archive without data.pkl: not a PyTorch checkpoint or TorchScript file"
+            return
+        self.root = pickles[0][: -len("data.pkl")]
+        try:
+            order = self.read_member("byteorder", MAX_RECORD_BYTES).strip() if self.has("byteorder") else b"little"
+        except InputError as exc:
+            self.problem = exc.problem
+            return
+        if order not in (b"little", b"big"):
+            self.problem = f"unknown byteorder record {order[:20]!r}"
+        self.big_endian = order == b"big"
+
+    def check(self) -> None:
+        if self.problem is not None:
+            raise InputError(self.path, self.problem)
 
     def has(self, name: str) -> bool:
         return self.root + name in self.names
 
-    def read_member(self, name: str) -> bytes:
+    def _check(self, info: zipfile.ZipInfo, cap: int, ratio: int) -> None:
+        """Refuse a member before reading it if its declared size is too large for its kind,
+        too large for its compressed size, or beyond what this archive may still cost."""
+        name = info.filename
+        if info.file_size > cap:
+            raise InputError(self.path, f"{name} declares {info.file_size} bytes (bnlint reads at most {cap})")
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(info.compress_size * ratio, 1 << 16):
+            raise InputError(self.path, f"{name} expands {info.file_size} bytes from {info.compress_size} "
+                             f"(over {ratio}:1): a zip bomb?")
+
+    def _spend(self, info: zipfile.ZipInfo) -> None:
+        self._budget -= info.file_size
+        if self._budget < 0:
+            raise InputError(self.path, "the archive's members add up to far more data than the file holds (a zip bomb?)")
+
+    def read_info(self, info: zipfile.ZipInfo, cap: int = MAX_PICKLE_BYTES, ratio: int = MAX_TEXT_RATIO) -> bytes:
+        self._check(info, cap, ratio)
+        self._spend(info)
         try:
-            return self.zip.read(self.root + name)
-        except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError, zipfile.LargeZipFile) as exc:
-            raise InputError(self.path, f"cannot read {name} from the archive ({exc})") from None
+            with self.zip.open(info) as handle:
+                data = handle.read(info.file_size + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError, zipfile.LargeZipFile, NotImplementedError) as exc:
+            raise InputError(self.path, f"cannot read {info.filename} from the archive ({exc})") from None
+        if len(data) != info.file_size:
+            raise InputError(self.path, f"{info.filename} is not the size its header declares")
+        return data
+
+    def read_member(self, name: str, cap: int = MAX_PICKLE_BYTES) -> bytes:
+        try:
+            info = self.zip.getinfo(self.root + name)
+        except KeyError:
+            raise InputError(self.path, f"cannot read {name} from the archive (missing)") from None
+        return self.read_info(info, cap)
+
+    def scan_pickles(self) -> list[str]:
+        """Scan every *.pkl member (findings accumulate in `self.findings`); the problems found."""
+        problems = []
+        for info in self.zip.infolist():
+            if not info.filename.lower().endswith(".pkl") or info.is_dir():
+                continue
+            data = self.read_info(info)
+            scan = scan_pickle(data)
+            self.findings.add(scan)
+            self.scans[info.filename] = (data, scan)
+            if scan.error is not None:
+                problems.append(f"{info.filename} is not a readable pickle ({scan.error})")
+        return problems
 
     def code_members(self) -> list[str]:
         prefix = self.root + "code/"
-        return [n for n in self.zip.namelist() if n.startswith(prefix) and n.endswith(".py")]
+        return [n for n in sorted(self.names) if n.startswith(prefix) and n.endswith(".py")]
+
+    def read_code(self) -> dict[str, str]:
+        """The TorchScript code/ text (capped in total: it is parsed, never run)."""
+        sources: dict[str, str] = {}
+        total = 0
+        for name in self.code_members():
+            info = self.zip.getinfo(name)
+            total += info.file_size
+            if total > MAX_CODE_BYTES:
+                raise InputError(self.path, f"TorchScript code/ holds more than {MAX_CODE_BYTES} bytes")
+            sources[name[len(self.root):]] = self.read_info(info, MAX_CODE_BYTES).decode("utf-8", "replace")
+        return sources
 
     def _source(self, member: str) -> ByteSource:
         """Where a stored member's bytes begin in the file (local header parsed by hand)."""
         info = self.zip.getinfo(member)
         if info.compress_type != zipfile.ZIP_STORED:
+            self._check(info, 1 << 62, MAX_DATA_RATIO)
             return ByteSource(self.path, 0, info.file_size, member=member)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -96,14 +190,23 @@ class TorchArchive:
         self.storages[key] = ref
         return ref
 
-    def load_pickle(self, name: str) -> tuple[Any, list[str]]:
-        data = self.read_member(name)
+    def load_pickle(self, name: str) -> tuple[Any, PickleScan]:
+        self.check()
+        member = self.root + name
+        if member not in self.scans:
+            data = self.read_member(name)
+            scan = scan_pickle(data)
+            self.findings.add(scan)
+            self.scans[member] = (data, scan)
+        data, scan = self.scans[member]
         try:
-            return safe_load(data, lambda pid: storage_from_pid(pid, self.storage))
+            obj, scan = safe_load(data, lambda pid: storage_from_pid(pid, self.storage), scan)
         except InputError:
             raise
         except PICKLE_ERRORS as exc:
             raise InputError(self.path, f"{name} is not a readable torch pickle ({type(exc).__name__}: {exc})") from None
+        self.findings.add(scan)  # the load may judge globals the scan did not see
+        return obj, scan
 
     def close(self) -> None:
         self.zip.close()
@@ -113,20 +216,31 @@ class TorchArchive:
 
 
 def extract_torch_zip(path: Path) -> Extracted:
-    """Read a torch zip or TorchScript archive into tensors + module tree (nothing executed)."""
+    """Read a torch zip or TorchScript archive into tensors + module tree (nothing executed).
+
+    Raises InputError; an UnsafeInputError when a scanned pickle named code that loading would run.
+    """
     archive = TorchArchive(path)
     try:
-        top, unsafe = archive.load_pickle("data.pkl")
+        problems = archive.scan_pickles()
+        if archive.duplicates:
+            problems.insert(0, f"zip archive with duplicate members ({', '.join(archive.duplicates[:3])}): ambiguous")
+        if problems:
+            raise InputError(str(path), problems[0])
+        top, _ = archive.load_pickle("data.pkl")
+        findings = archive.findings
         if archive.has("constants.pkl") or archive.code_members():
-            sources = {name[len(archive.root):]: archive.zip.read(name).decode("utf-8", "replace")
-                       for name in archive.code_members()}
-            return extract_torchscript(str(path), top, unsafe, sources)
-        extracted = extract_from_object(str(path), top, unsafe)
+            extracted = extract_torchscript(str(path), top, findings.unsafe, archive.read_code())
+            extracted.set_pickle_findings(findings.unsafe, findings.unknown)
+            return extracted
+        extracted = extract_from_object(str(path), top, findings.unsafe, findings.unknown)
         if archive.big_endian:
             extracted.metadata["byteorder"] = "big"
         return extracted
+    except InputError as exc:
+        raise archive.findings.wrap(exc) from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise InputError(str(path), f"truncated or corrupt zip archive ({exc})") from None
+        raise archive.findings.error(str(path), f"truncated or corrupt zip archive ({exc})") from None
     finally:
         archive.close()
 

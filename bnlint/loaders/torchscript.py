@@ -5,28 +5,40 @@ TorchScript pickles each module as an object of a `__torch__...` class whose att
 parameters and buffers and hold `Final` constants (eps, momentum, affine, ...). A *traced* model
 keeps no constants; its forward calls `torch.batch_norm(x, w, b, mean, var, training, momentum,
 eps, cudnn)` with literals, and `training=True` there means it was traced in train mode (BN405).
-The code is parsed as text; nothing is compiled or run.
+The code is parsed as text; nothing is compiled or run. The text comes from the file, so every
+pattern here is linear: whitespace classes never span lines, a call's arguments are read by one
+bracket-free match (falling back to a bounded bracket walk), and line numbers and enclosing
+methods come from precomputed positions instead of rescanning the text per call.
 """
 
 from __future__ import annotations
 
 import ast
+import bisect
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from bnlint.loaders.lazy_tensor import LazyTensor
 from bnlint.loaders.safe_pickle import Stub, stub_name
-from bnlint.loaders.torch_objects import ATTRIBUTE_TYPES, Extracted, ModuleNode, normalize_class
+from bnlint.loaders.torch_objects import ATTRIBUTE_TYPES, Extracted, ModuleNode, attribute_value, normalize_class
 from bnlint.model import TensorRef, TracedCall
 
 CLASS_RE = re.compile(r"^class ([\w.]+)(\((\w+)\))?:", re.M)
-LIST_RE = re.compile(r"^\s+(__parameters__|__buffers__) = \[(.*)\]\s*$", re.M)
-FINAL_RE = re.compile(r"^\s+(\w+) : Final\[[^\n]*?\] = (.+)$", re.M)
-DEF_RE = re.compile(r"^\s+def (\w+)\(", re.M)
+# `[ \t]`, never `\s`: a `\s+` anchored at every line start re-scans runs of blank lines (quadratic).
+LIST_RE = re.compile(r"^[ \t]+(__parameters__|__buffers__) = \[([^\n]*)\][ \t]*$", re.M)
+FINAL_RE = re.compile(r"^[ \t]+(\w+) : Final\[[^\n]*?\] = ([^\n]+)$", re.M)
+DEF_RE = re.compile(r"^[ \t]+def (\w+)\(", re.M)
 # Batch-norm ops whose 6th argument is `training` (then momentum, eps).
 BN_CALL_RE = re.compile(r"torch\.(batch_norm|_batch_norm_impl_index|native_batch_norm|_native_batch_norm_legit"
                         r"|cudnn_batch_norm|miopen_batch_norm)\(")
+# A call's arguments without brackets inside (what TorchScript writes): stops at the first bracket,
+# so the spans read for successive calls never overlap.
+SIMPLE_ARGS_RE = re.compile(r"([^()\[\]{}\n]*)\)")
+MAX_LITERAL = 200  # characters given to ast.literal_eval
+MAX_BN_CALLS = 10_000  # batch_norm calls recorded per archive
+MAX_TRACED = 10_000  # BN405 entries per archive
+ARG_WINDOW = 1000  # characters a bracketed argument list may span
 
 
 @dataclass
@@ -39,12 +51,18 @@ class ScriptClass:
     bn_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _split_args(text: str, start: int) -> list[str] | None:
+def _split_args(text: str, start: int, budget: list[int]) -> list[str] | None:
     """Top-level comma-separated arguments of the call whose '(' is at text[start - 1]."""
+    simple = SIMPLE_ARGS_RE.match(text, start)
+    if simple is not None:
+        return [a.strip() for a in simple.group(1).split(",") if a.strip()]
+    if budget[0] <= 0:
+        return None
+    budget[0] -= ARG_WINDOW
     depth = 0
     args: list[str] = []
     current: list[str] = []
-    for char in text[start:start + 4000]:
+    for char in text[start:start + ARG_WINDOW]:
         if char in "([{":
             depth += 1
         elif char in ")]}":
@@ -61,17 +79,23 @@ def _split_args(text: str, start: int) -> list[str] | None:
 
 
 def _literal(text: str) -> Any:
+    text = text.strip()
+    if len(text) > MAX_LITERAL:
+        return text[:MAX_LITERAL]
     try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text.strip()
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+        return text
 
 
 def parse_code(sources: dict[str, str]) -> dict[str, ScriptClass]:
     """Classes by qualified name (e.g. `__torch__.torch.nn.modules.batchnorm.BatchNorm2d`)."""
     classes: dict[str, ScriptClass] = {}
+    budget = [2_000_000]  # characters the bracket walk may read, all files together
+    calls_left = MAX_BN_CALLS
     for member, text in sources.items():
         module = member.removeprefix("code/").removesuffix(".py").replace("/", ".")
+        newlines = [m.start() for m in re.finditer("\n", text)]
         headers = list(CLASS_RE.finditer(text))
         for index, header in enumerate(headers):
             end = headers[index + 1].start() if index + 1 < len(headers) else len(text)
@@ -83,14 +107,22 @@ def parse_code(sources: dict[str, str]) -> dict[str, ScriptClass]:
                 target.extend(str(n) for n in names)
             for match in FINAL_RE.finditer(body):
                 cls.constants[match.group(1)] = _literal(match.group(2))
-            defs = [(m.start(), m.group(1)) for m in DEF_RE.finditer(body)]
+            def_starts: list[int] = []
+            def_names: list[str] = []
+            for m in DEF_RE.finditer(body):
+                def_starts.append(m.start())
+                def_names.append(m.group(1))
             for call in BN_CALL_RE.finditer(body):
-                args = _split_args(body, call.end())
+                if calls_left <= 0:
+                    break
+                args = _split_args(body, call.end(), budget)
                 if args is None or len(args) < 8:
                     continue
-                method = next((name for pos, name in reversed(defs) if pos < call.start()), "?")
-                line = text.count("\n", 0, header.end() + call.start()) + 1
-                code = f"torch.{call.group(1)}({', '.join(args)})"
+                calls_left -= 1
+                before = bisect.bisect_left(def_starts, call.start())
+                method = def_names[before - 1] if before else "?"
+                line = bisect.bisect_left(newlines, header.end() + call.start()) + 1
+                code = f"torch.{call.group(1)}({', '.join(a[:MAX_LITERAL] for a in args)})"
                 cls.bn_calls.append({"file": member, "line": line, "method": method, "op": call.group(1), "code": code[:200],
                                      "training": _literal(args[5]), "momentum": _literal(args[6]),
                                      "eps": _literal(args[7])})
@@ -118,9 +150,11 @@ def _walk(top: Any, classes: dict[str, ScriptClass]) -> tuple[dict[str, ModuleNo
         children: list[tuple[str, Any]] = []
         params = set(cls.parameters) if cls else set()
         buffers = set(cls.buffers) if cls else set()
+        declared = params | buffers
         for key, value in obj.state.items():
-            key = str(key)
-            if isinstance(value, LazyTensor) or (value is None and key in params | buffers):
+            if not isinstance(key, str):
+                continue
+            if isinstance(value, LazyTensor) or (value is None and key in declared):
                 is_param = key in params if cls else bool(value is not None and value.requires_grad)
                 (node.params if is_param else node.buffers)[key] = value
                 if value is not None:
@@ -130,7 +164,7 @@ def _walk(top: Any, classes: dict[str, ScriptClass]) -> tuple[dict[str, ModuleNo
                 if child_cls is None or child_cls.is_module:
                     children.append((dot + key, value))
             elif isinstance(value, ATTRIBUTE_TYPES):
-                node.attrs[key] = value
+                node.attrs[key] = attribute_value(value)
         if cls:
             for key, value in cls.constants.items():
                 node.attrs.setdefault(key, value)
@@ -156,9 +190,9 @@ def extract_torchscript(path: str, top: Any, unsafe: list[str], sources: dict[st
             if call["training"] is not True:
                 continue
             location = f"{call['file']}:{call['line']}"
-            owners = by_class.get(cls.qualname, [])
+            owners = by_class.get(cls.qualname, [])[:MAX_TRACED - len(result.traced_training)]
             result.traced_training.extend(TracedCall(owner or "(root)", call["code"], location) for owner in owners)
-            if not owners:
+            if not owners and len(result.traced_training) < MAX_TRACED:
                 result.traced_training.append(TracedCall(None, call["code"], location))
     result.metadata["scripted_classes"] = len(classes)
     if not isinstance(top, Stub):

@@ -9,25 +9,40 @@ from bnlint.findings import Severity
 from bnlint.model import ModelInfo
 from bnlint.rules.registry import Hit, rule
 
+# The rules that judge a pickle's globals: the only ones that apply to a file whose pickle was
+# scanned but could not be loaded (bnlint.errors.UnsafeInputError).
+PICKLE_SAFETY_CODES = ("BN001", "BN003")
+
+
+def _names(values: object) -> list[str]:
+    return sorted({str(v) for v in values}) if isinstance(values, (list, tuple, set, frozenset)) else []
+
 
 @rule(
     code="BN001",
     name="unsafe-pickle-global",
     severity=Severity.ERROR,
-    summary="The checkpoint's pickle references code outside the tensor allowlist (never executed).",
+    summary="The checkpoint's pickle names or calls a code-execution primitive (never executed by bnlint).",
     fix="Never load this file with pickle or torch.load without weights_only=True; re-save the weights from a trusted source.",
     scope="model",
 )
 def unsafe_pickle_global(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Reports pickle globals that are code-execution primitives (`os.system`, `builtins.eval`,
-    `subprocess.Popen`, ...) referenced by a checkpoint. bnlint's reader never imports or calls
-    them: it replaces every unknown global with an inert stub.
+    Reports execution primitives in a checkpoint's pickles: globals that run code, start
+    processes, touch files or the network, import modules or call what they are given
+    (`os.system`, `builtins.eval`, `subprocess.Popen`, `pydoc.pipepager`, `functools.partial`,
+    `operator.attrgetter`, `torch.fx`'s `_exec_with_source`, ...), whether the pickle calls them or
+    only names them; calls of computed objects (`getattr(...)(...)`, `pydoc.locate(...)(...)`,
+    shown as `name(...)(...)`); and BUILD/SETITEM/APPEND on a global, which modify a live object
+    (shown as `name [changed by BUILD]`). Every pickle of the file is scanned (all five of a legacy
+    file, `data.pkl`, `constants.pkl` and every other `*.pkl` of a zip, each member of a tar
+    checkpoint), and the finding is reported even when the file then fails to load. bnlint's
+    reader never imports or calls any of them.
 
     ## Why is this bad?
     `torch.load` without `weights_only=True` (the default before PyTorch 2.6) and `pickle.load`
-    call whatever the file names. A checkpoint that names `os.system` runs a shell command on
-    the machine of whoever loads it.
+    import and call whatever the file names. A checkpoint that names `os.system` runs a shell
+    command on the machine of whoever loads it.
 
     ## Example
     A file whose pickle stream contains `GLOBAL 'posix system'` followed by `REDUCE`.
@@ -40,12 +55,60 @@ def unsafe_pickle_global(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     - PyTorch docs, `torch.load`: "weights_only" and the security warning.
     - Python docs, `pickle`: "Restricting Globals".
     """
-    if model.unsafe_globals:
-        names = sorted(set(model.unsafe_globals))
+    names = _names(model.unsafe_globals)
+    if names:
         yield Hit(
-            message=f"pickle references {len(names)} unsafe callable(s): {', '.join(names[:5])} "
-            "(not executed; torch.load without weights_only=True would run them)",
+            message=f"pickle names {len(names)} code-execution primitive(s): {', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''} (not executed; torch.load without weights_only=True would run them)",
             values={"globals": names},
+        )
+
+
+@rule(
+    code="BN003",
+    name="unknown-pickle-callable",
+    severity=Severity.WARNING,
+    summary="Loading the checkpoint's pickle would call code outside the tensor and container allowlist.",
+    fix="Save a state_dict (or safetensors) instead of pickled objects, or --ignore BN003 for classes you trust.",
+    scope="model",
+)
+def unknown_pickle_callable(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Lists the globals that loading the checkpoint with `pickle` would call, other than tensor
+    rebuilders (`torch._utils._rebuild_tensor_v2`, storages, `torch.Size`, ...), containers
+    (`collections.OrderedDict`, sets, ...), data-only configuration classes (`argparse.Namespace`,
+    `pathlib` paths, omegaconf containers and nodes, numpy arrays and dtypes, `datetime`, ...) and
+    torch's own `nn` layer classes. Typical hits are user-defined model classes (`__main__.Net`,
+    `mypkg.models.ResNet`), third-party classes pickled into hyper-parameters, and enum members.
+    Globals only referenced (never called) are not listed. The list of allowed names lives in
+    `bnlint.loaders.safe_pickle` (`ALLOWED_CALLABLES`, `ALLOWED_PATTERNS`).
+
+    ## Why is this bad?
+    Calling a class runs its `__new__`, and restoring its state runs its `__setstate__`: code
+    that is not in the file but that the file chooses, with arguments the file chooses.
+    `torch.load(weights_only=True)` refuses such files, so users who open them turn the safety
+    check off. It is a warning, not an error (BN001): the names are not known execution
+    primitives, but bnlint cannot vouch for them.
+
+    ## Example
+    `torch.save(model, "model.pt")` for a model of class `mypkg.models.Net` calls
+    `mypkg.models.Net` on load.
+
+    ## Use instead
+    `torch.save(model.state_dict(), path)` (or safetensors) and rebuild the model in code;
+    `torch.serialization.add_safe_globals([...])` for classes you trust; `--ignore BN003` if
+    pickled modules of your own classes are intended.
+
+    ## References
+    - PyTorch docs, `torch.load` and `torch.serialization.add_safe_globals`.
+    - Python docs, `pickle`: "Restricting Globals".
+    """
+    names = _names(model.unknown_callables)
+    if names:
+        yield Hit(
+            message=f"loading the pickle would call {len(names)} callable(s) outside the allowlist: {', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''} (not executed; their code runs on torch.load without weights_only=True)",
+            values={"callables": names},
         )
 
 
