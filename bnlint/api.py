@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from bnlint.config import Config
 from bnlint.errors import BnlintError, InputError, NotAModel, UnsafeInputError
 from bnlint.findings import FileError, FileResult, Finding, Report
-from bnlint.loaders import CAFFE_EXTENSIONS, is_model_file, load_model
+from bnlint.loaders import CAFFE_EXTENSIONS, load_model
 from bnlint.model import ModelInfo
 
 
@@ -52,32 +52,23 @@ def _caffe_pairs(files: list[Path]) -> list[ModelInput]:
     return [ModelInput(f, paired.get(f)) for f in files if f not in used]
 
 
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[ModelInput], list[str]]:
-    """Files as given, folders searched recursively for model files (sorted, deterministic).
+def expand_paths(paths: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = ()) -> tuple[list[ModelInput], list[str]]:
+    """Files as given, folders searched for model files (bnlint.discovery), Caffe pairs joined.
 
-    Returns the models (Caffe pairs joined) and notes about folders with no model file in them.
+    Returns the models and notes about folders with no model file in them.
     """
-    files: list[Path] = []
-    notes: list[str] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_model_file(p))
-            if not found:
-                notes.append(f"{path}: no model files found")
-            files.extend(found)
-        else:
-            files.append(path)
-    unique = list(dict.fromkeys(files))
-    if any(f.suffix.lower() in CAFFE_EXTENSIONS for f in unique):
-        return _caffe_pairs(unique), notes
-    return [ModelInput(f) for f in unique], notes
+    from bnlint.discovery import discover
+
+    files, notes = discover(paths, exclude)
+    if any(f.suffix.lower() in CAFFE_EXTENSIONS for f in files):
+        return _caffe_pairs(files), notes
+    return [ModelInput(f) for f in files], notes
 
 
 def _display(path: Path) -> str:
     """Paths relative to the working directory when under it (stable output for CI and SARIF)."""
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    try:  # absolute, not resolved: a symlink is shown under its own name
+        return Path(os.path.abspath(path)).relative_to(Path(os.path.abspath(Path.cwd()))).as_posix()
     except ValueError:
         return path.as_posix()
 
@@ -166,7 +157,7 @@ def lint_paths(
     With `baseline`, findings recorded in that baseline file are dropped (see bnlint.baseline).
     """
     config = config or Config()
-    inputs, notes = expand_paths(paths)
+    inputs, notes = expand_paths(paths, config.exclude)
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
     for item in inputs:

@@ -89,6 +89,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--group", is_flag=True, help="One line per file and code for findings repeated across layers.")
 @click.option("--statistics", is_flag=True, help="Print the number of findings per code instead of the findings.")
 @click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are findings (unreadable files still exit 2).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching GLOB when searching folders (repeatable; adds to extend-exclude).")
 @click.option("--debug", is_flag=True, help="Show the traceback of an internal error instead of one line.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a self-contained HTML report (findings, fixes, drift plots) to FILE.")
@@ -99,7 +100,7 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
           data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
           arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
           baseline: str | None, write_baseline: bool, skip_unrecognised: bool, show_fixes: bool, group: bool,
-          statistics: bool, exit_zero: bool, debug: bool, report_path: str | None, plot_path: str | None) -> None:
+          statistics: bool, exit_zero: bool, exclude: tuple[str, ...], debug: bool, report_path: str | None, plot_path: str | None) -> None:
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx/.keras/.h5/.caffemodel/.prototxt files)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
@@ -110,6 +111,8 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
         config = load_config(config_path).with_overrides(
             select=_split_codes(select), ignore=_split_codes(ignore), fail_on="never" if exit_zero else fail_on
         ).validate()
+        if exclude:
+            config = config.with_overrides(exclude=(*config.exclude, *exclude))
         if write_baseline and not baseline:
             raise BnlintError("--write-baseline needs --baseline FILE")
         dynamic = _dynamic_options(data, inputs, batch_size, train_batch_size, arch, arch_kwargs, trust, device, onnx_engine, quiet) if data else None

@@ -40,6 +40,7 @@ class Config:
     per_layer_ignores: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # glob -> code prefixes
     thresholds: Mapping[str, float] = field(default_factory=dict)
     dynamic: Mapping[str, Any] = field(default_factory=dict)  # [tool.bnlint.dynamic] options
+    exclude: tuple[str, ...] = ()  # globs of paths not to lint (extend-exclude, --exclude)
     source: str | None = None  # the file the config was read from
 
     def threshold(self, name: str, default: float | None = None) -> float:
@@ -96,8 +97,16 @@ def _codes(value: Any, where: str) -> tuple[str, ...]:
     return tuple(v.strip().upper() for v in value if v.strip())
 
 
+def _globs(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{where}: expected a list of path globs")
+    return tuple(value)
+
+
 def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
-    known = {"select", "ignore", "fail-on", "per-layer-ignores", "thresholds", "dynamic"}
+    known = {"select", "ignore", "fail-on", "per-layer-ignores", "thresholds", "dynamic", "extend-exclude"}
     unknown = set(table) - known
     if unknown:
         raise UsageError(f"{source or 'config'}: unknown [tool.bnlint] key(s): {', '.join(sorted(unknown))}")
@@ -118,6 +127,7 @@ def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
         per_layer_ignores={g: _codes(c, f"{source}: per-layer-ignores") for g, c in per_layer.items()},
         thresholds={k: float(v) for k, v in thresholds.items()},
         dynamic=dict(table.get("dynamic", {})),
+        exclude=_globs(table.get("extend-exclude", []), f"{source}: extend-exclude"),
         source=source,
     )
 

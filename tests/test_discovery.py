@@ -1,0 +1,76 @@
+"""Folder search like a linter searches a repository: .gitignore, environments, --exclude, symlinks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bnlint.cli import main
+from bnlint.discovery import discover
+
+ROOT = Path(__file__).resolve().parent.parent
+HEALTHY = ROOT / "fixtures" / "convnet_state_dict.pt"
+
+
+def _tree(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    (repo / "models").mkdir(parents=True)
+    shutil.copy(HEALTHY, repo / "models" / "net.pt")
+    venv = repo / ".venv" / "lib" / "site-packages" / "pkg"
+    venv.mkdir(parents=True)
+    (repo / ".venv" / "pyvenv.cfg").write_text("home = /usr\n")
+    shutil.copy(HEALTHY, venv / "theirs.pt")
+    env = repo / "env2"
+    env.mkdir()
+    (env / "pyvenv.cfg").write_text("home = /usr\n")
+    shutil.copy(HEALTHY, env / "theirs.pt")
+    (repo / "build").mkdir()
+    shutil.copy(HEALTHY, repo / "build" / "artefact.pt")
+    (repo / "scratch").mkdir()
+    shutil.copy(HEALTHY, repo / "scratch" / "tmp.pt")
+    return repo
+
+
+def test_environments_and_caches_are_never_searched(tmp_path: Path) -> None:
+    repo = _tree(tmp_path)
+    files, _ = discover([repo], respect_gitignore=False)
+    names = sorted(p.relative_to(repo).as_posix() for p in files)
+    assert names == ["build/artefact.pt", "models/net.pt", "scratch/tmp.pt"]
+
+
+def test_gitignore_is_respected(tmp_path: Path) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = _tree(tmp_path)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("build/\n")
+    files, _ = discover([repo])
+    assert sorted(p.relative_to(repo).as_posix() for p in files) == ["models/net.pt", "scratch/tmp.pt"]
+
+
+def test_exclude_globs_from_the_cli_and_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = _tree(tmp_path)
+    monkeypatch.chdir(repo)
+    (repo / "bnlint.toml").write_text('extend-exclude = ["build"]\n')
+    result = CliRunner().invoke(main, [".", "--format", "json", "--exclude", "scratch/*"], catch_exceptions=False)
+    assert [f["path"] for f in json.loads(result.stdout)["files"]] == ["models/net.pt"]
+
+
+def test_a_symlinked_file_is_linted_once_and_a_dangling_one_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(HEALTHY, folder / "a.pt")
+    (folder / "b.pt").symlink_to(folder / "a.pt")
+    (folder / "gone.pt").symlink_to(folder / "missing.pt")
+    monkeypatch.chdir(tmp_path)
+    walked = CliRunner().invoke(main, ["m", "--format", "json"], catch_exceptions=False)
+    named = CliRunner().invoke(main, ["m/gone.pt", "--format", "json"], catch_exceptions=False)
+    files = json.loads(walked.stdout)["files"]
+    assert sorted(f["path"] for f in files) == ["m/a.pt", "m/gone.pt"] and walked.exit_code == 2
+    gone = next(f for f in files if f["path"] == "m/gone.pt")
+    assert gone["error"] == json.loads(named.stdout)["files"][0]["error"] == "no such file"
