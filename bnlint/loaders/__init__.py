@@ -117,7 +117,7 @@ def detect(path: Path) -> FileFormat:
     # Whatever torch.load opens is a model file here, whatever its name: protocol 0/1 pickles (no
     # \x80 header: they start with an opcode such as `(`, `c`, `}` or `]`; the first 64 KiB must
     # parse as a pickle stream, which text does not) and pre-0.4 tar checkpoints.
-    from bnlint.loaders.safe_pickle import looks_like_pickle
+    from bnlint.loaders.pickle_scan import looks_like_pickle
     from bnlint.loaders.torch_legacy import is_torch_tar
 
     window = 1 << 16

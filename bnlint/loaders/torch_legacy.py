@@ -23,17 +23,10 @@ from typing import Any
 
 from bnlint.errors import InputError
 from bnlint.loaders.lazy_tensor import ByteSource, StorageRef, element_size
-from bnlint.loaders.safe_pickle import (
-    PICKLE_ERRORS,
-    BadPickle,
-    Buffer,
-    PickleFindings,
-    PickleScan,
-    StorageType,
-    safe_load,
-    scan_pickle,
-    storage_from_pid,
-)
+from bnlint.loaders.pickle_scan import scan_pickle
+from bnlint.loaders.pickle_scan_state import Buffer, PickleFindings, PickleScan
+from bnlint.loaders.pickle_stubs import BadPickle, StorageType
+from bnlint.loaders.safe_pickle import PICKLE_ERRORS, safe_load, storage_from_pid
 from bnlint.loaders.state_dict import to_model_info
 from bnlint.loaders.torch_objects import Extracted, extract_from_object
 from bnlint.model import ModelInfo

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bnlint.loaders.lazy_tensor import LazyTensor
-from bnlint.loaders.safe_pickle import NumpyArray, Stub, stub_name
+from bnlint.loaders.pickle_stubs import NumpyArray, Stub, stub_name
 from bnlint.model import ArrayTensor, TensorRef, TracedCall
 
 # Keys under which training checkpoints keep the model, in order of preference.

@@ -21,7 +21,10 @@ from typing import Any
 
 from bnlint.errors import InputError
 from bnlint.loaders.lazy_tensor import ByteSource, StorageRef, element_size
-from bnlint.loaders.safe_pickle import PICKLE_ERRORS, BadPickle, PickleFindings, PickleScan, safe_load, scan_pickle, storage_from_pid
+from bnlint.loaders.pickle_scan import scan_pickle
+from bnlint.loaders.pickle_scan_state import PickleFindings, PickleScan
+from bnlint.loaders.pickle_stubs import BadPickle
+from bnlint.loaders.safe_pickle import PICKLE_ERRORS, safe_load, storage_from_pid
 from bnlint.loaders.state_dict import to_model_info
 from bnlint.loaders.torch_objects import Extracted, extract_from_object
 from bnlint.loaders.torchscript import extract_torchscript

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bnlint.loaders.lazy_tensor import LazyTensor
-from bnlint.loaders.safe_pickle import Stub, stub_name
+from bnlint.loaders.pickle_stubs import Stub, stub_name
 from bnlint.loaders.torch_objects import ATTRIBUTE_TYPES, Extracted, ModuleNode, attribute_value, normalize_class
 from bnlint.model import TensorRef, TracedCall
 

@@ -81,7 +81,7 @@ def unknown_pickle_callable(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]
     torch's own `nn` layer classes. Typical hits are user-defined model classes (`__main__.Net`,
     `mypkg.models.ResNet`), third-party classes pickled into hyper-parameters, and enum members.
     Globals only referenced (never called) are not listed. The list of allowed names lives in
-    `bnlint.loaders.safe_pickle` (`ALLOWED_CALLABLES`, `ALLOWED_PATTERNS`).
+    `bnlint.loaders.pickle_policy` (`ALLOWED_CALLABLES`, `ALLOWED_PATTERNS`).
 
     ## Why is this bad?
     Calling a class runs its `__new__`, and restoring its state runs its `__setstate__`: code
