@@ -468,7 +468,8 @@ def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     name="conv-bias-before-bn",
     severity=Severity.INFO,
     summary="A Conv with a bias feeds a BatchNormalization directly: the bias is redundant.",
-    fix="Build the layer with bias=False (nn.Conv2d(..., bias=False)); BN's beta provides the offset.",
+    fix="Build the convolution without a bias (nn.Conv2d(..., bias=False), Conv2D(use_bias=False), bias_term: false); "
+    "BN's beta provides the offset.",
     frameworks=('onnx', 'keras', 'caffe'),
 )
 def conv_bias_before_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
