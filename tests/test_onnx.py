@@ -553,7 +553,8 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> _Exports:
 
 def test_legacy_eval_export_folds_conv_bn_only(exports: _Exports) -> None:
     model = load_onnx(exports.export("legacy_eval", dynamo=False))
-    assert [layer.name for layer in model.layers] == ["/bn1/BatchNormalization"]  # BN after Linear is kept
+    assert [layer.name for layer in model.layers] == ["bn1"]  # BN after Linear is kept; named by its module
+    assert model.layers[0].aliases == ("/bn1/BatchNormalization",)  # the node name stays an alias
     producer = model.layers[0].producer
     assert producer is not None and producer.op == "Gemm" and producer.kind == "dense" and model.layers[0].stats_source == "stored"
     assert model.folded_bn is False and model.metadata["producer"].startswith("pytorch")
@@ -563,7 +564,7 @@ def test_legacy_eval_export_folds_conv_bn_only(exports: _Exports) -> None:
 def test_legacy_unfolded_export_keeps_exact_statistics(exports: _Exports) -> None:
     path = exports.export("legacy_nofold", dynamo=False, do_constant_folding=False)
     model = load_onnx(path)
-    assert [layer.name for layer in model.layers] == ["/bn/BatchNormalization", "/bn1/BatchNormalization"]
+    assert [layer.name for layer in model.layers] == ["bn", "bn1"]  # the same names as the state dict
     net = exports.net
     for layer, bn in zip(model.layers, (net.bn, net.bn1)):
         assert layer.channels == bn.num_features and layer.eps == bn.eps and layer.momentum == bn.momentum

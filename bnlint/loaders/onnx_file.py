@@ -72,6 +72,30 @@ def _torch_scope(node: onnx.NodeProto) -> tuple[str | None, str | None]:
     return found[0], found[1]
 
 
+def _module_path(node: onnx.NodeProto) -> str | None:
+    """The PyTorch module a node came from: the dynamo exporter's name_scopes metadata, else the
+    legacy exporter's scoped node name, `/layer1/layer1.0/bn1/BatchNormalization` -> `layer1.0.bn1`.
+
+    Each scope component is either a child of the previous one (`bn1` under `layer1.0`) or a
+    refinement of it (`layer1.0` extends `layer1`): refinements replace, children append.
+    """
+    scoped, _ = _torch_scope(node)
+    if scoped:
+        return scoped
+    parts = node.name.split("/")
+    if len(parts) < 3 or parts[0] != "" or not parts[-1].startswith("BatchNormalization"):
+        return None
+    path: list[str] = []
+    for part in parts[1:-1]:
+        if not part:
+            return None
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path) or None
+
+
 def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
@@ -230,10 +254,15 @@ class _Reader:
                 source_ops[key] = op
         stats = [sources["running_mean"], sources["running_var"]]
         stats_source = next(s for s in _STATS_PRIORITY if s in stats)
-        name = prefix + (node.name or f"BatchNormalization_{index}")
+        node_name = prefix + (node.name or f"BatchNormalization_{index}")
+        module = _module_path(node) if not prefix else None
+        # A PyTorch export names the layer by its module path (as the state dict and TorchScript
+        # do), the node name kept as an alias; other graphs keep node names.
+        name = module if module and not self.names[module] else node_name
         self.names[name] += 1
-        if self.names[name] > 1:  # duplicate node names: keep layer names unique
+        if self.names[name] > 1:  # duplicate names (a module called twice, repeated node names): keep them unique
             name = f"{name}#{self.names[name]}"
+        aliases = (node_name,) if name != node_name else ()
         shape = next((ref.shape for key in ("weight", "running_mean", "bias", "running_var") if (ref := tensors.get(key))), None)
         # Uses of X by the nodes computing this BN's own batch mean/var do not stop folding or
         # make a bias useful: count only the other consumers.
@@ -257,6 +286,7 @@ class _Reader:
             stats_ops=tuple(sorted(set(source_ops[k] for k in ("running_mean", "running_var") if k in source_ops))),
             producer=self.producer(inputs[0], scope, own_uses),
             node_index=index if top else None,
+            aliases=aliases,
             known={"eps", "momentum", "training"},
         )
         self.details[name] = {
