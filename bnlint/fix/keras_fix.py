@@ -62,15 +62,14 @@ def recalibrate_keras(info: ModelInfo, data: str, *, layers: str | Sequence[str]
         layer = runner.bn[name]
         spec = next(s for s in runner.layers if s.name == name)
         collector = Collector(runner.ops, {name: spec.eps})
-        original = layer.call
 
-        def call(*args: Any, **kwargs: Any) -> Any:
+        def call(*args: Any, _name: str = name, _layer: Any = layer, _collector: Collector = collector, **kwargs: Any) -> Any:
             x = args[0] if args else kwargs.get("inputs")
-            moved = runner._channels_second(x, layer)
+            moved = runner._channels_second(x, _layer)
             if moved is None:
-                raise RecalibrationError(f"layer {name}: its axis {getattr(layer, 'axis', None)!r} cannot be recalibrated")
+                raise RecalibrationError(f"layer {_name}: its axis {getattr(_layer, 'axis', None)!r} cannot be recalibrated")
             var, mean = per_sample_moments(moved)
-            collector.add(name, var, mean, moved[0, 0].numel())
+            _collector.add(_name, var, mean, moved[0, 0].numel())
             raise _Measured
 
         layer.call = call
