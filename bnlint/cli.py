@@ -214,6 +214,67 @@ def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, qui
             stream.close()
 
 
+@main.command("fix")
+@click.argument("model", type=click.Path())
+@click.option("--data", type=click.Path(), default=None, help="Target data (.npz, .npy or a folder of shards): the statistics are re-estimated on it.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the fixed model to FILE (the input is never modified).")
+@click.option("--in-place", is_flag=True, help="Overwrite the input file (written to a temporary file, then renamed).")
+@click.option("--dry-run", is_flag=True, help="Compute and report, write nothing.")
+@click.option("--layers", default=None, metavar="GLOB", help="Only layers whose name matches GLOB (comma-separated globs).")
+@click.option("--fold", is_flag=True, help="ONNX: fold inference BatchNorm into the Conv/Gemm before it, checked numerically.")
+@click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Architecture for state dicts (as for linting).")
+@click.option("--arch-kwargs", default=None, metavar="JSON", help="Keyword arguments for the factory.")
+@click.option("--trust", is_flag=True, help="Allow running code from the input file (pickled nn.Module, Keras Lambda).")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=KEY", help="Map a model input to an array in --data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default="auto", show_default=True)
+@click.option("--format", "--output-format", "fmt", type=click.Choice(["text", "json", "sarif"]), default="text", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write an HTML report with before/after plots.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None)
+def fix_command(model: str, data: str | None, output: str | None, in_place: bool, dry_run: bool, layers: str | None, fold: bool,
+                arch: str | None, arch_kwargs: str | None, trust: bool, inputs: tuple[str, ...], batch_size: int, device: str,
+                onnx_engine: str, fmt: str, report_path: str | None, config_path: str | None) -> None:
+    """Repair what the linter finds: exact BatchNorm recalibration on --data (layer by layer, in
+    execution order), ONNX training-mode BatchNorm rewritten to inference form, --fold.
+
+    \b
+    bnlint fix model.pt --arch models.py:net --data target.npz -o fixed.pt
+    bnlint fix model.onnx --data target.npz -o fixed.onnx --fold
+    """
+    from bnlint.config import load_config
+    from bnlint.dynamic import parse_arch_kwargs, parse_inputs
+    from bnlint.fix.run import FixOptions, run_fix
+
+    try:
+        config = load_config(config_path)
+        options = FixOptions(model=model, data=data, output=output, in_place=in_place, layers=layers, dry_run=dry_run, fold=fold,
+                             arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust=trust, inputs=parse_inputs(inputs),
+                             batch_size=batch_size, device=device, onnx_engine=onnx_engine)
+        outcome = run_fix(options, config)
+    except BnlintError as exc:
+        click.echo(f"bnlint: error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    from bnlint.report.fix import render_fix
+
+    click.echo(render_fix(outcome, fmt, tool_version=__version__), nl=False)
+    if report_path and outcome.after is not None:
+        from bnlint.report.html import FixComparison, write_html
+        from bnlint.rules import all_rules
+
+        stats_before = [s for r in outcome.before.files for s in r.layer_stats] if outcome.before else []
+        stats_after = [s for r in outcome.after.files for s in r.layer_stats]
+        comparison = FixComparison.from_layer_stats(model, stats_before, stats_after, first_drift_before=outcome.first_drift_before,
+                                                    first_drift_after=outcome.first_drift_after, output=outcome.output)
+        try:
+            write_html(outcome.after, all_rules(), report_path, comparison=comparison, tool_version=__version__)
+        except BnlintError as exc:
+            click.echo(f"bnlint: error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+    remaining = outcome.after.findings if outcome.after is not None else []
+    sys.exit(EXIT_FINDINGS if any(f.code in ("BN601", "BN602", "BN606") for f in remaining) else EXIT_CLEAN)
+
+
 @main.command("rules")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
 def rules_command(fmt: str) -> None:

@@ -1,0 +1,199 @@
+"""`bnlint fix`, end to end: pick the repair for the file's framework, write the result, and measure
+the drift on the data before and after with the linter itself.
+
+    outcome = run_fix(FixOptions(model="m.pt", data="target.npz", output="fixed.pt", arch="models.py:net"))
+
+The before/after table is the linter's own dynamic analysis (`bnlint.api.lint_paths` with --data)
+on the input and on the output: the same metrics BN601/BN602 judge, so "fixed" means bnlint on
+the output with the same data reports no drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from bnlint.config import Config
+from bnlint.errors import UsageError
+from bnlint.findings import Report
+from bnlint.fix.recalibrate import RecalibrationError
+
+
+@dataclass
+class FixOptions:
+    model: str
+    data: str | None = None
+    output: str | None = None
+    in_place: bool = False
+    layers: str | None = None  # glob(s), comma-separated
+    dry_run: bool = False
+    fold: bool = False
+    arch: str | None = None
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    trust: bool = False
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    batch_size: int = 32
+    device: str = "cpu"
+    onnx_engine: str = "auto"
+
+
+@dataclass
+class FixOutcome:
+    """What was repaired, where it was written, and the drift before and after."""
+
+    model: str
+    output: str | None
+    framework: str
+    actions: list[str]  # recalibrated, rewritten to inference form, folded
+    layers: list[dict[str, Any]]  # per layer: name and before/after mean |SMD|, mean KL (from the linter)
+    first_drift_before: str | None
+    first_drift_after: str | None
+    refused: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # method, passes, fold max abs difference, ...
+    before: Report | None = None
+    after: Report | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {"model": self.model, "output": self.output, "framework": self.framework, "actions": self.actions,
+                "layers": self.layers, "first_drift_before": self.first_drift_before,
+                "first_drift_after": self.first_drift_after, "refused": self.refused, "notes": self.notes,
+                "details": self.details}
+
+
+def _measure(path: str, options: FixOptions, config: Config) -> Report | None:
+    """The linter's own run on `path` with the data (None without data)."""
+    if options.data is None:
+        return None
+    from bnlint.api import lint_paths
+    from bnlint.dynamic import DynamicOptions
+
+    dynamic = DynamicOptions(data=options.data, inputs=dict(options.inputs), batch_size=options.batch_size, arch=options.arch,
+                             arch_kwargs=dict(options.arch_kwargs), trust=options.trust, device=options.device,
+                             onnx_engine=options.onnx_engine, quiet=True)
+    return lint_paths([path], config, dynamic=dynamic)
+
+
+def _first_drift(report: Report | None) -> str | None:
+    if report is None:
+        return None
+    return next((f.layer for f in report.findings if f.code == "BN602"), None)
+
+
+def _table(before: Report | None, after: Report | None) -> list[dict[str, Any]]:
+    stats_before = {s["layer"]: s for r in (before.files if before else []) for s in r.layer_stats}
+    stats_after = {s["layer"]: s for r in (after.files if after else []) for s in r.layer_stats}
+    rows = []
+    for name in dict.fromkeys([*stats_before, *stats_after]):
+        b, a = stats_before.get(name, {}), stats_after.get(name, {})
+        rows.append({"layer": name, "mean_abs_smd_before": b.get("mean_abs_smd"), "mean_abs_smd_after": a.get("mean_abs_smd"),
+                     "mean_kl_before": b.get("mean_kl"), "mean_kl_after": a.get("mean_kl")})
+    return rows
+
+
+def _target(options: FixOptions) -> str | None:
+    if options.dry_run:
+        return None
+    if options.in_place:
+        return options.model
+    if not options.output:
+        raise UsageError("bnlint fix needs -o FIXED (or --in-place, or --dry-run)")
+    if Path(options.output).resolve() == Path(options.model).resolve():
+        raise UsageError(f"{options.output}: the output is the input; say --in-place to overwrite it")
+    return options.output
+
+
+def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
+    """Repair the model as its framework allows; raises BnlintError subclasses (one line each)."""
+    from bnlint.loaders import load_model
+
+    config = config or Config()
+    info = load_model(options.model)
+    target = _target(options)
+    before = _measure(options.model, options, config)
+    outcome = FixOutcome(options.model, target, info.framework, [], [], _first_drift(before), None, before=before)
+    if info.framework == "onnx":
+        _fix_onnx(info, options, outcome, target)
+    elif info.framework == "torch":
+        _fix_torch(info, options, outcome, target)
+    elif info.framework == "keras":
+        _fix_keras(info, options, outcome, target)
+    else:
+        raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")
+    if target is not None and options.data is not None:
+        outcome.after = _measure(target, options, config)
+        outcome.first_drift_after = _first_drift(outcome.after)
+    outcome.layers = _table(before, outcome.after)
+    return outcome
+
+
+def _needs_data(options: FixOptions, what: str) -> str:
+    if options.data is None:
+        raise UsageError(f"{what} needs --data (the statistics come from the data; bnlint never invents them)")
+    return options.data
+
+
+def _fix_torch(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
+    from bnlint.fix.torch_recalibrate import recalibrate_file
+    from bnlint.fix.torch_write import write_torch_fix
+
+    if options.fold:
+        raise UsageError("--fold applies to ONNX files (export with do_constant_folding=False, then bnlint fix --fold model.onnx)")
+    data = _needs_data(options, "recalibrating a PyTorch model")
+    result = recalibrate_file(options.model, data, arch=options.arch, arch_kwargs=options.arch_kwargs, trust=options.trust,
+                              inputs=options.inputs, batch_size=options.batch_size, layers=options.layers, device=options.device)
+    outcome.actions.append(f"recalibrated {len(result.layers)} layer(s) ({result.method}, {result.passes} pass(es) over "
+                           f"{result.samples} samples)")
+    outcome.refused.update(result.skipped)
+    outcome.notes.extend(result.notes)
+    outcome.details.update(method=result.method, passes=result.passes, recalibrated=result.records())
+    if target is not None:
+        report = write_torch_fix(options.model, target, result.new_stats(), in_place=options.in_place)
+        outcome.details["patched_tensors"] = len(report.tensors)
+        outcome.notes.extend(report.notes)
+
+
+def _fix_keras(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
+    from bnlint.fix.keras_fix import recalibrate_keras, write_keras_fix
+
+    if options.fold:
+        raise UsageError("--fold applies to ONNX files")
+    data = _needs_data(options, "recalibrating a Keras model")
+    result = recalibrate_keras(info, data, layers=options.layers, trust=options.trust, arch=options.arch,
+                               inputs=options.inputs, batch_size=options.batch_size)
+    outcome.actions.append(f"recalibrated {len(result.layers)} layer(s) ({result.passes} truncated pass(es))")
+    outcome.notes.extend(result.notes)
+    outcome.details.update(method=result.method, passes=result.passes, recalibrated=result.records())
+    if target is not None:
+        write_keras_fix(info, target, result, in_place=options.in_place)
+
+
+def _fix_onnx(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
+    from bnlint.fix.onnx_fold import fold
+    from bnlint.fix.onnx_recalibrate import recalibrate_onnx
+    from bnlint.fix.onnx_rewrite import rewrite_training_mode
+    from bnlint.fix.onnx_write import load_fix
+
+    inputs, engine = dict(options.inputs) or None, options.onnx_engine
+    fix = load_fix(options.model)
+    if any(layer.training_reasons or layer.stats_source == "computed" for layer in info.layers):
+        fix = rewrite_training_mode(fix, options.data, batch_size=options.batch_size, inputs=inputs, engine=engine)
+        outcome.actions.append(f"rewrote {len(fix.rewritten)} layer(s) to inference form")
+    if options.data is not None:
+        fix = recalibrate_onnx(fix, options.data, layers=options.layers, batch_size=options.batch_size, inputs=inputs, engine=engine)
+        outcome.actions.append(f"recalibrated {len(fix.layers)} layer(s)")
+    if options.fold:
+        fix = fold(fix, options.data, layers=options.layers, inputs=inputs, engine=engine)
+        outcome.actions.append(f"folded {len(fix.folded)} layer(s) into the op before them")
+    if not outcome.actions:
+        raise UsageError(f"{options.model}: nothing to do without --data (no training-mode BatchNorm to rewrite); "
+                         "give --data to recalibrate or --fold to fold")
+    outcome.refused.update(fix.refused)
+    outcome.notes.extend(fix.notes)
+    outcome.details.update({k: v for k, v in fix.metrics.items()}, recalibrated=[layer.record() for layer in fix.layers])
+    if target is not None:
+        fix.write(target, in_place=options.in_place)
+
+
+__all__ = ["FixOptions", "FixOutcome", "RecalibrationError", "run_fix"]
