@@ -244,14 +244,17 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
     """
     from bnlint.config import load_config
     from bnlint.dynamic import parse_arch_kwargs, parse_inputs
-    from bnlint.fix.run import FixOptions, run_fix
+    from bnlint.fix.run import FixOptions, distributed_group, run_fix
 
     try:
         config = load_config(config_path)
+        group = distributed_group(device)  # torchrun: each process reads its shard; rank 0 writes and reports
         options = FixOptions(model=model, data=data, output=output, in_place=in_place, layers=layers, dry_run=dry_run, fold=fold,
                              arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust=trust, inputs=parse_inputs(inputs),
-                             batch_size=batch_size, device=device, onnx_engine=onnx_engine)
+                             batch_size=batch_size, device=device, onnx_engine=onnx_engine, process_group=group)
         outcome = run_fix(options, config)
+        if group is not None and outcome.output is None and not dry_run:
+            sys.exit(EXIT_CLEAN)  # not rank 0: nothing to print
     except BnlintError as exc:
         click.echo(f"bnlint: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)

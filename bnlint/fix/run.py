@@ -10,6 +10,7 @@ the output with the same data reports no drift.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +37,7 @@ class FixOptions:
     batch_size: int = 32
     device: str = "cpu"
     onnx_engine: str = "auto"
+    process_group: Any = None  # torch.distributed group under torchrun: statistics merged across processes
 
 
 @dataclass
@@ -111,7 +113,10 @@ def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
     config = config or Config()
     info = load_model(options.model)
     target = _target(options)
-    before = _measure(options.model, options, config)
+    leader = options.process_group is None or _rank(options.process_group) == 0
+    if options.process_group is not None and info.framework != "torch":
+        raise UsageError("distributed recalibration (torchrun) is for PyTorch models; run ONNX and Keras fixes in one process")
+    before = _measure(options.model, options, config) if leader else None
     outcome = FixOutcome(options.model, target, info.framework, [], [], _first_drift(before), None, before=before)
     if info.framework == "onnx":
         _fix_onnx(info, options, outcome, target)
@@ -121,11 +126,32 @@ def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
         _fix_keras(info, options, outcome, target)
     else:
         raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")
+    if not leader:
+        outcome.output = None  # rank 0 writes and measures; the others only contributed statistics
+        return outcome
     if target is not None and options.data is not None:
         outcome.after = _measure(target, options, config)
         outcome.first_drift_after = _first_drift(outcome.after)
     outcome.layers = _table(before, outcome.after)
     return outcome
+
+
+def _rank(group: Any) -> int:
+    import torch.distributed as dist
+
+    return int(dist.get_rank(group))
+
+
+def distributed_group(device: str) -> Any:
+    """The default process group when launched by torchrun (WORLD_SIZE > 1), created on first use:
+    gloo on the CPU, nccl on CUDA. None in a plain single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.group.WORLD
 
 
 def _needs_data(options: FixOptions, what: str) -> str:
@@ -142,13 +168,14 @@ def _fix_torch(info: Any, options: FixOptions, outcome: FixOutcome, target: str 
         raise UsageError("--fold applies to ONNX files (export with do_constant_folding=False, then bnlint fix --fold model.onnx)")
     data = _needs_data(options, "recalibrating a PyTorch model")
     result = recalibrate_file(options.model, data, arch=options.arch, arch_kwargs=options.arch_kwargs, trust=options.trust,
-                              inputs=options.inputs, batch_size=options.batch_size, layers=options.layers, device=options.device)
+                              inputs=options.inputs, batch_size=options.batch_size, layers=options.layers, device=options.device,
+                              process_group=options.process_group)
     outcome.actions.append(f"recalibrated {len(result.layers)} layer(s) ({result.method}, {result.passes} pass(es) over "
                            f"{result.samples} samples)")
     outcome.refused.update(result.skipped)
     outcome.notes.extend(result.notes)
     outcome.details.update(method=result.method, passes=result.passes, recalibrated=result.records())
-    if target is not None:
+    if target is not None and (options.process_group is None or _rank(options.process_group) == 0):
         report = write_torch_fix(options.model, target, result.new_stats(), in_place=options.in_place)
         outcome.details["patched_tensors"] = len(report.tensors)
         outcome.notes.extend(report.notes)
