@@ -174,17 +174,24 @@ def lint_paths(
 
 def lint(
     path_or_module: Any,
-    data: str | os.PathLike[str] | None = None,
+    data: Any = None,
     config: Config | None = None,
     **options: Any,
 ) -> Report:
     """The Python API: lint a model file, a folder, a list of paths, or a live ``torch.nn.Module``.
 
-    Returns the same Report (and findings) as the CLI. ``data`` enables the dynamic checks;
+    Returns the same Report (and findings) as the CLI. ``data`` enables the dynamic checks: a path
+    (.npz, .npy, a folder of shards), an array or torch tensor (samples first), a dict of arrays
+    by model input name, or an iterable of batches of those;
     ``options`` are DynamicOptions fields (batch_size, arch, device, ...), ``reference`` and
     ``baseline`` (a baseline file, as with the CLI's --baseline).
     Unreadable files are in ``report.errors``; nothing is raised for them.
     """
+    if data is not None and not isinstance(data, (str, os.PathLike)):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bnlint-data-") as folder:
+            return lint(path_or_module, _materialise(data, Path(folder)), config, **options)
     config = config or Config()
     reference = options.pop("reference", None)
     baseline = options.pop("baseline", None)
@@ -204,6 +211,30 @@ def lint(
         return report
     paths = [path_or_module] if isinstance(path_or_module, (str, os.PathLike)) else list(path_or_module)
     return lint_paths(paths, config, reference=reference, dynamic=dynamic, baseline=baseline)
+
+
+def _materialise(data: Any, folder: Path) -> Path:
+    """In-memory data for the API: an array (samples first), a dict of arrays (model input name ->
+    array), or an iterable of batches of either, written as .npz shards the data reader streams
+    (one shard per batch, so an iterable is never held in memory at once)."""
+    import numpy as np
+
+    def arrays(item: Any) -> dict[str, Any]:
+        if isinstance(item, dict):
+            return {str(k): np.asarray(v) for k, v in item.items()}
+        if hasattr(item, "detach"):  # a torch tensor
+            item = item.detach().cpu().numpy()
+        return {"input": np.asarray(item)}
+
+    if isinstance(data, dict) or hasattr(data, "shape"):
+        np.savez(folder / "data.npz", **arrays(data))
+        return folder / "data.npz"
+    count = 0
+    for count, batch in enumerate(data, start=1):
+        np.savez(folder / f"batch-{count:09d}.npz", **arrays(batch))
+    if not count:
+        raise TypeError("data= is an empty iterable")
+    return folder
 
 
 def lint_module(module: Any, config: Config, *, dynamic: Any = None, name: str = "<module>") -> FileResult:

@@ -195,3 +195,18 @@ def test_live_module_with_data_matches_the_cli_with_arch() -> None:
     for left, right in zip(live.layer_stats, from_cli):
         assert left["layer"] == right["layer"]
         assert left["max_abs_smd"] == pytest.approx(right["max_abs_smd"], rel=1e-6)
+
+
+def test_data_may_be_arrays_dicts_or_iterables_of_batches() -> None:
+    import numpy as np
+
+    from bnlint import lint
+
+    x = np.load(ROOT / "fixtures" / "data" / "convnet_shifted.npz")["input"]
+    by_path = lint(str(ROOT / "fixtures" / "convnet.onnx"), data=str(ROOT / "fixtures" / "data" / "convnet_shifted.npz"))
+    expected = sorted((f.code, f.layer) for f in by_path.findings)
+    for data in (x, {"input": x}, (x[i:i + 50] for i in range(0, len(x), 50))):
+        report = lint(str(ROOT / "fixtures" / "convnet.onnx"), data=data)
+        assert sorted((f.code, f.layer) for f in report.findings) == expected
+        stats = report.files[0].layer_stats
+        assert stats[0]["channel"]["mean"] == by_path.files[0].layer_stats[0]["channel"]["mean"]

@@ -72,6 +72,8 @@ def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, 
     if model.framework == "keras":
         from bnlint.dynamic.keras_runner import KerasRunner
 
+        if settings["device"] == "cuda":
+            _require_cuda_for_torch()
         return KerasRunner(model, None, options.data, options.trust, options.arch)
     if model.framework == "caffe":
         raise UsageError("running a Caffe model on --data is not supported (no Caffe runtime is bundled); convert it "
@@ -81,7 +83,11 @@ def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, 
             raise UsageError("--arch applies to PyTorch weights, not to an ONNX file")
         from bnlint.dynamic.onnx_runner import OnnxRunner
 
-        return OnnxRunner(model, settings["onnx_engine"], settings["device"], options.data)
+        runner = OnnxRunner(model, settings["onnx_engine"], settings["device"], options.data)
+        if settings["device"] == "cuda" and "CUDA" not in runner.engine:
+            raise UsageError(f"--device cuda: the ONNX engine here has no CUDA ({runner.engine}); "
+                             "install onnxruntime-gpu, or use --device cpu / auto")
+        return runner
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -92,6 +98,16 @@ def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, 
     device = pick_device(settings["device"])
     runner: Runner = open_torch(model, options.arch, parse_arch_kwargs(options.arch_kwargs), options.trust, device, options.data)
     return runner
+
+
+def _require_cuda_for_torch() -> None:
+    """`--device cuda` means the same for every engine: an error when no GPU can be used."""
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("--device cuda needs torch with CUDA") from None
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to torch here (use --device cpu or auto)")
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -191,14 +207,18 @@ def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: A
     settings = dynamic_settings(config)
     for key in ("batch_size", "device", "onnx_engine"):
         override(settings, key, getattr(options, key))
-    dataset = Dataset(options.data)
+    dataset = Dataset(options.data, max_samples=int(settings["max_samples"]))
     runner = _open_runner(model, options, settings, module)
     sources = dataset.select(runner.input_names, options.inputs)
     for source, shape, name in zip(sources, runner.input_shapes, runner.input_names):
         check_layout(source, shape, name, options.data)
     samples = sources[0].samples
     batch_size = runner.fixed_batch or int(settings["batch_size"])
-    notes = list(runner.notes)
+    notes = [*runner.notes, *dataset.notes]
+    for source in sources:
+        if source.dtype.kind in "ui" and source.dtype.itemsize <= 2:
+            notes.append(f"array '{source.key}' holds {source.dtype} integers: if these are raw pixels (0-255), normalise "
+                         "them as in training first, or every layer will look drifted")
     usable = samples - samples % batch_size if runner.fixed_batch else samples
     if runner.fixed_batch and usable < samples:
         notes.append(f"the model's batch size is fixed at {batch_size}: used {usable} of {samples} samples")

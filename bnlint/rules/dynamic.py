@@ -40,6 +40,9 @@ def _drifting(analysis: Measurements) -> list[LayerDrift]:
     return [layer for layer in _over_noise(analysis) if layer.name not in shifted]
 
 
+# A first-layer mean shift this many standard deviations wide is a preprocessing mismatch, not a domain.
+UNNORMALISED_SMD = 10.0
+
 # Variance shift (BN607): the data's variance is below the stored one in nearly every channel of a
 # layer, by more than its mean moves, from some layer on, with every earlier layer clean.
 SHIFT_CHANNELS = 0.9  # share of channels with log variance ratio < 0
@@ -194,11 +197,16 @@ def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     if not drifting:
         return
     first = min(drifting, key=lambda layer: layer.order)
+    shift = first.summary.get("mean_abs_smd") or 0.0
+    hint = ""
+    if first.order == min(layer.order for layer in analysis.layers) and shift >= UNNORMALISED_SMD:
+        hint = (f"; a shift of {num(shift)} standard deviations at the first BatchNorm usually means the data is not "
+                "normalised as in training (raw 0-255 pixels? missing mean/std normalisation?)")
     yield Hit(
         message=f"drift begins here: the first of {len(drifting)} drifting BatchNorm layer(s) in execution order "
-        f"(mean KL {num(first.summary['mean_kl'])}); later layers inherit it, so look at the data and the layers before this one",
+        f"(mean KL {num(first.summary['mean_kl'])}); later layers inherit it, so look at the data and the layers before this one{hint}",
         layer=first.name,
-        values={"drifting_layers": [layer.name for layer in drifting], "order": first.order},
+        values={"drifting_layers": [layer.name for layer in drifting], "order": first.order, "unnormalised_hint": bool(hint)},
     )
 
 

@@ -180,8 +180,8 @@ def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]
     name="bn-folded",
     severity=Severity.INFO,
     summary="The graph has convolution/dense nodes but no BatchNorm: BN was probably folded at export.",
-    fix="To lint the BN statistics, export with torch.onnx.export(..., dynamo=False, do_constant_folding=False) "
-    "(or dynamo=True, optimize=False).",
+    fix="Nothing is wrong with deploying this file. To lint BN statistics, lint the unfolded export "
+    "(torch.onnx.export(..., dynamo=False, do_constant_folding=False), or the checkpoint); deploy the folded one.",
     scope="model",
     frameworks=('onnx',),
 )
@@ -424,8 +424,8 @@ def _reached(nodes: list[GraphNode], start: str) -> set[int]:
     name="unfused-bn",
     severity=Severity.INFO,
     summary="An inference BatchNormalization directly after Conv/Gemm could be folded into it.",
-    fix="Nothing to fix for linting (bnlint needs the unfolded BN); for deployment let the runtime fuse it "
-    "or export with constant folding.",
+    fix="Keep this unfolded file for linting; deploy a folded copy (`bnlint fix model.onnx --fold -o deploy.onnx`, "
+    "checked numerically) or let the runtime fuse it.",
     frameworks=('onnx', 'caffe'),
 )
 def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
