@@ -83,11 +83,11 @@ def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, 
             raise UsageError("--arch applies to PyTorch weights, not to an ONNX file")
         from bnlint.dynamic.onnx_runner import OnnxRunner
 
-        runner = OnnxRunner(model, settings["onnx_engine"], settings["device"], options.data)
-        if settings["device"] == "cuda" and "CUDA" not in runner.engine:
-            raise UsageError(f"--device cuda: the ONNX engine here has no CUDA ({runner.engine}); "
+        onnx_runner = OnnxRunner(model, settings["onnx_engine"], settings["device"], options.data)
+        if settings["device"] == "cuda" and "CUDA" not in onnx_runner.engine:
+            raise UsageError(f"--device cuda: the ONNX engine here has no CUDA ({onnx_runner.engine}); "
                              "install onnxruntime-gpu, or use --device cpu / auto")
-        return runner
+        return onnx_runner
     try:
         import torch  # noqa: F401
     except ImportError:
