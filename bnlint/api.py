@@ -83,6 +83,10 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
     shown = _display(path)
     result = FileResult(path=shown)
     try:
+        result.size = os.path.getsize(path)
+    except OSError:
+        result.size = None
+    try:
         model = load_model(path, companion)
         model.path = shown
         _analyse(result, model, config, reference=reference, dynamic=dynamic)

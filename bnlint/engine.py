@@ -21,6 +21,23 @@ def _layer_names(ctx: RuleContext, layer: str) -> tuple[str, ...]:
     return found.names() if found is not None else (layer,)
 
 
+# The tensor a layer finding points at in the file, first known first.
+_REGION_TENSORS = ("running_var", "running_mean", "weight", "bias")
+
+
+def _region(ctx: RuleContext, layer: str | None) -> tuple[int, int] | None:
+    """Where the layer's statistics lie in the file, when the loader knows (torch, safetensors, Caffe)."""
+    found = ctx.model.layer(layer) if layer is not None else None
+    if found is None:
+        return None
+    for role in _REGION_TENSORS:
+        ref = found.tensors.get(role)
+        where = getattr(ref, "byte_range", None) if ref is not None else None
+        if where is not None:
+            return (int(where[0]), int(where[1]))
+    return None
+
+
 def _findings(spec: RuleSpec, hits: Iterable[Hit], ctx: RuleContext) -> list[Finding]:
     found = []
     for hit in hits:
@@ -34,6 +51,7 @@ def _findings(spec: RuleSpec, hits: Iterable[Hit], ctx: RuleContext) -> list[Fin
                 layer=hit.layer,
                 message=hit.message,
                 values=dict(hit.values),
+                region=_region(ctx, hit.layer),
             )
         )
     return found

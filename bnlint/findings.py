@@ -40,6 +40,9 @@ class Finding:
     layer: str | None
     message: str
     values: Mapping[str, Any] = field(default_factory=dict)
+    # (byte offset, length) in the model file of the tensor the finding is about, when the loader
+    # knows it (SARIF regions); None: the whole file.
+    region: tuple[int, int] | None = None
 
     def sort_key(self) -> tuple[str, int, str, str]:
         return (self.path, -int(self.severity), self.code, self.layer or "")
@@ -59,6 +62,7 @@ class FileResult:
 
     path: str
     format: str | None = None
+    size: int | None = None  # the file's size in bytes (SARIF's whole-file region)
     layer_count: int = 0
     findings: list[Finding] = field(default_factory=list)
     error: FileError | None = None

@@ -389,3 +389,53 @@ def test_sarif_describes_every_registered_rule() -> None:
     described = log["runs"][0]["tool"]["driver"]["rules"]
     assert [d["id"] for d in described] == list(rules)
     assert all(d["fullDescription"]["text"] and not d["fullDescription"]["text"].startswith("#") for d in described)
+
+
+# ---------------------------------------------------------------- SARIF regions (real files)
+
+def test_sarif_regions_point_at_the_tensor_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finding about a layer points at its running_var's bytes; model-level findings at the whole file."""
+    import numpy as np
+
+    from bnlint.api import lint_paths
+    from bnlint.report.sarif import to_dict
+    from bnlint.rules import all_rules
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    report = lint_paths(["fixtures/fault_nan_stats.pt", "fixtures/caffe/caffe_never_updated.caffemodel", "fixtures/convnet_folded.onnx"])
+    document = to_dict(report, all_rules(), VERSION)
+    results = document["runs"][0]["results"]
+    nan = next(r for r in results if r["ruleId"] == "BN101" and r["locations"][0]["logicalLocations"][0]["name"] == "bn2")
+    region = nan["locations"][0]["physicalLocation"]["region"]
+    raw = (root / "fixtures/fault_nan_stats.pt").read_bytes()[region["byteOffset"]:region["byteOffset"] + region["byteLength"]]
+    torch = pytest.importorskip("torch")
+    expected = torch.load(root / "fixtures/fault_nan_stats.pt", weights_only=True)["bn2.running_var"].numpy()
+    assert np.array_equal(np.frombuffer(raw, "<f4"), expected, equal_nan=True)
+    folded = next(r for r in results if r["ruleId"] == "BN501")
+    size = (root / "fixtures/convnet_folded.onnx").stat().st_size
+    assert folded["locations"][0]["physicalLocation"]["region"] == {"byteOffset": 0, "byteLength": size}
+    assert all("region" in r["locations"][0]["physicalLocation"] for r in results)
+
+
+def test_sarif_passes_microsoft_sarif_multitool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0 errors and 0 warnings from `sarif-multitool validate` (installed by .ci/run with npm)."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    tool = root / ".ci" / "node" / "node_modules" / ".bin" / "sarif-multitool"
+    found = str(tool) if tool.exists() else shutil.which("sarif-multitool")
+    if found is None:
+        pytest.skip("sarif-multitool not installed (npm install --prefix .ci/node @microsoft/sarif-multitool)")
+    monkeypatch.chdir(root)
+    out = tmp_path / "out.sarif"
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+
+    CliRunner().invoke(main, ["fixtures/fault_nan_stats.pt", "fixtures/caffe/caffe_never_updated.caffemodel",
+                              "fixtures/convnet_folded.onnx", "fixtures/bad_truncated.pt", "--format", "sarif", "-o", str(out)])
+    run = subprocess.run([found, "validate", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert ": error " not in run.stdout and ": warning " not in run.stdout, run.stdout[-2000:]

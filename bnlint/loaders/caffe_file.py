@@ -50,6 +50,10 @@ class ScaledBlob:
     def dtype(self) -> str:
         return self.blob.dtype
 
+    @property
+    def byte_range(self) -> tuple[int, int] | None:
+        return self.blob.byte_range
+
     def numpy(self) -> np.ndarray:
         factor = float(self.factor.numpy().reshape(-1)[0]) if self.factor.size == 1 else float("nan")
         values = self.blob.numpy().reshape(-1).astype(np.float64)
@@ -72,6 +76,10 @@ class FlatBlob:
     @property
     def dtype(self) -> str:
         return self.blob.dtype
+
+    @property
+    def byte_range(self) -> tuple[int, int] | None:
+        return self.blob.byte_range
 
     def numpy(self) -> np.ndarray:
         return self.blob.numpy().reshape(-1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnlint.errors import InputError
+from bnlint.loaders.zip_members import ZIP_ERRORS, describe
 
 # Stored dtype name -> (numpy dtype code without byte order, element size).
 # bfloat16 has no numpy dtype: it is read as uint16 and widened to float32 (exact).
@@ -90,8 +91,8 @@ class ByteSource:
                 with zipfile.ZipFile(self.path) as archive, archive.open(self.member) as handle:
                     handle.seek(start)
                     data = handle.read(count)
-            except (OSError, zipfile.BadZipFile, KeyError) as exc:
-                raise InputError(self.path, f"cannot read zip member {self.member}: {exc}") from None
+            except ZIP_ERRORS as exc:
+                raise InputError(self.path, f"cannot read zip member {self.member}: {describe(exc)}") from None
         else:
             try:
                 fd = os.open(self.path, os.O_RDONLY)
@@ -138,6 +139,17 @@ class LazyTensor:
     @property
     def dtype(self) -> str:
         return self.view_dtype or self.storage.dtype
+
+    @property
+    def byte_range(self) -> tuple[int, int] | None:
+        """(file offset, length) of the bytes this view covers, when they lie plainly in the file
+        (not inside a compressed member): where a finding about this tensor points in SARIF."""
+        source = self.storage.source
+        if source is None or source.member is not None or not self.size:
+            return None
+        itemsize = element_size(self.dtype)
+        extent = 1 + sum((dim - 1) * abs(step) for dim, step in zip(self.size, self.stride) if dim > 0)
+        return source.offset + self.offset * itemsize, extent * itemsize
 
     @property
     def numel(self) -> int:

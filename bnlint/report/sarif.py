@@ -43,9 +43,20 @@ def _fingerprint(finding: Finding, uri: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
-def _result(finding: Finding, index: Mapping[str, int]) -> dict[str, Any]:
+def _region(finding: Finding, size: int | None) -> dict[str, int] | None:
+    """The byte range of the finding's tensor, else the whole file (SARIF 3.30 byte-offset form)."""
+    if finding.region is not None:
+        return {"byteOffset": finding.region[0], "byteLength": finding.region[1]}
+    return {"byteOffset": 0, "byteLength": size} if size is not None else None
+
+
+def _result(finding: Finding, index: Mapping[str, int], size: int | None = None) -> dict[str, Any]:
     uri = artifact_uri(finding.path)
-    location: dict[str, Any] = {"physicalLocation": {"artifactLocation": {"uri": uri}}}
+    physical: dict[str, Any] = {"artifactLocation": {"uri": uri}}
+    region = _region(finding, size)
+    if region is not None:
+        physical["region"] = region
+    location: dict[str, Any] = {"physicalLocation": physical}
     if finding.layer is not None:
         location["logicalLocations"] = [{"name": finding.layer, "kind": "member"}]
     result: dict[str, Any] = {"ruleId": finding.code}
@@ -97,7 +108,7 @@ def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) ->
             {
                 "tool": {"driver": driver},
                 "invocations": [invocation],
-                "results": [_result(f, index) for f in report.findings],
+                "results": [_result(f, index, result.size) for result in report.files for f in result.findings],
             }
         ],
     }
