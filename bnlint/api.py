@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from bnlint.config import Config
 from bnlint.errors import BnlintError, InputError, NotAModel, UnsafeInputError
@@ -155,18 +155,31 @@ def lint_paths(
     dynamic: Any = None,
     skip_unrecognised: bool = False,
     baseline: str | os.PathLike[str] | None = None,
+    jobs: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Lint every file; with skip_unrecognised, files in no model format become notes, not errors.
 
     With `baseline`, findings recorded in that baseline file are dropped (see bnlint.baseline).
+    `jobs` > 1 lints files in that many worker processes (results in input order; each worker
+    holds one file at a time, so memory does not grow with the number of files). `progress` is
+    called with (files done, total) after each file.
     """
     config = config or Config()
     inputs, notes = expand_paths(paths, config.exclude)
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
-    for item in inputs:
-        result = lint_file(item.path, config, reference=reference_model, dynamic=dynamic,
-                           skip_unrecognised=skip_unrecognised, notes=report.notes, companion=item.companion)
+    tasks = [(item.path, item.companion) for item in inputs]
+    if jobs > 1 and len(tasks) > 1:
+        results = _parallel(tasks, config, reference_model, dynamic, skip_unrecognised, jobs, progress)
+    else:
+        results = []
+        for done, (path, companion) in enumerate(tasks, start=1):
+            results.append(_one(path, companion, config, reference_model, dynamic, skip_unrecognised))
+            if progress is not None:
+                progress(done, len(tasks))
+    for result, file_notes in results:
+        report.notes.extend(file_notes)
         if result is not None:
             report.files.append(result)
     if baseline is not None:
@@ -174,6 +187,40 @@ def lint_paths(
 
         apply_baseline(report, baseline)
     return report
+
+
+def _one(path: Path, companion: Path | None, config: Config, reference: ModelInfo | None, dynamic: Any,
+         skip_unrecognised: bool) -> tuple[FileResult | None, list[str]]:
+    notes: list[str] = []
+    result = lint_file(path, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
+                       notes=notes, companion=companion)
+    return result, notes
+
+
+def _chunk(args: tuple[list[tuple[Path, Path | None]], Config, ModelInfo | None, Any, bool]
+           ) -> list[tuple[FileResult | None, list[str]]]:
+    tasks, config, reference, dynamic, skip = args
+    return [_one(path, companion, config, reference, dynamic, skip) for path, companion in tasks]
+
+
+def _parallel(tasks: list[tuple[Path, Path | None]], config: Config, reference: ModelInfo | None, dynamic: Any,
+              skip_unrecognised: bool, jobs: int, progress: Callable[[int, int], None] | None
+              ) -> list[tuple[FileResult | None, list[str]]]:
+    """lint_file over worker processes, in chunks (a file often takes milliseconds: one message per
+    file would cost more than the work), results in input order."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn" if dynamic is not None else None)  # torch and fork do not mix
+    size = max(1, min(64, -(-len(tasks) // (jobs * 4))))
+    chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+    results: list[tuple[FileResult | None, list[str]]] = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        for part in pool.map(_chunk, [(chunk, config, reference, dynamic, skip_unrecognised) for chunk in chunks]):
+            results.extend(part)
+            if progress is not None:
+                progress(len(results), len(tasks))
+    return results
 
 
 def lint(

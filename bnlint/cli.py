@@ -89,6 +89,8 @@ def main(ctx: click.Context) -> None:
 @click.option("--group", is_flag=True, help="One line per file and code for findings repeated across layers.")
 @click.option("--statistics", is_flag=True, help="Print the number of findings per code instead of the findings.")
 @click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are findings (unreadable files still exit 2).")
+@click.option("--jobs", "-j", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Lint files in N worker processes (0: one per CPU).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching GLOB when searching folders (repeatable; adds to extend-exclude).")
 @click.option("--debug", is_flag=True, help="Show the traceback of an internal error instead of one line.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -100,7 +102,7 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
           data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
           arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
           baseline: str | None, write_baseline: bool, skip_unrecognised: bool, show_fixes: bool, group: bool,
-          statistics: bool, exit_zero: bool, exclude: tuple[str, ...], debug: bool, report_path: str | None, plot_path: str | None) -> None:
+          statistics: bool, exit_zero: bool, jobs: int, exclude: tuple[str, ...], debug: bool, report_path: str | None, plot_path: str | None) -> None:
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx/.keras/.h5/.caffemodel/.prototxt files)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
@@ -129,8 +131,14 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
             if not quiet:
                 click.echo("bnlint: nothing to lint (no paths given)", err=True)
             sys.exit(EXIT_CLEAN)
-        report = lint_paths(paths, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
-                            baseline=None if write_baseline else baseline)
+        bar = _FileProgress() if not quiet and sys.stderr.isatty() else None
+        try:
+            report = lint_paths(paths, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
+                                baseline=None if write_baseline else baseline, jobs=jobs or (os.cpu_count() or 1),
+                                progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
         if write_baseline and baseline:
             from bnlint.baseline import write_baseline_file
 
@@ -164,6 +172,30 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
         click.echo(f"bnlint: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     sys.exit(exit_code(report, config.fail_level()))
+
+
+class _FileProgress:
+    """`bnlint: 120/1000 files` on a terminal's stderr, for runs long enough to need it (> 1 s, > 20 files)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.start = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int, total: int) -> None:
+        import time
+
+        if total < 20 or time.monotonic() - self.start < 1.0:
+            return
+        sys.stderr.write(f"\rbnlint: {done}/{total} files")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r" + " " * 40 + "\r")
+            sys.stderr.flush()
 
 
 def exit_code(report: Any, fail_level: Any) -> int:

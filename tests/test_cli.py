@@ -209,3 +209,9 @@ def test_internal_error_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch) -> N
     result = run(HEALTHY)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "internal error while linting: ZeroDivisionError: a bug" in result.output
+
+
+def test_jobs_give_the_same_report_in_the_same_order() -> None:
+    one = run("fixtures", "--format", "json", "-j", "1").stdout
+    two = run("fixtures", "--format", "json", "-j", "2").stdout
+    assert json.loads(one) == json.loads(two)
