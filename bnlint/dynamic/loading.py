@@ -160,6 +160,14 @@ def open_torch(model: ModelInfo, arch: str | None, arch_kwargs: Mapping[str, Any
     from bnlint.dynamic.torch_runner import ModuleRunner, ScriptRunner
 
     if model.format == "torchscript" and not arch:
+        if not trust:
+            from bnlint.loaders.torchscript_safety import torchscript_sources, unsafe_operations
+
+            unsafe = unsafe_operations(torchscript_sources(model.path))
+            if unsafe:
+                listed = "; ".join(unsafe[:3]) + (f"; ... (+{len(unsafe) - 3})" if len(unsafe) > 3 else "")
+                raise TrustRequired(model.path, f"TorchScript code calls {listed}: running it could read or write files "
+                                    "or print; pass --trust if you trust it")
         try:
             with warnings.catch_warnings():  # deprecated in favour of torch.export, which cannot read these files
                 warnings.simplefilter("ignore", DeprecationWarning)
