@@ -20,7 +20,16 @@ def lint(path_or_module: Any, data: Any = None, config: Any = None, **options: A
     return _lint(path_or_module, data=data, config=config, **options)
 
 
-# The training-loop guard: importing it does not import torch (that happens when a guard is created).
-from bnlint.training_guard import BatchNormGuard, BnlintGuardError, BnlintWarning, guard  # noqa: E402
+_GUARD_NAMES = ("BatchNormGuard", "BnlintGuardError", "BnlintWarning", "guard")
+
+
+def __getattr__(name: str) -> Any:
+    """The training-loop guard, imported on first use (the CLI never needs it)."""
+    if name in _GUARD_NAMES:
+        from bnlint import training_guard
+
+        return getattr(training_guard, name)
+    raise AttributeError(f"module 'bnlint' has no attribute {name!r}")
+
 
 __all__ = ["BatchNormGuard", "BnlintGuardError", "BnlintWarning", "guard", "lint", "__version__"]

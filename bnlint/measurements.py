@@ -11,7 +11,38 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from bnlint.dynamic.metrics import LayerDrift
+import numpy as np
+
+# Jackknife groups of the streaming statistics (bnlint.dynamic.stats): also the fewest samples a
+# layer needs before its drift can be judged (one per group).
+GROUPS = 8
+
+
+@dataclass
+class LayerDrift:
+    """Every number the dynamic rules and the JSON output need about one layer."""
+
+    name: str
+    order: int  # execution (graph) order: drift onset is the first drifting layer in this order
+    channels: int
+    eps: float
+    samples: int
+    values_per_sample: int
+    mean_t: np.ndarray
+    var_t: np.ndarray
+    has_running_stats: bool
+    per_channel: dict[str, np.ndarray] = field(default_factory=dict)  # smd, lvr, kl, w2, se_smd, se_lvr
+    summary: dict[str, float | None] = field(default_factory=dict)
+    batch_size: int | None = None
+    batch_noise: dict[str, Any] = field(default_factory=dict)
+    calls_per_forward: int = 1
+
+    @property
+    def values_per_batch(self) -> int | None:
+        """Values per channel BatchNorm would see in one training batch of `batch_size` samples."""
+        return None if self.batch_size is None else self.batch_size * self.values_per_sample
+
+
 
 
 @dataclass

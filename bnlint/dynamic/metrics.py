@@ -22,12 +22,12 @@ n_eff = var_t / SE(mean_t)^2 says how many independent values the sample was wor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from bnlint.dynamic.stats import LayerMoments
+from bnlint.measurements import LayerDrift
 
 MIN_PSEUDO_BATCHES = 4  # below this, the spread of pseudo-batch statistics is too noisy to use
 
@@ -63,31 +63,6 @@ def _jackknife_se(estimates: np.ndarray) -> np.ndarray:
     groups = estimates.shape[0]
     spread = estimates - estimates.mean(0)
     return np.sqrt((groups - 1) / groups * (spread * spread).sum(0))
-
-
-@dataclass
-class LayerDrift:
-    """Every number the dynamic rules and the JSON output need about one layer."""
-
-    name: str
-    order: int  # execution (graph) order: drift onset is the first drifting layer in this order
-    channels: int
-    eps: float
-    samples: int
-    values_per_sample: int
-    mean_t: np.ndarray
-    var_t: np.ndarray
-    has_running_stats: bool
-    per_channel: dict[str, np.ndarray] = field(default_factory=dict)  # smd, lvr, kl, w2, se_smd, se_lvr
-    summary: dict[str, float | None] = field(default_factory=dict)
-    batch_size: int | None = None
-    batch_noise: dict[str, Any] = field(default_factory=dict)
-    calls_per_forward: int = 1
-
-    @property
-    def values_per_batch(self) -> int | None:
-        """Values per channel BatchNorm would see in one training batch of `batch_size` samples."""
-        return None if self.batch_size is None else self.batch_size * self.values_per_sample
 
 
 def analyse_layer(

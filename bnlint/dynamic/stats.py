@@ -37,10 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnlint.dynamic.ops import Array, NumpyOps, Ops, TorchOps
+from bnlint.measurements import GROUPS  # jackknife groups: enough degrees of freedom, few enough for tiny samples
 
 __all__ = ["Accumulator", "Collector", "HostMoments", "LayerMoments", "NumpyOps", "Ops", "TorchOps", "pool_samples"]
 
-GROUPS = 8  # jackknife groups: enough degrees of freedom for a standard error, few enough for tiny samples
+
 
 def _nonzero(count: Array) -> Array:
     """count, with zeros replaced by 1 so that empty rows divide to 0 instead of NaN."""

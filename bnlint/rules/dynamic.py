@@ -13,10 +13,8 @@ from typing import Iterator
 import numpy as np
 
 from bnlint.context import RuleContext
-from bnlint.dynamic.metrics import LayerDrift
-from bnlint.dynamic.stats import GROUPS
 from bnlint.findings import Severity
-from bnlint.measurements import Measurements
+from bnlint.measurements import GROUPS, LayerDrift, Measurements
 from bnlint.rules._util import num
 from bnlint.rules.registry import Hit, rule
 
