@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import subprocess
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -41,6 +40,8 @@ def excluded(path: Path, patterns: Sequence[str]) -> bool:
 
 def _git_files(folder: Path) -> set[Path] | None:
     """Files git does not ignore under `folder` (tracked or not), or None outside a work tree."""
+    import subprocess
+
     try:
         done = subprocess.run(["git", "-C", str(folder), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                               capture_output=True, timeout=30, check=False)

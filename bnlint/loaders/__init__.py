@@ -114,15 +114,19 @@ def detect(path: Path) -> FileFormat:
         return FORMATS["torch-pickle"]
     if head.startswith(b"version https://"):  # before the suffix checks: an LFS pointer keeps the model's name
         raise NotAModel(str(path), "a Git LFS pointer, not the model (run `git lfs pull`)")
+    if suffix == ".onnx" and head[:1] == b"\x08":  # ModelProto.ir_version first: no pickle opcode, no tar header
+        return FORMATS["onnx"]
     # Whatever torch.load opens is a model file here, whatever its name: protocol 0/1 pickles (no
     # \x80 header: they start with an opcode such as `(`, `c`, `}` or `]`; the first 64 KiB must
     # parse as a pickle stream, which text does not) and pre-0.4 tar checkpoints.
     from bnlint.loaders.pickle_scan import looks_like_pickle
-    from bnlint.loaders.torch_legacy import is_torch_tar
 
     window = 1 << 16
-    if head[257:262] == b"ustar" and is_torch_tar(path):
-        return FORMATS["torch-pickle"]
+    if head[257:262] == b"ustar":
+        from bnlint.loaders.torch_legacy import is_torch_tar
+
+        if is_torch_tar(path):
+            return FORMATS["torch-pickle"]
     start = _head(path, window) if len(head) == 512 else head
     if looks_like_pickle(start, window_full=len(start) == window):
         return FORMATS["torch-pickle"]

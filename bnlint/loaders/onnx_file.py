@@ -1,9 +1,14 @@
 """ONNX loader: every BatchNormalization node (opsets 1 to 15) as a BNLayer, plus the node graph.
 
-The file is parsed once (protobuf); tensors stay inside the parsed proto, or in their external
-data file, until a rule calls `.numpy()`, so loading costs about one `onnx.load`. External data
-is resolved here rather than by onnx, so that a location escaping the model's folder (absolute
+The file is memory-mapped and its structure read by `onnx_wire` (bnlint's own protobuf reader:
+importing onnx alone would cost more than the whole lint); tensors stay byte ranges of the
+mapping, or of their external data file, until a rule calls `.numpy()`. External data is
+resolved here rather than by onnx, so that a location escaping the model's folder (absolute
 path, `..`, a symlink out) is refused before anything is read.
+
+The graph helpers (`_torch_scope`, `_constant_value`, `_subgraphs`, `_used_names`,
+`_topological_order`) read only attribute names that onnx's protobuf classes share with
+onnx_wire's, so bnlint.fix calls them on real `onnx` protos too.
 """
 
 from __future__ import annotations
@@ -16,11 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import onnx
-from google.protobuf.message import DecodeError
 
 from bnlint.errors import InputError
 from bnlint.loaders.onnx_tensors import CastTensor, _dtype_name, _tensor_ref
+from bnlint.loaders.onnx_wire import EXTERNAL, GRAPH, GRAPHS, TENSOR, WireGraph, WireModel, WireNode, read_model
 from bnlint.model import ArrayTensor, BNLayer, GraphInput, GraphNode, ModelInfo, OpKind, Producer, StatsSource, TensorRef
 from bnlint.norms import is_stochastic
 
@@ -37,10 +41,10 @@ _STATS_PRIORITY = ("computed", "input", "unknown", "missing", "constant", "initi
 _MAX_CHAIN = 64  # Identity/Cast hops followed before giving up (a malformed graph may loop)
 
 
-def _constant_value(node: onnx.NodeProto, path: Path) -> TensorRef | None:
+def _constant_value(node: WireNode, path: Path) -> TensorRef | None:
     """The tensor a Constant node produces (value, value_float(s), value_int(s)); None for sparse/strings."""
     for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+        if attr.name == "value" and attr.type == TENSOR:
             return _tensor_ref(attr.t, path)
         if attr.name == "value_float":
             return ArrayTensor(np.array(attr.f, dtype=np.float32))
@@ -53,12 +57,27 @@ def _constant_value(node: onnx.NodeProto, path: Path) -> TensorRef | None:
     return None
 
 
+def _attributes(node: WireNode) -> dict[str, Any]:
+    """A node's attributes by name, as Python values (None for one whose type is missing or unknown)."""
+    return {attr.name: attr.value() for attr in node.attribute}
+
+
+def _scalar(attrs: dict[str, Any], key: str, default: float, kind: type, node: str, path: Path) -> Any:
+    """An INT or FLOAT attribute's value (`default` when absent); InputError when it holds something else."""
+    value = attrs.get(key, default)
+    number_types: tuple[type, ...] = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number_types):
+        shown = type(value).__name__ if value is not None else "of no known type"
+        raise InputError(str(path), f"{node}: attribute {key!r} is {shown}, not {'an int' if kind is int else 'a float'}")
+    return kind(value)
+
+
 def _f32(value: Any) -> float:
     """A float32 attribute as the shortest decimal that round-trips (1e-05, not 9.99999974e-06)."""
     return float(str(np.float32(value)))
 
 
-def _torch_scope(node: onnx.NodeProto) -> tuple[str | None, str | None]:
+def _torch_scope(node: WireNode) -> tuple[str | None, str | None]:
     """(module path, module class) from the dynamo exporter's node metadata, e.g. ("layer1.0.bn1", "...BatchNorm2d")."""
     props = {p.key: p.value for p in node.metadata_props if p.key.startswith("pkg.torch.onnx.")}
     found: list[str | None] = []
@@ -72,7 +91,7 @@ def _torch_scope(node: onnx.NodeProto) -> tuple[str | None, str | None]:
     return found[0], found[1]
 
 
-def _module_path(node: onnx.NodeProto) -> str | None:
+def _module_path(node: WireNode) -> str | None:
     """The PyTorch module a node came from: the dynamo exporter's name_scopes metadata, else the
     legacy exporter's scoped node name, `/layer1/layer1.0/bn1/BatchNormalization` -> `layer1.0.bn1`.
 
@@ -96,16 +115,16 @@ def _module_path(node: onnx.NodeProto) -> str | None:
     return ".".join(path) or None
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+def _subgraphs(node: WireNode) -> Iterator[tuple[str, WireGraph]]:
     for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
+        if attr.type == GRAPH:
             yield attr.name, attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
+        elif attr.type == GRAPHS:
             for i, graph in enumerate(attr.graphs):
                 yield f"{attr.name}[{i}]", graph
 
 
-def _used_names(graph: onnx.GraphProto) -> Iterator[str]:
+def _used_names(graph: WireGraph) -> Iterator[str]:
     """Every tensor name read by a graph's nodes, including nested subgraphs (outer-scope reads)."""
     for node in graph.node:
         yield from node.input
@@ -118,7 +137,7 @@ class _Scope:
     """Names visible in one (sub)graph; ChainMaps so that a body sees its outer graphs' names."""
 
     tensors: ChainMap[str, tuple[str, TensorRef | None]]  # name -> ("initializer"|"constant", ref)
-    producers: ChainMap[str, onnx.NodeProto]
+    producers: ChainMap[str, WireNode]
     inputs: ChainMap[str, bool]  # runtime-fed names: graph inputs that are not initializers
     consumers: Counter[str] = field(default_factory=Counter)
     outputs: set[str] = field(default_factory=set)
@@ -136,11 +155,11 @@ class _Reader:
         self.top_tensors: dict[str, TensorRef] = {}
         self.details: dict[str, dict[str, Any]] = {}  # per layer, informational (ModelInfo.metadata)
 
-    def scope(self, graph: onnx.GraphProto, parent: _Scope | None) -> _Scope:
+    def scope(self, graph: WireGraph, parent: _Scope | None) -> _Scope:
         tensors: dict[str, tuple[str, TensorRef | None]] = {
             init.name: ("initializer", _tensor_ref(init, self.path)) for init in graph.initializer
         }
-        producers: dict[str, onnx.NodeProto] = {}
+        producers: dict[str, WireNode] = {}
         for node in graph.node:
             for out in node.output:
                 if out:
@@ -156,7 +175,7 @@ class _Reader:
         scope.outputs = {value.name for value in graph.output}
         return scope
 
-    def walk(self, graph: onnx.GraphProto, parent: _Scope | None, prefix: str, rank: dict[int, int] | None, outer: int) -> None:
+    def walk(self, graph: WireGraph, parent: _Scope | None, prefix: str, rank: dict[int, int] | None, outer: int) -> None:
         scope = self.scope(graph, parent)
         if parent is None:
             self.top_tensors = {name: ref for name, (_, ref) in scope.tensors.maps[0].items() if ref is not None}
@@ -214,7 +233,7 @@ class _Reader:
         memo[name] = found
         return found
 
-    def feeding_nodes(self, names: list[str], scope: _Scope, stop: str) -> list[onnx.NodeProto]:
+    def feeding_nodes(self, names: list[str], scope: _Scope, stop: str) -> list[WireNode]:
         """Nodes that compute `names` (e.g. a BN's batch mean/var), not looking past tensor `stop`."""
         stack, seen, nodes = list(names), set(), {}
         while stack:
@@ -228,13 +247,18 @@ class _Reader:
                 stack.extend(node.input)
         return list(nodes.values())
 
-    def layer(self, node: onnx.NodeProto, index: int, scope: _Scope, prefix: str, top: bool) -> BNLayer:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    def layer(self, node: WireNode, index: int, scope: _Scope, prefix: str, top: bool) -> BNLayer:
+        attrs = _attributes(node)
+        label = f"BatchNormalization node {prefix + (node.name or str(index))!r}"
+
+        def scalar(key: str, default: float, kind: type) -> Any:
+            return _scalar(attrs, key, default, kind, label, self.path)
+
         version = max(v for v in BN_OP_VERSIONS if v <= (self.opset or BN_OP_VERSIONS[-1]))
         inputs = list(node.input) + [""] * max(0, 5 - len(node.input))
         outputs = [out for out in node.output if out]
-        training_mode = int(attrs.get("training_mode", 0)) if version >= 14 else None
-        is_test = int(attrs.get("is_test", 0)) if version <= 6 else None  # spec default 0 = training
+        training_mode = scalar("training_mode", 0, int) if version >= 14 else None
+        is_test = scalar("is_test", 0, int) if version <= 6 else None  # spec default 0 = training
         reasons = []
         if training_mode == 1:
             reasons.append("training_mode=1")
@@ -269,7 +293,7 @@ class _Reader:
         own_uses = 0
         if stats_source == "computed":
             own_uses = sum(list(n.input).count(inputs[0]) for n in self.feeding_nodes(inputs[3:5], scope, inputs[0]))
-        raw_momentum = _f32(attrs.get("momentum", 0.9))
+        raw_momentum = _f32(scalar("momentum", 0.9, float))
         torch_module, torch_class = _torch_scope(node)
         layer = BNLayer(
             name=name,
@@ -277,7 +301,7 @@ class _Reader:
             framework="onnx",
             channels=int(shape[0]) if shape else None,
             tensors=tensors,
-            eps=_f32(attrs.get("epsilon", 1e-5)),
+            eps=_f32(scalar("epsilon", 1e-5, float)),
             momentum=float(Decimal(1) - Decimal(str(raw_momentum))),  # ONNX (Keras) convention -> PyTorch's
             raw_momentum=raw_momentum,
             training=bool(reasons),
@@ -292,7 +316,7 @@ class _Reader:
         self.details[name] = {
             "torch_module": torch_module, "torch_class": torch_class, "op_version": version, "node_inputs": list(node.input),
             "node_outputs": list(node.output), "training_mode": training_mode, "is_test": is_test,
-            "spatial": int(attrs.get("spatial", 1)) if version <= 7 else None, "param_sources": sources,
+            "spatial": scalar("spatial", 1, int) if version <= 7 else None, "param_sources": sources,
             "stats_storage": stats_source, "subgraph": prefix.rstrip("/") or None,
         }
         return layer
@@ -322,30 +346,14 @@ def _neutral_source(source: str) -> StatsSource:
     return neutral.get(source, "unknown")
 
 
-def _parse(path: Path) -> onnx.ModelProto:
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read: {exc.strerror or exc}") from None
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)  # what onnx.load does, without its external-data loading
-    except (DecodeError, ValueError, RuntimeError, RecursionError):
-        raise InputError(str(path), "not a valid ONNX file (truncated or corrupt protobuf)") from None
-    if model.ir_version <= 0 or not model.HasField("graph"):
+def _parse(path: Path) -> tuple[WireModel, WireGraph]:
+    model = read_model(path)  # InputError for an unreadable file or malformed protobuf
+    if model.ir_version <= 0 or model.graph is None:
         raise InputError(str(path), "not a valid ONNX file (no ir_version or no graph)")
-    return model
+    return model, model.graph
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
-    tensor_type = value.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None) for d in tensor_type.shape.dim]
-
-
-def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
+def _topological_order(graph: WireGraph) -> list[int] | None:
     """Node indices in topological order (file order where free; Kahn's algorithm), None on a cycle.
 
     The ONNX spec requires sorted nodes, but files in the wild break it. Pure Python on purpose:
@@ -376,7 +384,7 @@ def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
     return order if len(order) == len(graph.node) else None
 
 
-def graph_nodes(graph: onnx.GraphProto, tensors: dict[str, TensorRef]) -> list[GraphNode]:
+def graph_nodes(graph: WireGraph, tensors: dict[str, TensorRef]) -> list[GraphNode]:
     """The top-level nodes as neutral GraphNodes, in file order, with their stored weight and bias."""
     bn_inputs = {node.input[0] for node in graph.node if node.op_type == "BatchNormalization" and node.input}
     nodes = []
@@ -402,20 +410,20 @@ def graph_nodes(graph: onnx.GraphProto, tensors: dict[str, TensorRef]) -> list[G
 def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
     """Read an ONNX file safely. Raises InputError (one line) for anything unreadable."""
     path = Path(path)
-    model = _parse(path)
+    model, graph = _parse(path)
     opsets = {(entry.domain or "ai.onnx"): int(entry.version) for entry in model.opset_import}
     opset = opsets.get("ai.onnx")
     notes = []
-    order = _topological_order(model.graph)
+    order = _topological_order(graph)
     if order is None:
-        order = list(range(len(model.graph.node)))
+        order = list(range(len(graph.node)))
         notes.append("the ONNX graph has a cycle; layers are listed in file order")
     reader = _Reader(path, opset)
     ranks = {node: rank for rank, node in enumerate(order)}
-    reader.walk(model.graph, None, "", ranks, 0)
+    reader.walk(graph, None, "", ranks, 0)
     layers = [layer for _, layer in sorted(reader.found, key=lambda item: item[0])]
     # Eval-mode exports usually drop Dropout nodes, so their absence says nothing (None).
-    dropout = [ranks[i] for i, node in enumerate(model.graph.node) if is_stochastic(node.op_type)]
+    dropout = [ranks[i] for i, node in enumerate(graph.node) if is_stochastic(node.op_type)]
     for rank, layer in enumerate(layers):
         layer.order = rank
         if dropout and layer.node_index is not None:
@@ -423,13 +431,12 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
     function_bns = sum(node.op_type == "BatchNormalization" for function in model.functions for node in function.node)
     if function_bns:
         notes.append(f"{function_bns} BatchNormalization node(s) inside ONNX local functions were not linted")
-    initializers = {init.name for init in model.graph.initializer}
+    initializers = {init.name for init in graph.initializer}
     inputs = []
-    for value in model.graph.input:
+    for value in graph.input:
         if value.name in initializers:
             continue  # old exporters list initializers as inputs too (keep_initializers_as_inputs)
-        dims = _dims(value)
-        elem = value.type.tensor_type.elem_type
+        dims, elem = value.shape, value.elem_type
         inputs.append(GraphInput(value.name, tuple(dims) if dims is not None else None, _dtype_name(elem) if elem else None))
     linear = reader.ops["Conv"] + reader.ops["ConvTranspose"] + reader.ops["Gemm"]
     producer = f"{model.producer_name} {model.producer_version}".strip()
@@ -438,13 +445,13 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
         "opset": opset,
         "opsets": opsets,
         "ir_version": int(model.ir_version),
-        "external_data": any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer),
+        "external_data": any(init.data_location == EXTERNAL for init in graph.initializer),
         "layers": reader.details,
     }
     tensors = reader.top_tensors
     return ModelInfo(
         path=str(path), format="onnx", framework="onnx", layers=layers, inputs=inputs, metadata=metadata, notes=notes, exported=True,
-        nodes_factory=lambda: graph_nodes(model.graph, tensors),
+        nodes_factory=lambda: graph_nodes(graph, tensors),
         folded_bn=not layers and linear > 0 and not reader.other_norms,
         other_norms=reader.other_norms,
         format_version=f"opset {opset}" if opset is not None else None,

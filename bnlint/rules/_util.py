@@ -19,6 +19,13 @@ def num(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def median(values: np.ndarray) -> float:
+    """The median of a 1-D array (np.median imports numpy.ma on first use: ~10 ms a linter run pays)."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    middle = ordered.size // 2
+    return float(ordered[middle] if ordered.size % 2 else (ordered[middle - 1] + ordered[middle]) / 2)
+
+
 def channels(mask: np.ndarray, limit: int = 5) -> list[int]:
     return [int(i) for i in np.flatnonzero(mask)[:limit]]
 

@@ -15,6 +15,7 @@ from bnlint.context import RuleContext
 from bnlint.findings import Severity
 from bnlint.model import FOLDABLE_KINDS, BNLayer, GraphNode, ModelInfo, TensorRef
 from bnlint.rules._util import channel_text, channels, num
+from bnlint.rules._util import median as median_of
 from bnlint.rules.registry import Hit, rule
 
 CONV_KINDS = ("conv", "conv_transpose")  # BN506 is about convolutions (as planned), not Linear/Gemm
@@ -331,7 +332,7 @@ def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
         norms = _channel_norms(ref.numpy(), node)
         if norms is None or norms.size < MIN_CHANNELS or not np.isfinite(norms).all():
             continue  # non-finite weights are BN502's
-        median = float(np.median(norms))
+        median = median_of(norms)
         if median <= 0:
             continue
         ratio = norms / median

@@ -11,6 +11,7 @@ from bnlint.conventions import conventions
 from bnlint.findings import Severity
 from bnlint.model import BN_TENSORS, BNLayer
 from bnlint.rules._util import channel_text, channels, eps_of, num, tname
+from bnlint.rules._util import median as median_of
 from bnlint.rules.registry import Hit, rule
 
 FP16_MAX = 65504.0
@@ -313,7 +314,7 @@ def variance_outlier(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
         live &= np.abs(weight) > ctx.config.threshold("dead_gamma")
     if live.sum() < 4:
         return
-    median = float(np.median(var[live]))
+    median = median_of(var[live])
     ratio = ctx.config.threshold("variance_outlier_ratio")
     outlier = live & ((var > median * ratio) | (var < median / ratio))
     if outlier.any():
