@@ -167,7 +167,7 @@ def bench_onnx(args: argparse.Namespace, folder: str) -> dict[str, float]:
 
 def _memory_child(images: int, batch: int, folder: str) -> None:
     """Run in a subprocess: peak RSS of run_dynamic on `images` images streamed from a .npy."""
-    import resource
+    from peak import peak_rss_mb
 
     from bnlint.config import Config
     from bnlint.dynamic import DynamicOptions, run_dynamic
@@ -177,7 +177,7 @@ def _memory_child(images: int, batch: int, folder: str) -> None:
     weights = os.path.join(folder, "resnet50.pt")
     options = DynamicOptions(data=data_path, arch=f"{__file__}:resnet50", batch_size=batch, device="cpu", quiet=True)
     run_dynamic(load_model(weights), options, Config())
-    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"maxrss_mb": peak_rss_mb()}))
 
 
 def bench_memory(args: argparse.Namespace, folder: str) -> dict[str, float]:

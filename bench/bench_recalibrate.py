@@ -42,13 +42,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from peak import peak_rss_mb  # noqa: E402
 from resnet import resnet50  # noqa: E402
 
 METHODS = ("plain", "update_bn", "layer-major", "truncated", "torchscript")
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def _batches(data: np.ndarray, size: int, device: torch.device) -> list[torch.Tensor]:
