@@ -1,16 +1,23 @@
 """The --data sample: .npz, .npy or a folder of .npy/.npz shards, streamed batch by batch.
 
-Arrays are never unpickled: object dtypes are refused, and any whole-array read goes through
-`np.load(allow_pickle=False)`. C-ordered arrays (nearly all) are read sequentially from the .npy
-bytes (inside the .npz zip too, compressed or not), one batch at a time, so memory stays flat
-however large the sample is; a Fortran-ordered .npy falls back to `np.load(mmap_mode="r")`.
-Every problem is a one-line DataError(path, problem).
+Arrays are never unpickled: object dtypes are refused, and headers are parsed by `_read_header`
+(public numpy API only, `ast.literal_eval`, never code). C-ordered arrays (nearly all) are read
+sequentially from the .npy bytes (inside the .npz zip too, compressed or not), one batch at a
+time, so memory stays flat however large the sample is; a Fortran-ordered .npy is memory-mapped,
+a Fortran-ordered .npz member is read whole (capped).
+
+Bounds, checked before anything is allocated or inflated: a header's shape must fit the bytes
+behind it; an .npz member must be stored or deflated and not encrypted, and a deflated member
+over NPZ_RATIO_FLOOR bytes declaring more than NPZ_RATIO times its compressed size is refused
+as a decompression bomb; at most `max_samples` samples are read (the analysis notes the cap).
+Every problem, a bad CRC found at a member's end included, is a one-line DataError(path, problem).
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ from typing import IO, Iterator, Mapping, Sequence
 import numpy as np
 
 from bnlint.errors import DataError
+from bnlint.loaders.zip_members import ZIP_ERRORS, describe, member_problem, ratio_problem
 
 # When a model has one input and the file several arrays, these names are taken as the input.
 INPUT_NAMES = ("x", "input", "inputs", "data", "images", "image", "features", "X")
@@ -36,28 +44,68 @@ class _Member:
     fortran: bool
     offset: int  # where the data starts in a plain .npy
 
+    @property
+    def label(self) -> str:
+        return self.path if self.member is None else f"{self.path}[{self.member[:-4]}]"
+
     @contextlib.contextmanager
     def open(self) -> Iterator[IO[bytes]]:
-        """A stream positioned at the first data byte; closes the zip archive too."""
-        with contextlib.ExitStack() as stack:
-            if self.member is None:
-                handle: IO[bytes] = stack.enter_context(open(self.path, "rb"))
-                handle.seek(self.offset)
-            else:
-                archive = stack.enter_context(zipfile.ZipFile(self.path))
-                handle = stack.enter_context(archive.open(self.member))
-                _read_header(handle, self.path)
-            yield handle
+        """A stream positioned at the first data byte; closes the zip archive too.
 
-    def read_all(self) -> np.ndarray:
+        Any zip error while the stream is read (a bad CRC surfaces at the member's end) is a DataError.
+        """
+        with contextlib.ExitStack() as stack:
+            try:
+                if self.member is None:
+                    handle: IO[bytes] = stack.enter_context(open(self.path, "rb"))
+                    handle.seek(self.offset)
+                else:
+                    archive = stack.enter_context(zipfile.ZipFile(self.path))
+                    handle = stack.enter_context(archive.open(self.member))
+                    _read_header(handle, self.label)
+                yield handle
+            except ZIP_ERRORS as exc:
+                raise DataError(self.path, _read_problem(self.member, exc)) from None
+
+    def read_fortran(self) -> np.ndarray:
+        """The whole array, for Fortran order (which cannot be read sample by sample from a stream).
+
+        A plain .npy is memory-mapped (its size was checked against the header's shape); inside
+        an .npz the member is inflated into one array, so its size is capped.
+        """
+        if self.shape[0] == 0:
+            return np.empty(self.shape, dtype=self.dtype)
         if self.member is None:
-            return np.load(self.path, mmap_mode="r", allow_pickle=False)
-        with np.load(self.path, allow_pickle=False) as archive:
-            return archive[self.member[: -len(".npy")]]
+            try:
+                return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape, order="F")
+            except (OSError, ValueError) as exc:
+                raise DataError(self.path, f"cannot map the array: {exc}") from None
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        if nbytes > MAX_FORTRAN_BYTES:
+            raise DataError(self.label, f"a Fortran-ordered array inside an .npz is read whole, and this one holds {nbytes} bytes "
+                            f"(at most {MAX_FORTRAN_BYTES}); save it C-ordered (np.ascontiguousarray) or as a plain .npy")
+        array = np.empty(self.shape[::-1], dtype=self.dtype)  # C order of the reversed shape = Fortran order of the shape
+        with self.open() as handle:
+            if _read_into(handle, array) != nbytes:
+                raise DataError(self.label, f"array is truncated (its header declares shape {self.shape})")
+        return array.T
 
 
 NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_HEADER = 100_000  # numpy's own reader refuses headers above 10,000 bytes by default
+MAX_NPY_DIMS = 32
+MAX_NPZ_MEMBERS = 10_000
+# A deflated .npz member above NPZ_RATIO_FLOOR bytes that declares more than NPZ_RATIO times its
+# compressed size is refused before inflating: real samples compress a few times, a bomb of zeros
+# ~1000x. np.savez (uncompressed) is never refused this way.
+NPZ_RATIO = 200
+NPZ_RATIO_FLOOR = 16 << 20
+MAX_FORTRAN_BYTES = 1 << 30
+
+
+def _read_problem(member: str | None, exc: BaseException) -> str:
+    where = f"member {member} of the .npz archive" if member else "the array"
+    return f"cannot read {where} ({describe(exc)})"
 
 
 def _read_header(handle: IO[bytes], path: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -84,20 +132,40 @@ def _read_header(handle: IO[bytes], path: str) -> tuple[tuple[int, ...], bool, n
         raise DataError(path, "not a valid .npy array (truncated header)")
     try:
         header = ast.literal_eval(raw.decode("utf-8" if major == 3 else "latin-1"))
-    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError, TypeError):
         raise DataError(path, "not a valid .npy array (unreadable header)") from None
     if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
         raise DataError(path, "not a valid .npy array (header is not {descr, fortran_order, shape})")
     shape, fortran = header["shape"], header["fortran_order"]
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise DataError(path, f"not a valid .npy array (bad shape {shape!r:.80})")
+        raise DataError(path, f"not a valid .npy array (bad shape {_clip(shape)})")
+    if len(shape) > MAX_NPY_DIMS:
+        raise DataError(path, f"not a valid .npy array ({len(shape)} dimensions, at most {MAX_NPY_DIMS})")
     if not isinstance(fortran, bool):
         raise DataError(path, "not a valid .npy array (fortran_order is not a bool)")
     try:
         dtype = np.lib.format.descr_to_dtype(header["descr"])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise DataError(path, f"not a valid .npy array (dtype {header['descr']!r:.80}: {exc})") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise DataError(path, f"not a valid .npy array (dtype {_clip(header['descr'])}: {_clip(exc)})") from None
     return tuple(shape), fortran, np.dtype(dtype)
+
+
+def _clip(value: object) -> str:
+    """A value from the file, repr'd and cut short (repr of a huge int would itself be slow)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<{value.bit_length()}-bit integer>"
+    if isinstance(value, tuple) and any(isinstance(v, int) and v.bit_length() > 64 for v in value):
+        return "(<integers over 64 bits>)"
+    text = repr(value) if not isinstance(value, BaseException) else (str(value).splitlines() or [""])[0]
+    return text[:80] + ("..." if len(text) > 80 else "")
+
+
+def _check_size(label: str, shape: tuple[int, ...], dtype: np.dtype, available: int) -> None:
+    """The header's shape must fit the bytes that follow it: checked before anything is allocated."""
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > available:
+        raise DataError(label, f"array is truncated: shape {_clip(shape)} of {dtype} needs {needed} bytes, "
+                        f"the file holds {max(available, 0)}")
 
 
 def _npy_member(path: str) -> _Member:
@@ -105,10 +173,12 @@ def _npy_member(path: str) -> _Member:
         with open(path, "rb") as handle:
             shape, fortran, dtype = _read_header(handle, path)
             offset = handle.tell()
+            size = os.fstat(handle.fileno()).st_size
     except FileNotFoundError:
         raise DataError(path, "no such file") from None
     except OSError as exc:
         raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
+    _check_size(path, shape, dtype, size - offset)
     return _Member(path, None, shape, dtype, fortran, offset)
 
 
@@ -117,15 +187,28 @@ def _npz_members(path: str) -> dict[str, _Member]:
         archive = zipfile.ZipFile(path)
     except FileNotFoundError:
         raise DataError(path, "no such file") from None
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DataError(path, f"not a valid .npz archive ({exc})") from None
+    except ZIP_ERRORS as exc:
+        raise DataError(path, f"not a valid .npz archive ({describe(exc)})") from None
     members: dict[str, _Member] = {}
     with archive:
-        for name in archive.namelist():
-            if not name.endswith(".npy"):
-                continue
-            with archive.open(name) as stream:
-                shape, fortran, dtype = _read_header(stream, f"{path}[{name[:-4]}]")
+        infos = [info for info in archive.infolist() if info.filename.endswith(".npy")]
+        if len(infos) > MAX_NPZ_MEMBERS:
+            raise DataError(path, f"the .npz archive holds {len(infos)} arrays (at most {MAX_NPZ_MEMBERS})")
+        for info in infos:
+            name = info.filename
+            label = f"{path}[{name[:-4]}]"
+            problem = member_problem(info) or ratio_problem(info, NPZ_RATIO, NPZ_RATIO_FLOOR)
+            if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+                problem = f"zip member {name} is stored but declares {info.file_size} bytes in {info.compress_size}"
+            if problem:
+                raise DataError(path, problem + ("; save the sample with np.savez (uncompressed)" if "bomb" in problem else ""))
+            try:
+                with archive.open(info) as stream:
+                    shape, fortran, dtype = _read_header(stream, label)
+                    header_size = stream.tell()
+            except ZIP_ERRORS as exc:
+                raise DataError(path, _read_problem(name, exc)) from None
+            _check_size(label, shape, dtype, info.file_size - header_size)
             members[name[:-4]] = _Member(path, name, shape, dtype, fortran, 0)
     if not members:
         raise DataError(path, "the .npz archive holds no arrays")
@@ -135,7 +218,7 @@ def _npz_members(path: str) -> dict[str, _Member]:
 class ArraySource:
     """One named array, possibly split over shards along the sample axis, read in batches."""
 
-    def __init__(self, key: str, members: Sequence[_Member], where: str) -> None:
+    def __init__(self, key: str, members: Sequence[_Member], where: str, max_samples: int | None = None) -> None:
         self.key = key
         self.members = list(members)
         self.where = where
@@ -143,10 +226,12 @@ class ArraySource:
         for member in members:
             self._check(member)
             if member.shape[1:] != first.shape[1:]:
-                raise DataError(member.path, f"array '{key}' has per-sample shape {member.shape[1:]} but the first shard has {first.shape[1:]}")
-        self.samples = sum(m.shape[0] for m in members)
+                raise DataError(member.path, f"array '{key}' has per-sample shape {_clip(member.shape[1:])} "
+                                f"but the first shard has {_clip(first.shape[1:])}")
+        self.stored = sum(m.shape[0] for m in members)  # samples in the file(s)
+        self.samples = self.stored if max_samples is None else min(self.stored, max_samples)  # samples read
         self.sample_shape = first.shape[1:]
-        self.dtype = first.dtype
+        self.dtype = first.dtype.newbyteorder("=")  # batches come in native byte order
         if self.samples == 0:
             raise DataError(where, f"array '{key}' is empty (shape {_shape(first.shape, 0)})")
 
@@ -158,7 +243,7 @@ class ArraySource:
         if not member.shape:
             raise DataError(member.path, f"{label} is a scalar; expected samples along the first axis")
         if any(d == 0 for d in member.shape[1:]):
-            raise DataError(member.path, f"{label} is empty (shape {member.shape})")
+            raise DataError(member.path, f"{label} is empty (shape {_clip(member.shape)})")
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         """Consecutive batches of `batch_size` samples (the last may be short), checked for NaN/Inf."""
@@ -182,19 +267,20 @@ class ArraySource:
 
     def _read(self, member: _Member, batch_size: int) -> Iterator[np.ndarray]:
         rows = member.shape[0]
+        native = member.dtype.newbyteorder("=")  # runners (torch.from_numpy) take native byte order only
         if member.fortran and len(member.shape) > 1:
-            array = member.read_all()  # Fortran order cannot be read sample by sample from the bytes
+            array = member.read_fortran()  # Fortran order cannot be read sample by sample from the bytes
             for start in range(0, rows, batch_size):
-                yield np.ascontiguousarray(array[start : start + batch_size])
+                yield np.ascontiguousarray(array[start : start + batch_size], dtype=native)
             return
-        per_sample = int(np.prod(member.shape[1:], dtype=np.int64)) * member.dtype.itemsize
+        per_sample = math.prod(member.shape[1:]) * member.dtype.itemsize
         with member.open() as handle:
             for start in range(0, rows, batch_size):
                 count = min(batch_size, rows - start)
                 batch = np.empty((count, *member.shape[1:]), dtype=member.dtype)  # writable, unlike frombuffer(bytes)
                 if _read_into(handle, batch) != count * per_sample:
                     raise DataError(member.path, f"array '{self.key}' is truncated (expected {rows} samples)")
-                yield batch
+                yield batch if member.dtype.isnative else batch.astype(native)
 
     def _check_finite(self, batch: np.ndarray, start: int) -> None:
         if batch.dtype.kind != "f":
@@ -230,10 +316,15 @@ def _shape(shape: tuple[int, ...], samples: int | str) -> str:
 
 
 class Dataset:
-    """Every array of a --data path, by key; shards of a folder are concatenated per key."""
+    """Every array of a --data path, by key; shards of a folder are concatenated per key.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    With `max_samples`, at most that many samples of each array are read (the first ones); `select`
+    leaves a note in `notes` when the cap cuts the arrays it chose.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_samples: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.notes: list[str] = []
         folder = Path(self.path)
         if folder.is_dir():
             files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
@@ -247,12 +338,12 @@ class Dataset:
             for file, shard in zip(files, shards):
                 if list(shard) != keys:
                     raise DataError(str(file), f"shard holds arrays {sorted(shard)} but the first shard holds {sorted(keys)}")
-            self.sources = {k: ArraySource(k, [s[k] for s in shards], self.path) for k in keys}
+            self.sources = {k: ArraySource(k, [s[k] for s in shards], self.path, max_samples) for k in keys}
         else:
             if not folder.exists():
                 raise DataError(self.path, "no such file or folder")
             members = self._members(self.path)
-            self.sources = {k: ArraySource(k, [m], self.path) for k, m in members.items()}
+            self.sources = {k: ArraySource(k, [m], self.path, max_samples) for k, m in members.items()}
 
     @staticmethod
     def _members(path: str) -> dict[str, _Member]:
@@ -274,9 +365,12 @@ class Dataset:
             if key not in self.sources:
                 raise DataError(self.path, f"no array '{key}' for model input '{name}' (arrays: {', '.join(keys)}); map one with --input {name}=KEY")
             chosen.append(self.sources[key])
-        lengths = {s.key: s.samples for s in chosen}
+        lengths = {s.key: s.stored for s in chosen}
         if len(set(lengths.values())) > 1:
             raise DataError(self.path, "model inputs have different sample counts: " + ", ".join(f"'{k}' {n}" for k, n in lengths.items()))
+        if chosen and chosen[0].samples < chosen[0].stored:
+            self.notes.append(f"read the first {chosen[0].samples} of {chosen[0].stored} samples in {self.path} "
+                              "(max-samples in [tool.bnlint.dynamic])")
         return chosen
 
     def _guess(self, name: str, inputs: int) -> str:

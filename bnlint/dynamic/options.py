@@ -26,9 +26,10 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "batch_noise_lvr": 0.35,  # BN604: RMS log batch-variance error at the training batch size
     "batch_dependence_rtol": 1e-3,  # BN606: max |single - batched| / max |batched| above this
     "dependence_samples": 4,  # BN606: samples run one at a time and together
+    "max_samples": 100_000,  # --data: read at most this many samples (a note says when the data holds more)
 }
 
-_INTEGER = {"batch_size", "dependence_samples"}
+_INTEGER = {"batch_size", "dependence_samples", "max_samples"}
 _CHOICES = {"device": ("cpu", "cuda", "auto"), "onnx_engine": ("onnxruntime", "reference", "auto")}
 
 

@@ -5,7 +5,7 @@ weights-only `.h5`, or a Keras 3 `*.weights.h5`, and returns a `KerasFile`: the 
 the config (or, without one, in the weights), each with its config dict and lazy tensors.
 
 Why static: `.keras` files are untrusted input, and a `Lambda` layer's config carries marshalled
-Python bytecode that `keras.saving.load_model` would run (with `safe_mode=False`). Here the config
+Python bytecode that `keras.saving.load_model` would run (with safe mode off). Here the config
 is only parsed by `json.loads` (size- and depth-bounded), zip members are checked (count, size,
 compression ratio, encryption) before a byte is read, and HDF5 is opened read-only through
 `keras_h5`, which refuses links and datasets pointing at other files. Every malformed input
@@ -39,11 +39,15 @@ from bnlint.loaders import keras_config as kc
 from bnlint.loaders import keras_h5 as kh
 from bnlint.loaders import keras_weights as kw
 from bnlint.loaders import keras_zip as kz
+from bnlint.loaders.zip_members import ZIP_ERRORS, describe
 from bnlint.model import TensorRef
 
 KerasKind = Literal["keras-v3", "keras-h5", "keras-h5-weights", "keras-v3-weights"]
 
-PREFLIGHT_TIMEOUT = 60.0  # seconds; ResNet-50 reads in ~0.2 s
+# Seconds the isolated read may take, plus one per PREFLIGHT_BYTES_PER_SECOND of file: ResNet-50's
+# 100 MB .h5 reads in ~0.2 s, and a file on which libhdf5 loops forever must not stall a lint for long.
+PREFLIGHT_TIMEOUT = 5.0
+PREFLIGHT_BYTES_PER_SECOND = 64 << 20
 _ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, zlib.error, EOFError, RecursionError, MemoryError, *kh.H5_ERRORS)
 
 
@@ -186,8 +190,8 @@ def _userblock_hdf5(handle: Any) -> bool:
 def _read_zip(path: str) -> KerasFile:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        raise InputError(path, f"not a readable zip archive ({exc})") from None
+    except ZIP_ERRORS as exc:
+        raise InputError(path, f"not a readable zip archive ({describe(exc)})") from None
     with archive:
         infos = archive.infolist()
         if len(infos) > kz.MAX_MEMBERS:
@@ -304,6 +308,7 @@ def preflight(path: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
     """
     if not os.path.isfile(path) or _sniff(path) not in ("zip", "hdf5"):
         return  # nothing for libhdf5 to choke on (the in-process read reports it)
+    timeout += os.path.getsize(path) / PREFLIGHT_BYTES_PER_SECOND
     if hasattr(os, "fork") and hasattr(os, "waitpid"):
         code, output = _forked(path, timeout)
     else:
@@ -316,7 +321,7 @@ def preflight(path: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
     if code == _EXIT_INPUT:
         raise InputError(path, problem)
     if code == _EXIT_TIMEOUT:
-        raise InputError(path, f"reading did not finish within {timeout:g} s in an isolated process "
+        raise InputError(path, f"reading did not finish within {timeout:.1f} s in an isolated process "
                                "(libhdf5 loops forever on some corrupt files): refused")
     if code < 0:
         raise InputError(path, f"libhdf5 crashed (signal {-code}) reading this file in an isolated process: corrupt or hostile")
@@ -335,7 +340,10 @@ def _forked(path: str, timeout: float) -> tuple[int, str]:
         code = 1
         try:
             os.close(read_end)
-            code, message = _check(path)
+            try:
+                code, message = _check(path)
+            except BaseException as exc:  # noqa: BLE001 - a bug the parent must name, not a bare exit code
+                code, message = 1, f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
             os.write(write_end, message.encode("utf-8", "replace")[:4000])
         finally:
             os._exit(code)

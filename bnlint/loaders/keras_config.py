@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bnlint.errors import InputError
+from bnlint.loaders.unicode_text import json_has_surrogates
 from bnlint.norms import classify
 
 MAX_MODEL_DEPTH = 64  # sub-models inside sub-models; real models nest a handful of levels
@@ -66,11 +67,14 @@ def parse_json(raw: bytes | str, path: str, what: str, limit: int) -> Any:
         raise InputError(path, f"{what} is {len(raw)} bytes (limit {limit})")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text)
+        doc = json.loads(text)
     except RecursionError:
         raise InputError(path, f"{what} is nested too deeply to be a Keras config") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(path, f"{what} is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+    if json_has_surrogates(text, doc):
+        raise InputError(path, f"{what} holds a string with an unpaired surrogate (\\uD800-\\uDFFF): not valid Unicode text")
+    return doc
 
 
 def version_tuple(version: str | None) -> tuple[int, ...] | None:

@@ -86,8 +86,10 @@ def _inbound(layer: KerasLayer) -> str | None:
         return None
     first = nodes[0]
     if isinstance(first, dict):  # Keras 3: {"args": [{"config": {"keras_history": [name, node, tensor]}}]}
-        args = first.get("args") or []
-        history = args[0].get("config", {}).get("keras_history") if args and isinstance(args[0], dict) else None
+        args = first.get("args")
+        arg = args[0] if isinstance(args, list) and args else None
+        config = arg.get("config") if isinstance(arg, dict) else None
+        history = config.get("keras_history") if isinstance(config, dict) else None
         return history[0] if isinstance(history, list) and history and isinstance(history[0], str) else None
     if isinstance(first, list) and first and isinstance(first[0], list) and first[0]:  # tf.keras 2: [[name, 0, 0, {}]]
         return first[0][0] if isinstance(first[0][0], str) else None

@@ -18,13 +18,13 @@ import shutil
 import struct
 import tempfile
 import zipfile
-import zlib
 from typing import Any
 
 import numpy as np
 
 from bnlint.errors import InputError
 from bnlint.loaders import keras_h5 as kh
+from bnlint.loaders.zip_members import ZIP_ERRORS, describe, member_problem
 
 CONFIG_LIMIT = 64 << 20  # config.json; ResNet-50's is ~0.1 MiB
 METADATA_LIMIT = 1 << 20
@@ -36,8 +36,9 @@ _RATIO_FLOOR = 1 << 20
 
 
 def check_member(path: str, info: zipfile.ZipInfo, limit: int) -> None:
-    if info.flag_bits & 0x1:
-        raise InputError(path, f"zip member {info.filename} is encrypted")
+    problem = member_problem(info)
+    if problem:
+        raise InputError(path, problem)
     if info.file_size > limit:
         raise InputError(path, f"zip member {info.filename} declares {info.file_size} bytes (limit {limit})")
     if info.compress_type == zipfile.ZIP_STORED:
@@ -53,8 +54,8 @@ def member_bytes(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, lim
     try:
         with archive.open(info) as member:
             data = member.read(limit + 1)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError) as exc:
-        raise InputError(path, f"cannot read zip member {info.filename}: {exc}") from None
+    except ZIP_ERRORS as exc:
+        raise InputError(path, f"cannot read zip member {info.filename}: {describe(exc)}") from None
     if len(data) > limit:
         raise InputError(path, f"zip member {info.filename} is larger than {limit} bytes")
     return data
@@ -97,9 +98,9 @@ def open_member_h5(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, n
     except InputError:
         spool.close()
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
+    except ZIP_ERRORS as exc:
         spool.close()
-        raise InputError(path, f"cannot inflate model.weights.h5: {exc}") from None
+        raise InputError(path, f"cannot inflate model.weights.h5: {describe(exc)}") from None
     return kh.open_h5(path, spool, (spool,))
 
 
@@ -118,7 +119,7 @@ def npz_note(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo, notes: 
                     reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                     _, _, dtype = reader(member)
                     pickled += bool(dtype.hasobject)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise InputError(path, f"model.weights.npz is not a readable npz ({exc})") from None
+    except ZIP_ERRORS as exc:
+        raise InputError(path, f"model.weights.npz is not a readable npz ({describe(exc)})") from None
     notes.append(f"model.weights.npz: {pickled} of {len(keys)} entries are pickled objects (Keras 3 saves each layer's "
                  "variables as a dict); not unpickled, so layers are listed without weights")

@@ -413,6 +413,8 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
     model, graph = _parse(path)
     opsets = {(entry.domain or "ai.onnx"): int(entry.version) for entry in model.opset_import}
     opset = opsets.get("ai.onnx")
+    if opset is not None and opset < 1:
+        raise InputError(str(path), f"opset_import declares version {opset} of the default domain (versions start at 1)")
     notes = []
     order = _topological_order(graph)
     if order is None:

@@ -31,6 +31,7 @@ from bnlint.loaders.pickle_scan_state import (
     _Truncated,
     _Tuple,
 )
+from bnlint.loaders.unicode_text import SURROGATE
 
 _MAX_NAME = 1024
 
@@ -82,6 +83,8 @@ class _Scanner(_ScanState):
             result.truncated = isinstance(exc, _Truncated)
         except (ValueError, OverflowError, UnicodeDecodeError) as exc:
             result.error = f"malformed opcode argument before byte {self.pos} ({exc})"
+        if result.error is None and self.surrogates:
+            result.error = "a string holds surrogate code points (not valid Unicode text)"
         result.opcodes = count
         result.end = self.pos
         result.unsafe = list(self._unsafe)
@@ -136,13 +139,26 @@ def _fixed(width: int) -> Callable[[_Scanner], None]:
     return handler
 
 
+def _unicode(s: _Scanner, text: str) -> str:
+    """A pickled str as the unpickler builds it (`surrogatepass` lets surrogate code points through).
+
+    Such a string could not be printed or saved as a key or name, so the pickle is refused once
+    the walk is over (its findings complete: a surrogate cannot hide a payload behind it), and the
+    scan keeps the text with each surrogate escaped, so a global it names can be reported.
+    """
+    if not SURROGATE.search(text):
+        return text
+    s.surrogates = True
+    return SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
 def _counted(width: int, signed: bool = False, text: bool = False, utf8: bool = True) -> Callable[[_Scanner], None]:
     def handler(s: _Scanner) -> None:
         raw = s.counted(width, signed)
         if not text:
             s.push(_DATA)
             return
-        decoded = raw.decode("utf-8", "surrogatepass") if utf8 else raw.decode("latin-1")
+        decoded = _unicode(s, raw.decode("utf-8", "surrogatepass")) if utf8 else raw.decode("latin-1")
         s.push(_Str(decoded if len(decoded) <= _MAX_NAME else None))
     return handler
 
@@ -173,7 +189,7 @@ def _op_string(s: _Scanner) -> None:
 
 
 def _op_unicode(s: _Scanner) -> None:
-    decoded = s.line().decode("raw-unicode-escape")
+    decoded = _unicode(s, s.line().decode("raw-unicode-escape"))
     s.push(_Str(decoded if len(decoded) <= _MAX_NAME else None))
 
 
@@ -403,7 +419,7 @@ def _op_short_binunicode(s: _Scanner) -> None:
     if end > s.stop:
         raise _Truncated("a string runs past the end of the pickle")
     s.pos = end
-    s.stack.append(_Str(bytes(s.data[pos + 1:end]).decode("utf-8", "surrogatepass")))
+    s.stack.append(_Str(_unicode(s, bytes(s.data[pos + 1:end]).decode("utf-8", "surrogatepass"))))
 
 
 def _op_binunicode(s: _Scanner) -> None:
@@ -414,7 +430,7 @@ def _op_binunicode(s: _Scanner) -> None:
     if end > s.stop:
         raise _Truncated(f"a string of {end - pos - 4} bytes runs past the end of the pickle")
     s.pos = end
-    text = bytes(s.data[pos + 4:end]).decode("utf-8", "surrogatepass")
+    text = _unicode(s, bytes(s.data[pos + 4:end]).decode("utf-8", "surrogatepass"))
     s.stack.append(_Str(text if len(text) <= _MAX_NAME else None))
 
 

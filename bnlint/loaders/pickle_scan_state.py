@@ -114,6 +114,7 @@ class _ScanState:
         self.result = PickleScan(start)
         self._unsafe: dict[str, None] = {}
         self._unknown: dict[str, None] = {}
+        self.surrogates = False  # a string held surrogate code points (pickle_scan._unicode)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from bnlint.errors import InputError
 from bnlint.loaders.lazy_tensor import ByteSource, LazyTensor, StorageRef, element_size
 from bnlint.loaders.state_dict import to_model_info
 from bnlint.loaders.torch_objects import Extracted
+from bnlint.loaders.unicode_text import json_has_surrogates
 from bnlint.model import ModelInfo
 
 DTYPES = {
@@ -66,9 +67,12 @@ def extract_safetensors(path: Path) -> Extracted:
     except OSError as exc:
         raise InputError(name, f"cannot read: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        header = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InputError(name, "corrupt safetensors header: not valid JSON") from None
+    if json_has_surrogates(text, header):
+        raise InputError(name, "corrupt safetensors header: a string holds an unpaired surrogate (not valid Unicode text)")
     if not isinstance(header, dict):
         raise InputError(name, "corrupt safetensors header: not a JSON object")
     result = Extracted(name, "safetensors")

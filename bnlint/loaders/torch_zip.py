@@ -28,6 +28,7 @@ from bnlint.loaders.safe_pickle import PICKLE_ERRORS, safe_load, storage_from_pi
 from bnlint.loaders.state_dict import to_model_info
 from bnlint.loaders.torch_objects import Extracted, extract_from_object
 from bnlint.loaders.torchscript import extract_torchscript
+from bnlint.loaders.zip_members import ZIP_ERRORS, describe, member_problem
 from bnlint.model import ModelInfo
 
 __all__ = ["PICKLE_ERRORS", "TorchArchive", "extract_torch_zip", "load_torch_zip"]
@@ -50,8 +51,8 @@ class TorchArchive:
         try:
             self.size = os.path.getsize(path)
             self.zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise InputError(self.path, f"truncated or corrupt zip archive ({exc})") from None
+        except ZIP_ERRORS as exc:
+            raise InputError(self.path, f"truncated or corrupt zip archive ({describe(exc)})") from None
         self.findings = PickleFindings()
         self.scans: dict[str, tuple[bytes, PickleScan]] = {}
         self.storages: dict[str, StorageRef] = {}
@@ -102,6 +103,9 @@ class TorchArchive:
         """Refuse a member before reading it if its declared size is too large for its kind,
         too large for its compressed size, or beyond what this archive may still cost."""
         name = info.filename
+        problem = member_problem(info)
+        if problem:
+            raise InputError(self.path, problem)
         if info.file_size > cap:
             raise InputError(self.path, f"{name} declares {info.file_size} bytes (bnlint reads at most {cap})")
         if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(info.compress_size * ratio, 1 << 16):
@@ -119,8 +123,8 @@ class TorchArchive:
         try:
             with self.zip.open(info) as handle:
                 data = handle.read(info.file_size + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError, zipfile.LargeZipFile, NotImplementedError) as exc:
-            raise InputError(self.path, f"cannot read {info.filename} from the archive ({exc})") from None
+        except ZIP_ERRORS as exc:
+            raise InputError(self.path, f"cannot read {info.filename} from the archive ({describe(exc)})") from None
         if len(data) != info.file_size:
             raise InputError(self.path, f"{info.filename} is not the size its header declares")
         return data
@@ -165,6 +169,9 @@ class TorchArchive:
     def _source(self, member: str) -> ByteSource:
         """Where a stored member's bytes begin in the file (local header parsed by hand)."""
         info = self.zip.getinfo(member)
+        problem = member_problem(info)
+        if problem:
+            raise InputError(self.path, problem)
         if info.compress_type != zipfile.ZIP_STORED:
             self._check(info, 1 << 62, MAX_DATA_RATIO)
             return ByteSource(self.path, 0, info.file_size, member=member)
