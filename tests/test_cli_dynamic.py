@@ -150,3 +150,18 @@ def test_onnx_engines_agree_and_the_note_names_the_engine() -> None:
     for left, right in zip(runs["onnxruntime"], runs["reference"]):
         np_left, np_right = left["channel"]["mean"], right["channel"]["mean"]
         assert np_left == pytest.approx(np_right, rel=1e-4, abs=1e-6)
+
+
+def test_overflowing_activations_are_named_not_mistaken_for_a_small_sample() -> None:
+    """One image with finite 3e38 pixels overflows the first convolution: every BN input is NaN.
+
+    The data passes the NaN/Inf check (it is finite), so the model produced the NaN: BN608 names
+    the first layer, BN603 must not blame the sample size, and numpy's warnings stay off stderr.
+    """
+    code, payload, stderr = lint("fixtures/convnet_state_dict.pt", "--arch", "fixtures/models.py:convnet",
+                                 "--data", "fixtures/data/data_overflow.npz")
+    (file,) = payload["files"]
+    (finding,) = file["findings"]
+    assert (finding["code"], finding["layer"]) == ("BN608", "bn1")
+    assert "NaN in 8 of 8 channel(s)" in finding["message"] and "3 of 3 BatchNorm layer(s)" in finding["message"]
+    assert "RuntimeWarning" not in stderr and code == 1

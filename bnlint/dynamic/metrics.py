@@ -102,7 +102,7 @@ def analyse_layer(
         summary.update(_summaries(metrics, finite, weight))
         floor = 0.5 * metrics["se_smd"] ** 2 + 0.25 * metrics["se_lvr"] ** 2
         summary["noise_kl"] = float(np.mean(floor[finite])) if finite.any() and groups >= 2 else None
-        if rest_mean is not None and rest_var is not None:
+        if rest_mean is not None and rest_var is not None and finite.any():
             loo_kl = [float(np.mean(drift(rest_mean[g], rest_var[g], running_mean, running_var, eps)["kl"][finite])) for g in range(groups)]
             summary["kl_se"] = float(_jackknife_se(np.asarray(loo_kl)[:, None])[0])
         else:

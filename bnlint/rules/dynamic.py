@@ -29,7 +29,14 @@ def _judgeable(layer: LayerDrift) -> bool:
     independent units are samples, not values; with fewer than GROUPS samples the jackknife
     standard error has too few degrees of freedom to be trusted, in any architecture.
     """
-    return (layer.summary.get("groups") or 0) >= GROUPS
+    return (layer.summary.get("groups") or 0) >= GROUPS and nonfinite_channels(layer) < layer.channels
+
+
+def nonfinite_channels(layer: LayerDrift) -> int:
+    """Channels whose input, measured on the data, has an Inf or NaN mean or variance (BN608)."""
+    if layer.mean_t.size == 0 or layer.var_t.size == 0:
+        return 0
+    return int(np.count_nonzero(~(np.isfinite(layer.mean_t) & np.isfinite(layer.var_t))))
 
 
 def _drifting(analysis: Measurements) -> list[LayerDrift]:
@@ -317,6 +324,8 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     for layer in analysis.layers:
         if not layer.has_running_stats or layer.name in drifting or layer.name in analysis.batch_stats_layers:
             continue
+        if layer.channels and nonfinite_channels(layer) == layer.channels:
+            continue  # nothing finite to judge: BN608 says why
         noise = layer.summary.get("noise_kl")
         if noise is None or noise > limit or not _judgeable(layer):
             unjudged.append((math.inf if noise is None or not _judgeable(layer) else noise, layer))
@@ -509,3 +518,54 @@ def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
             values={**values, "layer_max_abs_diff": entry["max_abs_diff"], "layer_relative_diff": entry["relative_diff"],
                     "evidence": entry["evidence"]},
         )
+
+
+@rule(
+    code="BN608",
+    name="nonfinite-activations",
+    severity=Severity.WARNING,
+    summary="On the given data, the input of a BatchNorm layer holds Inf or NaN: activations overflow (or a NaN "
+    "arises) upstream, and drift cannot be judged there.",
+    fix="Check the data's range and preprocessing (normalise it as in training); if the data is right, find the layer "
+    "before this one that overflows (float16 models overflow above 65504).",
+    scope="dynamic",
+    frameworks=('torch', 'onnx', 'keras'),
+)
+def nonfinite_activations(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Checks the per-channel mean and variance of every BatchNorm input measured on the data. The
+    data itself has already been checked for NaN and Inf, so a non-finite statistic means the
+    model produced it: a value overflowed to Inf (or Inf - Inf made a NaN) somewhere before this
+    layer. Reports the first such layer in execution order, with how many layers and channels are
+    affected. Those channels are left out of the drift measures (BN601), and a layer with no
+    finite channel is not reported as "too small to judge" (BN603).
+
+    ## Why is this bad?
+    A model that overflows on the data produces Inf/NaN outputs, and every BatchNorm after the
+    overflow normalises garbage. Drift cannot be measured there, and silence would read as
+    "the statistics fit".
+
+    ## Example
+    Images saved as raw float values in the 1e30s (a unit conversion gone wrong) through a conv
+    net: the first convolution's output overflows float32 and every BatchNorm input is Inf/NaN.
+
+    ## Use instead
+    Feed the data preprocessed exactly as in training; for a float16 model, keep activations in
+    range (or run it in float32) and check the layers just before the one reported.
+
+    ## References
+    - IEEE 754 overflow; PyTorch AMP documentation (float16 range).
+    """
+    affected = [(layer, nonfinite_channels(layer)) for layer in analysis.layers]
+    affected = [(layer, count) for layer, count in affected if count]
+    if not affected:
+        return
+    first, count = min(affected, key=lambda pair: pair[0].order)
+    what = "NaN" if np.isnan(first.mean_t).any() or np.isnan(first.var_t).any() else "Inf"
+    yield Hit(
+        message=f"on this data the input of this layer holds {what} in {count} of {first.channels} channel(s): "
+        f"activations overflow (or a NaN arises) before it; {len(affected)} of {len(analysis.layers)} BatchNorm layer(s) "
+        "are affected and their non-finite channels are not judged for drift",
+        layer=first.name,
+        values={"layers": [layer.name for layer, _ in affected], "channels": {layer.name: n for layer, n in affected}},
+    )
