@@ -6,7 +6,7 @@ The result is a `bnlint.measurements.Measurements` whose layer names are the sta
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -134,7 +134,7 @@ def _eval_form(spec: LayerSpec, x: np.ndarray) -> np.ndarray | None:
 
 
 def _compositions(runner: Runner, arrays: list[np.ndarray], names: dict[str, str] | None
-                  ) -> tuple[Capture, list[tuple[Capture, int, int]], str | None]:
+                  ) -> tuple[Capture, Iterable[tuple[Capture, int, int]], str | None]:
     """The reference batch, and (capture, sample's row in the reference, its row there) for the
     same samples run in other batch compositions; plus why none could be made, if so.
 
@@ -145,7 +145,10 @@ def _compositions(runner: Runner, arrays: list[np.ndarray], names: dict[str, str
     k, fixed = arrays[0].shape[0], runner.fixed_batch
     if fixed is None:
         together = _renamed(runner.capture(arrays), names)
-        return together, [(_renamed(runner.capture([a[i:i + 1] for a in arrays]), names), i, 0) for i in range(k)], None
+        # A generator: each single-sample capture (every BN input and output) is compared and
+        # dropped before the next is made, so memory holds one of them, not k.
+        alone = ((_renamed(runner.capture([a[i:i + 1] for a in arrays]), names), i, 0) for i in range(k))
+        return together, alone, None
     if fixed > 1 and k >= 2 * fixed - 1:
         together = _renamed(runner.capture([a[:fixed] for a in arrays]), names)
         mates = _renamed(runner.capture([np.concatenate([a[:1], a[fixed:2 * fixed - 1]]) for a in arrays]), names)
@@ -169,24 +172,37 @@ def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: 
     """
     together, others, skipped = _compositions(runner, arrays, names)
     max_abs = rel = 0.0
+    compared = 0
+    # Per layer over every other composition: max relative input change, max output change (abs, rel),
+    # and how many compositions reached the layer at all.
+    x_diff: dict[str, float] = {}
+    y_abs: dict[str, float] = {}
+    y_rel: dict[str, float] = {}
+    reached: dict[str, int] = {}
     for capture, row, other_row in others:
+        compared += 1
         for batched, single in zip(together.outputs, capture.outputs):
             if batched.shape[1:] == single.shape[1:] and row < batched.shape[0] and other_row < single.shape[0]:
                 diff, ratio = _relative(single[other_row:other_row + 1], batched[row:row + 1])
                 max_abs, rel = max(max_abs, diff), max(rel, ratio)
+        for name, calls in together.layers.items():
+            if not capture.layers.get(name):
+                continue
+            (x_b, y_b), (x, y) = calls[0], capture.layers[name][0]
+            reached[name] = reached.get(name, 0) + 1
+            x_diff[name] = max(x_diff.get(name, 0.0), _relative(x[other_row:other_row + 1], x_b[row:row + 1])[1])
+            diff, ratio = _relative(y[other_row:other_row + 1], y_b[row:row + 1])
+            y_abs[name], y_rel[name] = max(y_abs.get(name, 0.0), diff), max(y_rel.get(name, 0.0), ratio)
+        del capture
     suspect = rel > tolerance or skipped is not None
     specs = {spec.name: spec for spec in runner.layers}
     culprits = []
     for name, calls in together.layers.items():
         x_b, y_b = calls[0]
         entry = None
-        pairs = [(c.layers[name][0], r, o) for c, r, o in others if c.layers.get(name)]
-        if others and len(pairs) == len(others):
-            x_diff = max(_relative(x[o:o + 1], x_b[r:r + 1])[1] for (x, _), r, o in pairs)
-            y_pairs = [_relative(y[o:o + 1], y_b[r:r + 1]) for (_, y), r, o in pairs]
-            y_abs, y_rel = max(p[0] for p in y_pairs), max(p[1] for p in y_pairs)
-            if x_diff <= tolerance < y_rel:
-                entry = {"layer": name, "max_abs_diff": y_abs, "relative_diff": y_rel,
+        if compared and reached.get(name) == compared:
+            if x_diff[name] <= tolerance < y_rel[name]:
+                entry = {"layer": name, "max_abs_diff": y_abs[name], "relative_diff": y_rel[name],
                          "evidence": "its input is the same in both batches, its output is not"}
         expected = _eval_form(specs[name], x_b) if name in specs else None
         if entry is None and suspect and expected is not None:
