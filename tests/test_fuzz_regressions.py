@@ -195,3 +195,26 @@ def test_surrogate_key_is_refused_after_a_complete_scan(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [str(path), "--color", "never"], catch_exceptions=False)
     assert result.exit_code == 2, result.output
     assert "surrogate" in result.output and "BN001" in result.output and "internal error" not in result.output
+
+
+@pytest.mark.parametrize("inbound", [1, [1], [{"config": 1}], [{"config": {"keras_history": 7}}], "x"])
+def test_keras_inbound_nodes_of_the_wrong_type_still_lint(tmp_path: Path, inbound: object) -> None:
+    """A fuzzer set `config/layers/4/inbound_nodes/0/args` to 1 and reached the safety net: the
+    graph walk indexed into whatever it found. Wrong-typed links are now just "no known producer"."""
+    import json
+
+    source = ROOT / "fixtures" / "keras" / "keras_conv_bias.keras"
+    target = tmp_path / "inbound.keras"
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for info in original.infolist():
+            data = original.read(info)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                layer = config["config"]["layers"][4]
+                assert layer["inbound_nodes"], layer
+                layer["inbound_nodes"][0]["args"] = inbound
+                data = json.dumps(config).encode()
+            copy.writestr(info, data)
+    result = CliRunner().invoke(main, [str(target), "--color", "never"], catch_exceptions=False)
+    assert result.exit_code in (0, 1), result.output
+    assert "internal error" not in result.output and "BN" in result.output
