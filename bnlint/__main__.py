@@ -1,3 +1,3 @@
-from bnlint.cli import main
+from bnlint.cli import entry
 
-main()
+entry()

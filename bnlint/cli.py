@@ -349,3 +349,29 @@ def rule_command(code: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def entry() -> None:
+    """The `bnlint` command (and `python -m bnlint`): `main`, then exit without interpreter teardown.
+
+    Tearing down everything a lint imported (numpy, the rules, torch after --data) took 16 ms of a
+    184 ms pre-commit run; bnlint closes every file it writes before `main` returns, so only the
+    standard streams need flushing. BNLINT_NORMAL_EXIT=1 exits normally (for coverage tools and
+    profilers, whose atexit hooks would otherwise not run).
+    """
+    try:
+        main()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    if os.environ.get("BNLINT_NORMAL_EXIT"):
+        sys.exit(code)
+    if isinstance(code, str):  # sys.exit("message") prints the message and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (bnlint ... | head): nothing more to say
+            pass
+    os._exit(code if isinstance(code, int) else 0)

@@ -215,3 +215,25 @@ def test_jobs_give_the_same_report_in_the_same_order() -> None:
     one = run("fixtures", "--format", "json", "-j", "1").stdout
     two = run("fixtures", "--format", "json", "-j", "2").stdout
     assert json.loads(one) == json.loads(two)
+
+
+@pytest.mark.parametrize("args, code", [
+    (["fixtures/convnet_state_dict.pt"], 0),
+    (["fixtures/fault_nan_stats.pt"], 1),
+    (["fixtures/does_not_exist.pt"], 2),
+])
+def test_the_command_exits_fast_with_complete_output_and_honest_codes(tmp_path: Path, args: list[str], code: int) -> None:
+    """`python -m bnlint` (like the `bnlint` script) skips interpreter teardown with os._exit:
+    the exit code must survive, and stdout and an --output file must be complete."""
+    import subprocess
+    import sys
+
+    written = tmp_path / "report.json"
+    piped = subprocess.run([sys.executable, "-m", "bnlint", "--format", "json", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    to_file = subprocess.run([sys.executable, "-m", "bnlint", "--format", "json", "--output", str(written), *args],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert piped.returncode == to_file.returncode == code, piped.stderr
+    for text in (piped.stdout, written.read_text()):
+        (file,) = json.loads(text)["files"]
+        assert (file["error"] is not None) == (code == 2)
+        assert bool(file["findings"]) == (code == 1)
