@@ -149,15 +149,6 @@ def _ops(data: bytes) -> list[tuple[Any, Any, bytes]] | None:
     return out
 
 
-def _int_op(value: int) -> bytes:
-    if 0 <= value < 256:
-        return b"K" + bytes([value])
-    if -(2**31) <= value < 2**31:
-        return b"J" + struct.pack("<i", value)
-    raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(raw)]) + raw
-
-
 def mutate_pickle(rng: random.Random, data: bytes, notes: list[str]) -> bytes:
     ops = _ops(data)
     if not ops or len(ops) < 3:
@@ -189,7 +180,7 @@ def mutate_pickle(rng: random.Random, data: bytes, notes: list[str]) -> bytes:
             if ops[k][0].name in ("BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT", "GET", "PUT"):
                 raw[k] = (b"j" + struct.pack("<I", value % 2**32)) if "GET" in ops[k][0].name else (b"r" + struct.pack("<I", value % 2**32))
             else:
-                raw[k] = _int_op(value)
+                raw[k] = hostile.integer(value)
             notes.append(f"pickle: op {k} {ops[k][0].name} -> {value}")
     elif op == 4:
         strs = [k for k, (_, arg, _) in enumerate(ops) if isinstance(arg, str)]

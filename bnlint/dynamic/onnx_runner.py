@@ -234,14 +234,15 @@ class OnnxRunner:
     def _full_stats_model(self) -> onnx.ModelProto:
         return self._stats_model(self._full())
 
-    def _io_model(self) -> tuple[onnx.ModelProto, list[str]]:
+    def _io_model(self) -> onnx.ModelProto:
+        """The model with every BN input and output added to its outputs (few-sample captures)."""
         model = self._full()
         existing = [o.name for o in model.graph.output]
         extra = [name for _, node in self.bn_nodes for name in (node.input[0], node.output[0])]
         for name in dict.fromkeys(extra):
             if name not in existing:
                 model.graph.output.append(helper.make_tensor_value_info(name, self.types.get(name, TensorProto.FLOAT), None))
-        return model, existing
+        return model
 
     def _session(self, build: Callable[[], onnx.ModelProto], level: str = "basic") -> Any:
         """A session over the graph `build` returns; the graph copy is dropped once serialised.
@@ -307,7 +308,7 @@ class OnnxRunner:
         outputs = [o.name for o in self.model.graph.output]
         if not hasattr(self, "_io_session"):
             self._stats = None  # one full session at a time: collect() rebuilds it if called again
-            self._io_session = self._session(lambda: self._io_model()[0])
+            self._io_session = self._session(self._io_model)
         pairs = [(node.input[0], node.output[0]) for _, node in self.bn_nodes]
         names = list(dict.fromkeys([*outputs, *(n for pair in pairs for n in pair)]))
         values = dict(zip(names, self._run(self._io_session, names, arrays)))
