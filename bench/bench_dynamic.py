@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from resnet import resnet50  # noqa: E402,F401  (also the --arch factory: bench/bench_dynamic.py:resnet50)
+from resnet import export_onnx, resnet50  # noqa: E402,F401  (also the --arch factory: bench/bench_dynamic.py:resnet50)
 from torch import nn  # noqa: E402
 
 
@@ -129,8 +129,7 @@ def bench_onnx(args: argparse.Namespace, folder: str) -> dict[str, float]:
     from bnlint.loaders import load_model
 
     path = os.path.join(folder, "resnet50.onnx")
-    torch.onnx.export(_model(), (torch.zeros(1, 3, 224, 224),), path, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "n"}}, do_constant_folding=False, dynamo=False)
+    export_onnx(path)
     data_path = os.path.join(folder, "images.npy")
     data = np.load(data_path)
     info = load_model(path)

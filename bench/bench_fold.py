@@ -18,7 +18,6 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,8 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-from resnet import resnet50  # noqa: E402
+from resnet import export_onnx  # noqa: E402
 
 from bnlint.dynamic.data import Dataset  # noqa: E402
 from bnlint.fix.onnx_fold import fold  # noqa: E402
@@ -43,13 +41,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     wall, cpu = time.perf_counter(), time.process_time()
     value = fn()
     return time.perf_counter() - wall, time.process_time() - cpu, value
-
-
-def export(path: Path, size: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(resnet50(), (torch.zeros(1, 3, size, size),), str(path), dynamo=False, do_constant_folding=False,
-                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
 
 
 def images(path: Path, count: int, size: int) -> None:
@@ -70,7 +61,7 @@ def main() -> None:
         folder = args.keep or Path(temp)
         folder.mkdir(parents=True, exist_ok=True)
         model, data = folder / "resnet50.onnx", folder / "images.npz"
-        seconds = _timed(lambda: export(model, args.size))[0]
+        seconds = _timed(lambda: export_onnx(model, args.size))[0]
         print(f"exported ResNet-50 ({model.stat().st_size / 1e6:.0f} MB, {args.size}x{args.size}) in {seconds:.1f} s")
         images(data, args.images, args.size)
         options = ort.SessionOptions()

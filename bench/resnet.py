@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -69,3 +71,14 @@ def resnet50(width_multiplier: int = 1) -> ResNet50:
                 module.weight.uniform_(0.5, 1.5)
                 module.num_batches_tracked.fill_(10_000)
     return model.eval()
+
+
+def export_onnx(path: str | os.PathLike[str], size: int = 224) -> None:
+    """The bench ResNet-50 as ONNX: BatchNorm kept (no constant folding), input "input" with a free
+    batch dimension, the legacy TorchScript exporter (its deprecation notice silenced)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(resnet50(), (torch.zeros(1, 3, size, size),), str(path), dynamo=False, do_constant_folding=False,
+                          input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
