@@ -160,6 +160,10 @@ class BNLayer:
     # Two files describing the same layer disagree about its mode (Caffe: deploy prototxt vs
     # caffemodel); the loader's one-line account of how, for BN409.
     mode_disagreement: str | None = None
+    # Why a statistic of this layer could not be checked the way the framework would read it (a
+    # dataset of the wrong kind or shape, a name listed twice, a value behind an expression the
+    # loader cannot resolve): one line each. Rules report these as warnings, never as clean.
+    unchecked: list[str] = field(default_factory=list)
     known: set[str] = field(default_factory=set)
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False, compare=False)
 

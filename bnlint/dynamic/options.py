@@ -106,3 +106,6 @@ class DynamicOptions:
     train_batch_size: int | None = None  # else a Lightning checkpoint's hyper_parameters.batch_size
     quiet: bool = False
     onnx_engine: str | None = None  # onnxruntime | reference | auto
+    # Wall-clock limit in seconds for running the model in its isolated child (None: sized to the
+    # work, see bnlint.sandbox.default_timeout). --timeout on the command line.
+    timeout: float | None = None

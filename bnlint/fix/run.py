@@ -37,6 +37,7 @@ class FixOptions:
     batch_size: int = 32
     device: str = "cpu"
     onnx_engine: str = "auto"
+    timeout: float | None = None  # seconds for the isolated child that runs the model (None: sized to the work)
     process_group: Any = None  # torch.distributed group under torchrun: statistics merged across processes
 
 
