@@ -261,6 +261,10 @@ class ModelInfo:
     # loading would call (BN003).
     unsafe_globals: list[str] = field(default_factory=list)
     unknown_callables: list[str] = field(default_factory=list)
+    # TorchScript: operations its code would run that are not pure tensor computation (file or
+    # console I/O, foreign op namespaces, anything unknown), as "op (where)"; running the model
+    # then needs --trust.
+    unsafe_code: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     _nodes: list[GraphNode] | None = field(default=None, repr=False, compare=False)
