@@ -46,3 +46,8 @@ class UnsafeInputError(InputError):
         super().__init__(path, problem)
         self.unsafe_globals = list(unsafe_globals)
         self.unknown_callables = list(unknown_callables or [])
+
+
+class OutputError(BnlintError):
+    """An output cannot be written (read-only folder, full disk, permission): one line, exit code 2.
+    Whatever was there before is left as it was."""
