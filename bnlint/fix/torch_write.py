@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from bnlint.errors import InputError
 from bnlint.fix.recalibrate import BNStatistics, RecalibrationError
 from bnlint.loaders import FORMATS, detect, extract
 from bnlint.loaders.lazy_tensor import DTYPES, LazyTensor
@@ -193,17 +194,51 @@ def _update_crcs(path: str, patched: list[tuple[int, int]], report: PatchReport)
             report.members.append(info.filename)
 
 
-def _verify(path: str, patches: dict[int, bytes], report: PatchReport, is_zip: bool) -> None:
+def vet_pickles(path: str, kind: str) -> None:
+    """The writer's own wall against laundering: every pickle that the copy would carry must scan
+    clean (no execution primitive, no callable outside the allowlist, readable to its end).
+
+    The copy keeps every byte but the patched statistics, so a payload in any pickle of the input
+    would come out in a file that bnlint itself wrote. Raises InputError (one line, exit code 2).
+    """
+    from bnlint.loaders.pickle_scan_state import PickleFindings
+
+    findings = PickleFindings()
+    problems: list[str] = []
+    if kind == "torch-zip":
+        from bnlint.loaders.torch_zip import TorchArchive
+
+        archive = TorchArchive(Path(path))
+        try:
+            problems = archive.scan_pickles()  # every *.pkl member, whatever its folder
+            findings = archive.findings
+        finally:
+            archive.close()
+    elif kind == "torch-pickle":
+        from bnlint.loaders.torch_legacy import is_torch_tar, scan_legacy_pickles
+
+        if is_torch_tar(Path(path)):
+            raise InputError(path, "bnlint fix does not write pre-0.4 tar checkpoints")
+        problems = scan_legacy_pickles(path, findings)
+    if findings:
+        names = ", ".join((findings.unsafe + findings.unknown)[:3])
+        raise InputError(path, f"refusing to copy pickles that name code loading would run ({names}) into a fixed file")
+    if problems:
+        raise InputError(path, f"refusing to copy a pickle bnlint cannot read to its end ({problems[0][:200]})")
+
+
+def _verify(path: str, patches: dict[int, bytes], report: PatchReport, kind: str) -> None:
     with open(path, "rb") as handle:
         for offset, data in patches.items():
             handle.seek(offset)
             if handle.read(len(data)) != data:
                 raise RecalibrationError(f"{path}: patched bytes did not read back")
-    if is_zip:
+    if kind == "torch-zip":
         with zipfile.ZipFile(path) as archive:
             for member in report.members:
                 archive.read(member)  # raises BadZipFile on a CRC mismatch
     extract(path)  # the safe reader still reads the whole file
+    vet_pickles(path, kind)  # and the patches left every pickle as clean as it was
 
 
 def write_torch_fix(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str] | None,
@@ -213,7 +248,8 @@ def write_torch_fix(input_path: str | os.PathLike[str], output_path: str | os.Pa
     new_stats: layer name (bnlint's static name for this file, e.g. `model.bn1` in a Lightning
     checkpoint) -> BNStatistics or (mean, unbiased var[, num_batches_tracked]). With
     `in_place=True` the input itself is replaced (atomically) and `output_path` may be None.
-    Raises RecalibrationError (one line); on any error no output is left behind.
+    Raises RecalibrationError (one line), or InputError when a pickle of the input does not scan
+    clean (`vet_pickles`: nothing unvetted is ever copied); on any error no output is left behind.
     """
     source = str(input_path)
     target = source if in_place and output_path is None else str(output_path) if output_path is not None else ""
@@ -225,6 +261,7 @@ def write_torch_fix(input_path: str | os.PathLike[str], output_path: str | os.Pa
     kind = detect(Path(source)).kind
     if kind not in PATCHABLE:
         raise RecalibrationError(f"{source}: cannot patch a {FORMATS[kind].description} (torch zip, TorchScript, legacy torch or safetensors only)")
+    vet_pickles(source, kind)
     patches, report = plan_patches(source, new_stats)
     report.output = target
     folder = os.path.dirname(os.path.abspath(target))
@@ -238,7 +275,7 @@ def write_torch_fix(input_path: str | os.PathLike[str], output_path: str | os.Pa
             out.flush()
         if kind == "torch-zip":
             _update_crcs(temp, report.ranges, report)
-        _verify(temp, patches, report, kind == "torch-zip")
+        _verify(temp, patches, report, kind)
         shutil.copymode(source, temp)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())

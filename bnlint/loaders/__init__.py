@@ -97,6 +97,17 @@ def _first_zip_member(head: bytes) -> bytes:
     return head[30:30 + length]
 
 
+def _tar_header(head: bytes) -> bool:
+    """Whether the first 512 bytes are a tar header tarfile accepts (checksum checked; v7 headers too)."""
+    import tarfile
+
+    try:
+        tarfile.TarInfo.frombuf(head[:512], tarfile.ENCODING, "surrogateescape")
+    except (tarfile.HeaderError, ValueError, UnicodeError, OverflowError):
+        return False
+    return True
+
+
 def detect(path: Path) -> FileFormat:
     """The format row for a file, from its first bytes; raises InputError / NotAModel otherwise."""
     head = _head(path)
@@ -106,6 +117,13 @@ def detect(path: Path) -> FileFormat:
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         keras = suffix == ".keras" or _first_zip_member(head) in KERAS_MEMBERS
         return FORMATS["keras" if keras else "torch-zip"]
+    # torch.load tries every non-zip file as a pre-0.4 tar checkpoint first, and a tar header starts
+    # with a member name, which may spell any other format's signature: tars are recognised first.
+    if len(head) >= 512 and _tar_header(head):
+        from bnlint.loaders.torch_legacy import is_torch_tar
+
+        if is_torch_tar(path):
+            return FORMATS["torch-pickle"]
     if head.startswith(HDF5_SIGNATURE):
         return FORMATS["keras"]
     if len(head) >= 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
@@ -122,11 +140,6 @@ def detect(path: Path) -> FileFormat:
     from bnlint.loaders.pickle_scan import looks_like_pickle
 
     window = 1 << 16
-    if head[257:262] == b"ustar":
-        from bnlint.loaders.torch_legacy import is_torch_tar
-
-        if is_torch_tar(path):
-            return FORMATS["torch-pickle"]
     start = _head(path, window) if len(head) == 512 else head
     if looks_like_pickle(start, window_full=len(start) == window):
         return FORMATS["torch-pickle"]

@@ -4,8 +4,10 @@ The scan (`pickle_scan`) and the entry point (`safe_pickle.safe_load`) ask `judg
 every global a pickle would call, and `is_primitive` about every global it merely names. The
 answer is one of three verdicts:
 
-- "allowed": a tensor rebuilder or a data-only class (`ALLOWED_CALLABLES`, `ALLOWED_PATTERNS`,
-  or a `CONDITIONAL` entry whose arguments pass its check);
+- "allowed": a tensor rebuilder or a data-only class, named EXACTLY (`ALLOWED_CALLABLES`, the
+  generated table `pickle_allowlist.GENERATED_CLASSES`, TorchScript's own `__torch__` classes), or
+  a `CONDITIONAL` entry whose arguments pass its check. A dotted name (an attribute walk from the
+  module, which protocol 4 unpicklers follow) is never allowed;
 - "primitive": a global that runs code, touches files, processes or the network, imports, or
   calls what it is given (`PRIMITIVE_MODULES`, `PRIMITIVE_NAMES`, dunder attribute paths):
   errors, BN001, reported even when only referenced;
@@ -14,8 +16,8 @@ answer is one of three verdicts:
 This is policy only (tables and pure functions over qualified names, no pickle parsing), kept
 apart so that a reviewer can read and change what is trusted without reading the opcode walker.
 
-How to extend the allowlist: add a qualified name to `ALLOWED_CALLABLES` (exact) or a pattern to
-`ALLOWED_PATTERNS`, with the reason, only for callables whose reconstruction arranges data and
+How to extend the allowlist: add a qualified name to `ALLOWED_CALLABLES` (a class enumerable from
+the installed torch goes in scripts/make_pickle_allowlist.py instead), with the reason, only for callables whose reconstruction arranges data and
 calls nothing it is given. A callable that instantiates or calls some of its arguments also goes
 in `CALLS_ARGUMENTS` so that those arguments are judged too; one that iterates or converts its
 arguments goes in `READS_ARGUMENTS`; one that is safe only with certain arguments goes in
@@ -29,6 +31,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from typing import Callable, Literal
+
+from bnlint.loaders.pickle_allowlist import GENERATED_CLASSES
 
 Verdict = Literal["allowed", "unknown", "primitive"]
 
@@ -72,14 +76,15 @@ ALLOWED_CALLABLES: frozenset[str] = frozenset({
     "numpy.random._pickle.__bit_generator_ctor", "numpy.random._pickle.__generator_ctor",
 })
 
-ALLOWED_PATTERNS: tuple[re.Pattern[str], ...] = (
-    re.compile(r"__torch__(\.\w+)+"),  # TorchScript classes: defined by the archive's own code/, never imported
-    re.compile(r"torch\.nn\.modules(\.[a-z_0-9]+)+\.[A-Z]\w*"),  # torch layers: object.__new__ + Module.__setstate__
-    re.compile(r"torch\.(cuda\.)?[A-Z]\w*Storage"),  # legacy typed storages
-    re.compile(r"torch\.(cuda\.)?(sparse\.)?[A-Z]\w*Tensor"),  # legacy tensor classes
-    re.compile(r"omegaconf\.nodes\.[A-Z]\w*Node"),  # omegaconf value nodes (AnyNode, StringNode, ...)
-    re.compile(r"numpy\.dtypes\.[A-Z]\w*DType"),  # numpy 2 dtype classes
-)
+# Every exact name allowed: the hand-picked callables above and the classes enumerated from the
+# installed torch/numpy by scripts/make_pickle_allowlist.py (nn.Module subclasses of
+# torch.nn.modules.*, legacy typed storages and tensor types, numpy dtype classes).
+ALLOWED_NAMES: frozenset[str] = ALLOWED_CALLABLES | GENERATED_CLASSES
+
+# TorchScript classes (`__torch__.<module path>.Name`): defined by the archive's own code/, which
+# torch.jit.load compiles instead of importing; torch.load cannot import them at all. The only
+# pattern left: every other global must be listed exactly.
+ALLOWED_PATTERNS: tuple[re.Pattern[str], ...] = (re.compile(r"__torch__(\.\w+)+"),)
 
 # Allowlisted callables that instantiate or call some of their positional arguments.
 CALLS_ARGUMENTS: dict[str, tuple[int, ...]] = {
@@ -162,6 +167,14 @@ PRIMITIVE_NAMES: frozenset[str] = frozenset({
     "mkdir", "makedirs", "symlink", "symlink_to", "hardlink_to", "chmod", "chown", "chdir", "putenv", "kill",
     "killpg", "register", "add_extension", "interact", "set_trace", "post_mortem", "urlopen", "urlretrieve",
     "fromfile", "from_file", "FunctionType", "CodeType", "MethodType", "LambdaType", "evaluate", "sympify",
+    # classes whose construction opens files, starts threads/processes or runs a program, wherever
+    # a module re-exports them (`from io import FileIO`)
+    "FileIO", "BufferedWriter", "BufferedRandom", "BufferedReader", "TextIOWrapper", "open_code", "TestProgram",
+    "TextTestRunner", "FileHandler", "RotatingFileHandler", "TimedRotatingFileHandler", "WatchedFileHandler",
+    "SocketHandler", "DatagramHandler", "SysLogHandler", "SMTPHandler", "HTTPHandler", "QueueListener",
+    "ZipFile", "PyZipFile", "TarFile", "Thread", "Process", "ThreadPoolExecutor", "ProcessPoolExecutor",
+    "ThreadPool", "TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile", "TemporaryDirectory",
+    "mkstemp", "mkdtemp", "Unpickler", "Pickler", "CDLL", "PyDLL", "LoadLibrary", "dlopen",
 })
 # Dunder components that are not attribute traversal (`__torch__` is TorchScript's namespace).
 PLAIN_DUNDERS = frozenset({"__main__", "__torch__", "__builtin__", "__newobj__", "__newobj_ex__"})
@@ -183,13 +196,32 @@ def is_primitive(qualname: str) -> bool:
     return any(len(p) > 4 and p.startswith("__") and p.endswith("__") and p not in PLAIN_DUNDERS for p in parts)
 
 
+@lru_cache(maxsize=8192)
+def walk_reaches_primitive(path: str) -> bool:
+    """Whether an attribute walk (a global's dotted name: `unittest.TestProgram` fetched from some
+    module that imported unittest) passes through an execution primitive's module or name."""
+    parts = path.split(".")
+    # PRIMITIVE_MODULES entries have at most three components: windows of 1-3 parts, linear.
+    return any(".".join(parts[i:i + width]) in PRIMITIVE_MODULES for i in range(len(parts)) for width in (1, 2, 3)) \
+        or is_primitive(path)
+
+
+def is_walk(name: str) -> bool:
+    """A global's name with a dot is an attribute walk from its module (protocol 4 unpicklers follow
+    it), never a plain class: it is never allowed, whatever the names it joins to."""
+    return "." in name
+
+
 def _allowed(qualname: str) -> bool:
-    return qualname in ALLOWED_CALLABLES or any(p.fullmatch(qualname) for p in ALLOWED_PATTERNS)
+    return qualname in ALLOWED_NAMES or (qualname.startswith("__torch__.") and ALLOWED_PATTERNS[0].fullmatch(qualname) is not None)
 
 
-def judge_call(qualname: str, args: list[str | None] | None = None) -> Verdict:
+def judge_call(qualname: str, args: list[str | None] | None = None, walk: str | None = None) -> Verdict:
     """Whether calling `qualname` (with arguments naming these globals, None for other values;
-    `args` None when unknown) is allowed, an execution primitive, or unknown code."""
+    `args` None when unknown) is allowed, an execution primitive, or unknown code. `walk` is the
+    global's name when it holds a dot (an attribute walk): never allowed."""
+    if walk is not None:
+        return "primitive" if is_primitive(qualname) or walk_reaches_primitive(walk) else "unknown"
     condition = CONDITIONAL.get(qualname)
     if condition is not None:
         return "allowed" if condition(args) else "unknown"

@@ -30,6 +30,7 @@ from bnlint.loaders.pickle_scan_state import (
     _Str,
     _Truncated,
     _Tuple,
+    _Weighed,
 )
 from bnlint.loaders.unicode_text import SURROGATE
 
@@ -199,7 +200,16 @@ def _op_persid(s: _Scanner) -> None:
 
 
 def _op_binpersid(s: _Scanner) -> None:
-    s.push(_Persistent(s.pop()))
+    pid = s.pop()
+    # torch's persistent_load touches the globals of the id itself (`storage_type._dtype`, legacy
+    # `data_type(0)`, the tar format returns pid[0]): judge each as a call (storage types pass).
+    if isinstance(pid, _Tuple):
+        for item in pid.items:
+            if isinstance(item, _Global):
+                s.call(item, None)
+    elif isinstance(pid, _Global):
+        s.call(pid, None)
+    s.push(_Persistent(pid))
 
 
 def _op_reduce(s: _Scanner) -> None:
@@ -226,6 +236,9 @@ def _op_stack_global(s: _Scanner) -> None:
     module = s.pop()
     if isinstance(module, _Str) and isinstance(name, _Str) and module.text is not None and name.text is not None:
         s.push(s.global_(module.text, name.text))
+    elif isinstance(module, _Str) and isinstance(name, _Str):  # a name over _MAX_NAME: still imported
+        s.flag_unknown("<STACK_GLOBAL with an over-long name>")
+        s.push(_Global("<STACK_GLOBAL with an over-long name>", "<long>"))
     elif isinstance(module, (_Made, _Global, _Persistent)) or isinstance(name, (_Made, _Global, _Persistent)):
         s.flag_unsafe("<STACK_GLOBAL with a computed name>")
         s.push(_Global("<computed global>"))
@@ -266,13 +279,19 @@ def _op_dict(s: _Scanner) -> None:
     first = s.marker()
     if (len(s.stack) - first) % 2:
         raise _Invalid("odd number of items for DICT")
-    s.pop_from(first)
+    s.hashed(s.pop_from(first)[0::2])
     s.push(_DATA)
 
 
-def _op_list_or_frozenset(s: _Scanner) -> None:
+def _op_list(s: _Scanner) -> None:
     s.pop_from(s.marker())
     s.push(_DATA)
+
+
+def _op_frozenset(s: _Scanner) -> None:
+    items = s.pop_from(s.marker())
+    s.hashed(items)
+    s.push(_Weighed(min(1 << 62, 1 + sum(item.weight for item in items))))
 
 
 def _op_tuple(s: _Scanner) -> None:
@@ -302,6 +321,7 @@ def _op_appends(s: _Scanner) -> None:
 
 def _op_setitem(s: _Scanner) -> None:
     s.target(len(s.stack) - 2, "SETITEM")
+    s.hashed([s.stack[-2]])
     del s.stack[len(s.stack) - 2:]
 
 
@@ -310,12 +330,14 @@ def _op_setitems(s: _Scanner) -> None:
     s.target(first, "SETITEMS")
     if (len(s.stack) - first) % 2:
         raise _Invalid("odd number of items for SETITEMS")
+    s.hashed(s.stack[first::2])
     del s.stack[first:]
 
 
 def _op_additems(s: _Scanner) -> None:
     first = s.marker()
     s.target(first, "ADDITEMS")
+    s.hashed(s.stack[first:])
     del s.stack[first:]
 
 
@@ -366,7 +388,11 @@ def _op_ext(width: int) -> Callable[[_Scanner], None]:
         code = int.from_bytes(s.take(width), "little", signed=width == 4)
         if code <= 0:
             raise _Invalid("EXT specifies code <= 0")
-        s.push(_Global(f"<copyreg extension {code}>"))
+        # The copyreg extension registry maps the code to whatever (module, name) some imported
+        # package registered: an import the scan cannot name, so never allowed.
+        name = f"<copyreg extension {code}>"
+        s.flag_unknown(name)
+        s.push(_Global(name, name))
     return handler
 
 
@@ -446,14 +472,14 @@ _HANDLERS: dict[int, Callable[[_Scanner], Any]] = {
         "U": _counted(1, text=True, utf8=False), "V": _op_unicode, "X": _op_binunicode, "a": _op_append,
         "b": _op_build, "c": _op_global, "d": _op_dict, "}": _push_data, "e": _op_appends,
         "g": _op_get, "h": _op_binget, "i": _op_inst, "j": _op_long_binget,
-        "l": _op_list_or_frozenset, "]": _push_data, "o": _op_obj, "p": _op_put, "q": _op_binput,
+        "l": _op_list, "]": _push_data, "o": _op_obj, "p": _op_put, "q": _op_binput,
         "r": _op_long_binput, "s": _op_setitem, "t": _op_tuple, ")": _op_empty_tuple,
         "u": _op_setitems, "G": _fixed(8), "\x80": _op_proto, "\x81": _op_newobj, "\x82": _op_ext(1),
         "\x83": _op_ext(2), "\x84": _op_ext(4), "\x85": _counted_tuple(1), "\x86": _counted_tuple(2),
         "\x87": _counted_tuple(3), "\x88": _push_data, "\x89": _push_data, "\x8a": _counted(1),
         "\x8b": _counted(4, signed=True), "B": _counted(4), "C": _counted(1), "\x8c": _op_short_binunicode,
         "\x8d": _counted(8, text=True), "\x8e": _counted(8), "\x8f": _push_data, "\x90": _op_additems,
-        "\x91": _op_list_or_frozenset, "\x92": _op_newobj_ex, "\x93": _op_stack_global, "\x94": _op_memoize,
+        "\x91": _op_frozenset, "\x92": _op_newobj_ex, "\x93": _op_stack_global, "\x94": _op_memoize,
         "\x95": _op_frame, "\x96": _counted(8), "\x97": _op_next_buffer, "\x98": _op_readonly_buffer,
     }.items()
 }

@@ -18,13 +18,18 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from bnlint.errors import InputError, UnsafeInputError
-from bnlint.loaders.pickle_policy import CALLS_ARGUMENTS, READS_ARGUMENTS, is_primitive, judge_call
+from bnlint.loaders.pickle_policy import CALLS_ARGUMENTS, READS_ARGUMENTS, is_primitive, is_walk, judge_call
 
 
 class _Sym:
-    """What the scan knows about one stack value: by default, nothing that matters."""
+    """What the scan knows about one stack value: by default, nothing that matters.
+
+    `weight` bounds the work of hashing or comparing the value: the size of the tree it expands to
+    (a tuple memoised once and nested twice per level is 2**depth nodes to hash as a dict key).
+    """
 
     __slots__ = ()
+    weight = 1
 
 
 class _Str(_Sym):
@@ -35,26 +40,47 @@ class _Str(_Sym):
 
 
 class _Global(_Sym):
-    __slots__ = ("name",)
+    __slots__ = ("name", "walk")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, walk: str | None = None) -> None:
         self.name = name
+        self.walk = walk  # the dotted name of an attribute walk (never allowed), else None
 
 
 class _Made(_Sym):
     """What calling `origin` returned (origin None: the callee was itself computed)."""
 
-    __slots__ = ("origin",)
+    __slots__ = ("origin", "weight")
 
-    def __init__(self, origin: str | None) -> None:
+    def __init__(self, origin: str | None, weight: int = 1) -> None:
         self.origin = origin
+        self.weight = weight  # a builder may return (part of) its arguments: it weighs as much
 
 
 class _Tuple(_Sym):
-    __slots__ = ("items",)
+    __slots__ = ("items", "weight", "_names", "read_by")
 
     def __init__(self, items: list[_Sym]) -> None:
         self.items = items
+        self.weight = min(_WEIGHT_CAP, 1 + sum(item.weight for item in items))
+        self._names: list[str | None] | None = None
+        self.read_by: set[str] = set()  # READS_ARGUMENTS callees whose reading of the items was judged
+
+    def names(self) -> list[str | None]:
+        """The global each item names (None for other values), computed once per tuple: a memoised
+        tuple handed to a thousand calls must not be walked a thousand times."""
+        if self._names is None:
+            self._names = [item.name if isinstance(item, _Global) else None for item in self.items]
+        return self._names
+
+
+class _Weighed(_Sym):
+    """A hashable container other than a tuple (a frozenset): only its hashing weight matters."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: int) -> None:
+        self.weight = weight
 
 
 class _Persistent(_Sym):
@@ -69,6 +95,7 @@ class _Persistent(_Sym):
 
 
 _DATA = _Sym()
+_WEIGHT_CAP = 1 << 62
 _IDENTIFIER_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 Buffer = Union[bytes, bytearray, mmap.mmap]
@@ -115,6 +142,8 @@ class _ScanState:
         self._unsafe: dict[str, None] = {}
         self._unknown: dict[str, None] = {}
         self.surrogates = False  # a string held surrogate code points (pickle_scan._unicode)
+        # Nodes the unpickler would hash (dict keys, set members): linear in the pickle, or refused.
+        self.hash_budget = 8 * (stop - start) + 100_000
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -201,6 +230,14 @@ class _ScanState:
 
     # -- findings -------------------------------------------------------------------------------
 
+    def hashed(self, values: list[_Sym]) -> None:
+        """Values the unpickler hashes (dict keys, set members): refuse a pickle whose shared values
+        would expand into exponentially many nodes to hash or compare (a memo DAG used as a key)."""
+        for value in values:
+            self.hash_budget -= value.weight
+        if self.hash_budget < 0:
+            raise _Invalid("shared values nested as dict keys or set members would take exponential time to hash")
+
     def flag_unsafe(self, name: str) -> None:
         self._unsafe.setdefault(name)
 
@@ -216,6 +253,12 @@ class _ScanState:
                 module = _compat_pickle.IMPORT_MAPPING[module]
         qualname = f"{module}.{name}"
         self.result.globals_seen.add(qualname)
+        if is_walk(name):  # an attribute walk: never a plain class, judged even if never called
+            if judge_call(qualname, walk=name) == "primitive":
+                self.flag_unsafe(qualname)
+            else:
+                self.flag_unknown(qualname)
+            return _Global(qualname, name)
         if is_primitive(qualname):  # named is enough: importing or fetching it is the first step
             self.flag_unsafe(qualname)
         return _Global(qualname)
@@ -224,17 +267,19 @@ class _ScanState:
         if isinstance(callee, _Global):
             name = callee.name
             items = args.items if isinstance(args, _Tuple) else None
-            names = [a.name if isinstance(a, _Global) else None for a in items] if items is not None else None
-            verdict = judge_call(name, names)
+            names = args.names() if isinstance(args, _Tuple) else None
+            verdict = judge_call(name, names, callee.walk)
             if verdict == "primitive":
                 self.flag_unsafe(name)
             elif verdict == "unknown":
                 self.flag_unknown(name)
-            elif name in READS_ARGUMENTS and items is not None:
-                for item in items:
-                    for other in _global_names(item):
-                        if judge_call(other) == "unknown":
-                            self.flag_unknown(f"{other} [read by {name}]")
+            elif name in READS_ARGUMENTS and isinstance(args, _Tuple) and name not in args.read_by:
+                args.read_by.add(name)  # once per tuple and reader: a memoised tuple is not re-walked
+                for item in args.items:
+                    if isinstance(item, (_Global, _Persistent)):
+                        for other in _global_names(item):
+                            if judge_call(other) == "unknown":
+                                self.flag_unknown(f"{other} [read by {name}]")
             elif name in CALLS_ARGUMENTS:
                 if items is None:
                     self.flag_unsafe(f"{name} [computed arguments]")
@@ -242,7 +287,7 @@ class _ScanState:
                     for index in CALLS_ARGUMENTS[name]:
                         if index < len(items) and isinstance(items[index], (_Global, _Made)):
                             self.call(items[index], None)
-            return _Made(name)
+            return _Made(name, args.weight if isinstance(args, _Tuple) else 1)
         if isinstance(callee, _Persistent):
             for option in callee.globals:
                 self.call(option, args)

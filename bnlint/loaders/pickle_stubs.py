@@ -231,10 +231,30 @@ def _first(value: Any = None, *_: Any) -> Any:
     return value  # torch.jit._pickle.build_intlist & co: the list itself
 
 
+def _hash_work(values: Any) -> None:
+    """Charge the nodes that hashing these values visits (tuples and frozensets are hashed and
+    compared element by element, and a memoised tuple nested twice per level is 2**depth nodes):
+    counted once per object by an iterative walk, so refusing costs linear time, never the hash."""
+    weights: dict[int, int] = {}
+    for value in values:
+        stack: list[tuple[Any, bool]] = [(value, False)]
+        while stack:
+            node, done = stack.pop()
+            if not isinstance(node, (tuple, frozenset)):
+                weights[id(node)] = 1
+            elif done:
+                weights[id(node)] = min(1 << 62, 1 + sum(weights[id(child)] for child in node))
+            elif id(node) not in weights:
+                stack.append((node, True))
+                stack.extend((child, False) for child in node if id(child) not in weights)
+        _charge(weights[id(value)])
+
+
 def _safe_set(items: Any = ()) -> set[Any]:
     if not isinstance(items, (list, tuple, set, frozenset)):
         return set()
     _charge(len(items))
+    _hash_work(items)
     return set(items)
 
 
@@ -288,6 +308,8 @@ def _newobj(cls: Any, *args: Any) -> Any:
 def _ordered_dict(*args: Any) -> OrderedDict[Any, Any]:
     if args and isinstance(args[0], (dict, list, tuple)):
         _charge(len(args[0]))
+        if not isinstance(args[0], dict):  # pairs: their keys are hashed
+            _hash_work([pair[0] for pair in args[0] if isinstance(pair, (tuple, list)) and pair])
         try:
             return OrderedDict(args[0])
         except (TypeError, ValueError):
@@ -305,7 +327,8 @@ def _defaultdict(factory: Any = None, *args: Any) -> dict[Any, Any]:
 def _torch_size(*args: Any) -> tuple[Any, ...]:
     if args and isinstance(args[0], (list, tuple)):
         _charge(len(args[0]))
-        return tuple(args[0])
+        # torch.Size holds ints: anything else would make a hashable tuple of arbitrary values
+        return tuple(v for v in args[0] if isinstance(v, int))
     return ()
 
 
@@ -397,6 +420,8 @@ BUILDERS: dict[str, Any] = {
 def resolve_global(module: str, name: str) -> Any:
     """The object a global stands for here: a data-only builder, a torch type, or a stub. Never imports."""
     qualname = f"{module}.{name}"
+    if "." in name:  # an attribute walk (pickle_policy.is_walk): never a builder, whatever it joins to
+        return stub_class(qualname)
     if qualname in BUILDERS:
         return BUILDERS[qualname]
     if module in ("torch", "torch.cuda") and name in STORAGE_DTYPES:

@@ -35,6 +35,7 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 RESAVE = "load it with a trusted torch and re-save it with `torch.save(obj, path)` (current torch writes zip files)"
 TAR_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
+MAX_TAR_MEMBERS = 100_000
 TAR_NOTE = "legacy tar checkpoint: BN statistics not read (its pickles were scanned for unsafe globals)"
 
 
@@ -110,19 +111,46 @@ def _scan_all(data: Buffer, start: int, count: int, findings: PickleFindings) ->
     return scans, None
 
 
+_TAR_ERRORS = (tarfile.TarError, OSError, ValueError, EOFError, UnicodeError, OverflowError)
+
+
+def tar_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """Every member, as torch's `tar.extract(name)` sees them (it looks names up among all of them)."""
+    members: list[tarfile.TarInfo] = []
+    while True:
+        member = tar.next()
+        if member is None:
+            return members
+        members.append(member)
+        if len(members) > MAX_TAR_MEMBERS:
+            raise InputError(str(tar.name), f"tar archive with more than {MAX_TAR_MEMBERS} members")
+
+
+def scan_legacy_pickles(path: str, findings: PickleFindings) -> list[str]:
+    """Scan the pickles torch.load reads from a legacy (non-tar) file into `findings`; the problems."""
+    with open(path, "rb") as raw:
+        if os.fstat(raw.fileno()).st_size == 0:
+            return ["empty file"]
+        with mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _, failed = _scan_all(data, 0, 5, findings)
+    return [failed.error] if failed is not None and failed.error is not None else []
+
+
 def is_torch_tar(path: Path) -> bool:
-    """A tar whose first members are torch's (sys_info, pickle, storages, tensors): torch.load opens it."""
+    """Whether torch.load would open the file as a pre-0.4 tar checkpoint and unpickle from it.
+
+    torch.load tries `tarfile.open(mode="r:")` on any file that is not a zip, then extracts the
+    members named `storages`, `tensors` and `pickle` wherever they are (other members, any order,
+    v7/ustar/gnu/pax headers): any readable tar holding one of those names counts (one with too
+    many members to list counts too, and is then refused).
+    """
     try:
         with tarfile.open(path, "r:") as tar:
-            names = []
-            for _ in range(16):
-                member = tar.next()
-                if member is None:
-                    break
-                names.append(member.name)
-    except (tarfile.TarError, OSError, ValueError, EOFError, UnicodeError):
+            return any(member.name in TAR_MEMBERS for member in tar_members(tar))
+    except InputError:
+        return True
+    except _TAR_ERRORS:
         return False
-    return bool(names) and set(names) <= set(TAR_MEMBERS) and bool({"pickle", "storages"} & set(names))
 
 
 def extract_torch_legacy(path: Path) -> Extracted:
@@ -200,6 +228,14 @@ class _Records:
         obj, _ = safe_load(self.data, None, scan)
         return obj
 
+    def scan(self) -> None:
+        """Scan one pickle without building it (the object pickle: its tensors are not read)."""
+        scan = scan_pickle(self.data, self.position, self.end)
+        self.findings.add(scan)
+        if scan.error is not None:
+            raise BadPickle(scan.error)
+        self.position = scan.end
+
     def skip(self, count: int) -> bytes:
         if count < 0 or self.position + count > self.end:
             raise BadPickle("record runs past the end of its tar member")
@@ -234,6 +270,20 @@ def _scan_tensors(records: _Records) -> None:
         records.skip(4 + 16 * ndim + 8)
 
 
+def _member_data(member: tarfile.TarInfo, members: list[tarfile.TarInfo]) -> tarfile.TarInfo | str:
+    """The member whose bytes torch reads for `member` (a hard link reads its target), or why none."""
+    if member.islnk():  # tarfile extracts a hard link by copying the earlier member it names
+        index = members.index(member)
+        target = os.path.normpath(member.linkname)
+        for earlier in reversed(members[:index]):
+            if os.path.normpath(earlier.name) == target:
+                return _member_data(earlier, members[:index]) if earlier.islnk() else earlier
+        return f"tar member {member.name} is a link to a missing member"
+    if not member.isfile() or member.issparse():
+        return f"tar member {member.name} is not a plain file"
+    return member
+
+
 def _extract_tar(path: Path) -> Extracted:
     name = str(path)
     findings = PickleFindings()
@@ -241,22 +291,19 @@ def _extract_tar(path: Path) -> Extracted:
     try:
         with open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data, \
                 tarfile.open(fileobj=raw, mode="r:") as tar:
-            members = []
-            for _ in range(64):
-                member = tar.next()
-                if member is None:
-                    break
-                members.append(member)
+            members = tar_members(tar)
+            # Every copy of a torch member is scanned: torch reads the last, another reader the first.
             for member in members:
                 if member.name not in TAR_MEMBERS:
                     continue
-                if not member.isfile() or member.issparse():
-                    problems.append(f"tar member {member.name} is not a plain file")
+                source = _member_data(member, members)
+                if isinstance(source, str):
+                    problems.append(source)
                     continue
-                start, end = member.offset_data, member.offset_data + member.size
+                start, end = source.offset_data, source.offset_data + source.size
                 if end > len(data):
                     problems.append(f"file is truncated: tar member {member.name} ends past the end of the file")
-                    continue
+                    end = len(data)  # its pickles are scanned as far as they go
                 records = _Records(data, start, end, findings)
                 try:
                     if member.name == "storages":
@@ -264,10 +311,12 @@ def _extract_tar(path: Path) -> Extracted:
                     elif member.name == "tensors":
                         _scan_tensors(records)
                     else:
-                        records.pickle()
+                        records.scan()
                 except (*PICKLE_ERRORS, InputError) as exc:
                     problems.append(f"tar member {member.name} is not readable ({str(exc)[:200]})")
-    except (tarfile.TarError, OSError, ValueError) as exc:
+    except InputError as exc:
+        raise findings.wrap(exc) from None
+    except _TAR_ERRORS as exc:
         raise findings.error(name, f"unreadable legacy tar checkpoint ({exc})") from None
     if problems:
         raise findings.error(name, problems[0])
