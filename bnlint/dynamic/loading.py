@@ -160,7 +160,9 @@ def open_torch(model: ModelInfo, arch: str | None, arch_kwargs: Mapping[str, Any
     from bnlint.dynamic.torch_runner import ModuleRunner, ScriptRunner
 
     if model.format == "torchscript" and not arch:
-        if not trust:
+        from bnlint.dynamic.torchscript_ir import require_safe
+
+        if not trust:  # the text first: torch.jit.load itself runs __setstate__, so it must be hook-free
             from bnlint.loaders.torchscript_safety import torchscript_sources, unsafe_operations
 
             unsafe = unsafe_operations(torchscript_sources(model.path))
@@ -174,6 +176,7 @@ def open_torch(model: ModelInfo, arch: str | None, arch_kwargs: Mapping[str, Any
                 scripted = torch.jit.load(model.path, map_location=device)
         except RuntimeError as exc:
             raise InputError(model.path, f"torch.jit.load failed: {str(exc).splitlines()[0]}") from None
+        require_safe(scripted, model.path, trust)  # the compiled graph, whatever the text's spelling
         return ScriptRunner(scripted, device, data_path)
     if arch:
         module = build_arch(arch, arch_kwargs)

@@ -5,10 +5,12 @@ TorchScript pickles each module as an object of a `__torch__...` class whose att
 parameters and buffers and hold `Final` constants (eps, momentum, affine, ...). A *traced* model
 keeps no constants; its forward calls `torch.batch_norm(x, w, b, mean, var, training, momentum,
 eps, cudnn)` with literals, and `training=True` there means it was traced in train mode (BN405).
-The code is parsed as text; nothing is compiled or run. The text comes from the file, so every
-pattern here is linear: whitespace classes never span lines, a call's arguments are read by one
-bracket-free match (falling back to a bounded bracket walk), and line numbers and enclosing
-methods come from precomputed positions instead of rescanning the text per call.
+The code is parsed as text; nothing is compiled or run. What in it is not recognisably tensor
+computation (`torchscript_safety.unsafe_operations`) becomes `ModelInfo.unsafe_code` (BN004).
+The text comes from the file, so every pattern here is linear: whitespace classes never span
+lines, a call's arguments are read by one bracket-free match (falling back to a bounded bracket
+walk), and line numbers and enclosing methods come from precomputed positions instead of
+rescanning the text per call.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from bnlint.loaders.lazy_tensor import LazyTensor
 from bnlint.loaders.pickle_stubs import Stub, stub_name
 from bnlint.loaders.torch_objects import ATTRIBUTE_TYPES, Extracted, ModuleNode, attribute_value, normalize_class
+from bnlint.loaders.torchscript_safety import unsafe_operations
 from bnlint.model import TensorRef, TracedCall
 
 CLASS_RE = re.compile(r"^class ([\w.]+)(\((\w+)\))?:", re.M)
@@ -195,6 +198,9 @@ def extract_torchscript(path: str, top: Any, unsafe: list[str], sources: dict[st
             if not owners and len(result.traced_training) < MAX_TRACED:
                 result.traced_training.append(TracedCall(None, call["code"], location))
     result.metadata["scripted_classes"] = len(classes)
+    # Becomes ModelInfo.unsafe_code (BN004). Carried in metadata until Extracted has its own field
+    # and to_model_info copies it (bnlint.loaders.torch_objects / state_dict are not this module's).
+    result.metadata["unsafe_code"] = unsafe_operations(sources)
     if not isinstance(top, Stub):
         result.notes.append("TorchScript data.pkl does not hold a module object")
     return result

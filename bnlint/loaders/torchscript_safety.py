@@ -1,19 +1,22 @@
-"""Is it safe to run this TorchScript archive? Read its code as text and decide before torch.jit.load.
+"""Is it safe to run this TorchScript archive? Its `code/` text, read before torch.jit.load.
 
-Running a model is running code: TorchScript can call `torch.save`, `torch.load`, `torch.from_file`
-and `print`, and a scripted `__setstate__` runs inside `torch.jit.load` itself. bnlint runs a
-TorchScript file for --data (and for `bnlint fix`) only when every method of every class in its
-`code/` folder uses nothing but tensor computation, or when the user passes --trust.
+Running a model is running code: TorchScript can call `torch.save`, `torch.from_file` and
+`print`, and a scripted `__setstate__` runs inside `torch.jit.load` itself. Two checks guard a run
+(for --data and `bnlint fix`) without --trust:
 
-The code is parsed with `ast` (TorchScript serialises Python syntax) and never compiled or run.
-What is allowed:
-- calls of functions and methods of the archive itself (`__torch__.*` names, `self.*`, values),
-  which are checked in turn as part of the same code;
-- `torch.*` and `ops.aten.*` / `ops.prim.*` / `ops.quantized.*` operators, except those that touch
-  files, processes or the console (`DENIED`), and the builtins TorchScript knows that compute
-  (`len`, `range`, `int`, ... in `BUILTINS`);
-- methods called on values (tensor methods such as `x.add_`).
-Everything else refuses, naming the operator, its file and line, and --trust.
+1. This module, on the text (static, no torch import). Loading must run nothing from the archive:
+   a class hook that `torch.jit.load` (or `torch.jit.save`) calls is refused (`LOAD_HOOKS`). The
+   rest of the scan is CONSERVATIVE: what it cannot positively recognise as tensor computation is
+   reported (rule BN004): `getattr`/`setattr`/`hasattr` on an op namespace or with a computed name,
+   a namespace (`torch`, `ops`, `math`) used as a value or bound to a local name (`x = torch`),
+   operators outside `pure_kind`, imports, `print`, `fork`, file functions, unknown builtins, calls
+   of computed values. The archive's spelling cannot be trusted (TorchScript recompiles this text
+   on load, and `getattr(torch, "save")` compiles to `aten::save`), so this is a first filter.
+2. `bnlint.dynamic.torchscript_ir`, on the compiled graph after the (hook-free) load: every node
+   kind of every method and hook must pass `pure_kind`. Whatever the spelling, that is what runs.
+
+`pure_kind` is shared by both and documents why each allowed family is pure. The code is parsed
+with `ast` and never compiled or run here.
 """
 
 from __future__ import annotations
@@ -24,21 +27,69 @@ from pathlib import Path
 
 from bnlint.errors import InputError
 
-# Operators that read or write files, talk to processes or print: never run without --trust.
-DENIED = frozenset({
-    "torch.save", "torch.load", "torch.from_file", "torch.ops.aten.from_file", "ops.aten.from_file", "ops.aten.save",
-    "ops.prim.Print", "torch.ops.prim.Print", "print", "open", "exec", "eval", "compile", "__import__", "input",
-    "torch.hub", "torch.distributed", "torch.classes", "ops.prim.Uninitialized_unsafe", "torch._C", "torch.utils",
+# Methods torch.jit.load runs while unpickling (`__setstate__`), or torch.jit.save (`__getstate__`),
+# and Python object hooks that have no business in a model: a class defining one needs --trust.
+LOAD_HOOKS = frozenset({"__setstate__", "__getstate__", "__reduce__", "__reduce_ex__", "__new__", "__del__",
+                        "__init_subclass__", "__set_name__", "__class_getitem__"})
+
+# ATen operators that are not tensor computation: files (save, from_file; `load` is not an op but
+# is refused by name), the console (_print), process-global state (the RNG seed), futures of
+# forked work (wait), and internal ops that skip the bounds or invariant checks which keep
+# indexing inside a tensor's memory (_unsafe_index*, _reshape_alias, set_, nested/sparse views
+# built from raw offsets). aten::warn stays allowed: it raises a Python warning (the caller's
+# filters decide where it goes), and torch.nn.functional uses it in healthy models.
+ATEN_DENIED = frozenset({
+    "save", "from_file", "load", "_print", "manual_seed", "seed", "wait", "record_stream", "set", "set_", "set_data",
+    "_reshape_alias", "_reshape_alias_copy", "_index_put_impl_", "_unsafe_index", "_unsafe_index_put",
+    "_unsafe_masked_index", "_unsafe_masked_index_put_accumulate",
 })
-# Operator namespaces whose members are tensor computation.
-NAMESPACES = ("ops.aten.", "ops.prim.", "ops.quantized.", "torch.ops.aten.", "torch.ops.prim.", "torch.ops.quantized.")
+ATEN_DENIED_PREFIXES = ("_nested_view_from", "_test_", "_sparse_")
+# prim:: nodes that are structure or value plumbing, never I/O: constants, attribute reads and
+# writes on the module tree, tuple/list/dict building and unpacking, If/Loop, calls of the
+# archive's own methods and functions (the IR walk inlines them and checks their bodies),
+# exceptions (which end the run), type refinements, placeholders for values defined on one branch
+# only (Uninitialized), scalar/tensor conversions and tensor property reads. Not allowed:
+# Print, PythonOp (Python callbacks), fork/awaitable/rpc_* (other threads and hosts), Enter/Exit
+# (context managers run arbitrary __enter__), profiling/JIT-internal nodes (never serialised).
+PRIM_ALLOWED = frozenset({
+    "Constant", "GetAttr", "SetAttr", "ListConstruct", "ListUnpack", "TupleConstruct", "TupleUnpack", "TupleIndex",
+    "TupleSlice", "DictConstruct", "DictIndex", "If", "Loop", "CallMethod", "CallFunction", "RaiseException",
+    "unchecked_cast", "unchecked_unwrap_optional", "Uninitialized", "NumToTensor", "ImplicitTensorToNum",
+    "isinstance", "CreateObject", "EnumName", "EnumValue", "StringIndex", "index", "tolist", "rangelist", "min", "max",
+    "abs", "device", "dtype", "layout", "requires_grad", "data", "grad", "name", "itemsize", "nbytes", "type", "id",
+    "shape", "ConstantChunk", "BroadcastSizes", "AutogradZero", "AutogradAdd", "AutogradAnyNonZero",
+    "AutogradAllZero", "AutogradAllNonZero", "is_cpu", "is_cuda", "is_ipu", "is_maia", "is_meta", "is_mkldnn",
+    "is_mps", "is_mtia", "is_nested", "is_quantized", "is_sparse", "is_sparse_csr", "is_vulkan", "is_xla", "is_xpu",
+})
+# Names the TorchScript compiler resolves to op namespaces: `torch.x` and `math.x` are aten::x,
+# `ops.ns.x` is ns::x. Used as anything but the head of a call, they hide what is called.
+NAMESPACE_ROOTS = frozenset({"torch", "ops", "math"})
+# Builtins TorchScript knows that compute (getattr/hasattr/setattr are judged separately).
 BUILTINS = frozenset({
     "annotate", "unchecked_cast", "uninitialized", "isinstance", "len", "range", "int", "float", "bool", "str", "list",
     "dict", "tuple", "min", "max", "abs", "round", "enumerate", "zip", "divmod", "ord", "chr", "hash", "sorted",
-    "reversed", "any", "all", "sum", "getattr", "hasattr", "complex", "math", "Tensor", "Optional", "List", "Dict",
-    "Tuple", "Union", "Final", "NoneType", "Future", "Device", "Any",
+    "reversed", "any", "all", "sum", "complex", "bin", "hex", "oct", "__range_length", "__derive_index",
 })
+ATTRIBUTE_BUILTINS = frozenset({"getattr", "hasattr", "setattr"})
 MAX_CODE_BYTES = 32 << 20
+
+
+def pure_kind(kind: str) -> bool:
+    """Whether an operator (`aten::add`, `prim::Print`) is pure tensor computation or control flow.
+
+    aten: the tensor library's operators compute on tensors and scalars (and TorchScript's list,
+    dict and string builtins live there too), except `ATEN_DENIED`. quantized: quantized kernels,
+    tensors in and out. prim: only `PRIM_ALLOWED`. Every other namespace (`prims`, `c10d`,
+    `profiler`, an extension's `foo::bar`, ...) is code bnlint cannot vouch for.
+    """
+    namespace, _, name = kind.partition("::")
+    if not name or "." in name:
+        return False
+    if namespace == "aten":
+        return name not in ATEN_DENIED and not name.startswith(ATEN_DENIED_PREFIXES)
+    if namespace == "prim":
+        return name in PRIM_ALLOWED
+    return namespace == "quantized"
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -52,55 +103,147 @@ def _dotted(node: ast.AST) -> str | None:
     return None
 
 
-def _judge(name: str, local: set[str], called: bool) -> str | None:
-    """Why `name` may not run, or None when it may."""
-    if name in local:
-        return None  # a parameter or local value called (a function bound to a name in this file)
-    for denied in DENIED:
-        if name == denied or name.startswith(denied + "."):
-            return name
-    root = name.split(".", 1)[0]
-    if root in ("__torch__", "self") or name.startswith(NAMESPACES):
+def _op_kind(name: str) -> str | None:
+    """`torch.add` -> `aten::add`, `ops.prim.Print` -> `prim::Print`; None for other spellings."""
+    parts = name.split(".")
+    if parts[0] in ("torch", "math") and len(parts) == 2:
+        return f"aten::{parts[1]}"
+    if parts[0] == "ops" and len(parts) == 3:
+        return f"{parts[1]}::{parts[2]}"
+    return None
+
+
+def _is_namespace(node: ast.AST) -> bool:
+    """`torch`, `ops.aten`, `torch.ops` ...: an expression rooted at an op namespace."""
+    name = _dotted(node)
+    return name is not None and name.split(".", 1)[0] in NAMESPACE_ROOTS
+
+
+class _Scan(ast.NodeVisitor):
+    """Collects what one code file may not run without --trust."""
+
+    def __init__(self, member: str, found: set[str]) -> None:
+        self.member = member
+        self.found = found
+        self.defined: set[str] = set()  # names assigned, defined or bound as parameters in this file
+
+    def report(self, what: str, node: ast.AST) -> None:
+        self.found.add(f"{what} ({self.member}:{getattr(node, 'lineno', 0)})")
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        if node.name in LOAD_HOOKS:
+            self.report(f"{node.name} (runs inside torch.jit.load or save)", node)
+        for stmt in node.body:  # annotations and defaults are types and literals, never run
+            self.visit(stmt)
+
+    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
+        self.report("async def", node)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        self.report(f"import {', '.join(alias.name for alias in node.names)}", node)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        self.report(f"from {node.module} import {', '.join(alias.name for alias in node.names)}", node)
+
+    def generic_visit(self, node: ast.AST) -> None:
+        if isinstance(node, (ast.Lambda, ast.Global, ast.Nonlocal, ast.With, ast.AsyncWith, ast.Await, ast.Yield,
+                             ast.YieldFrom, ast.NamedExpr)):
+            self.report(type(node).__name__.lower(), node)  # nothing TorchScript serialises for a model
+        super().generic_visit(node)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:  # `eps : Final[float] = 1e-05`: the annotation is a type
+            self.visit(node.value)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        name = _dotted(func)
+        if name in ATTRIBUTE_BUILTINS:
+            self._attribute_builtin(name, node)
+            return
+        if name is not None and name.split(".", 1)[0] in NAMESPACE_ROOTS:
+            kind = _op_kind(name)
+            if kind is None or not pure_kind(kind):
+                self.report(name, node)
+            for arg in (*node.args, *(k.value for k in node.keywords)):
+                self.visit(arg)
+            return  # the namespace is the head of a call here, not a value
+        elif isinstance(func, ast.Name):
+            if func.id not in BUILTINS and func.id not in self.defined:
+                self.report(func.id, node)  # print, open, fork, rpc_async, exec, ... and unknown names
+        elif name is not None and name.startswith("__torch__.torch.classes."):
+            self.report(name, node)  # a C++ class registered by an extension
+        elif not isinstance(func, (ast.Attribute, ast.Call, ast.Subscript)):
+            self.report("call of a computed value", node)
+        self.generic_visit(node)
+
+    def _attribute_builtin(self, name: str, node: ast.Call) -> None:
+        target = node.args[0] if node.args else None
+        key = node.args[1] if len(node.args) > 1 else None
+        if target is None or _is_namespace(target):
+            self.report(f"{name}({_dotted(target) if target is not None else ''}, ...)", node)
+        elif not (isinstance(key, ast.Constant) and isinstance(key.value, str)) or node.keywords:
+            self.report(f"{name} with a computed attribute name", node)
+        for arg in node.args[1:]:
+            self.visit(arg)
+        if target is not None and not _is_namespace(target):
+            self.visit(target)
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        if _is_namespace(node):
+            self.report(f"{_dotted(node)} used as a value", node)  # `f = torch.save`, `g(ops.aten)`
+        else:
+            self.generic_visit(node)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        if node.id in NAMESPACE_ROOTS:
+            self.report(f"{node.id} used as a value", node)  # `x = torch` then `x.save(...)`
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)  # calls through such a name are judged at its assignment
+    return names - NAMESPACE_ROOTS - ATTRIBUTE_BUILTINS
+
+
+def _parse(member: str, text: str, found: set[str]) -> ast.Module | None:
+    try:
+        return ast.parse(text, filename=member)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        found.add(f"code that does not parse ({member})")  # then nothing about it can be vouched for
         return None
-    if root == "torch":
-        return None if not name.startswith("torch.ops.") else name  # other op namespaces: C++ extensions, unknown
-    if root == "ops":
-        return name
-    if not called or "." in name:
-        return None  # a value's attribute or method (x.add_, self.bn.weight)
-    return None if name in BUILTINS or name in local else name
+
+
+def load_time_hooks(sources: dict[str, str]) -> list[str]:
+    """`hook (file:line)` for every class hook torch.jit.load would run (and unparsable code), sorted."""
+    found: set[str] = set()
+    for member, text in sources.items():
+        tree = _parse(member, text, found)
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in LOAD_HOOKS:
+                found.add(f"{node.name} (runs inside torch.jit.load or save) ({member}:{node.lineno})")
+    return sorted(found)
 
 
 def unsafe_operations(sources: dict[str, str]) -> list[str]:
-    """`op (file:line)` for everything in the code that may not run without --trust, sorted."""
+    """`op (file:line)` for everything in the code not recognised as tensor computation, sorted."""
     found: set[str] = set()
     for member, text in sources.items():
-        try:
-            tree = ast.parse(text, filename=member)
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            found.add(f"code that does not parse ({member})")
+        tree = _parse(member, text, found)
+        if tree is None:
             continue
-        local = {target.id for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign, ast.For))
-                 for target in ast.walk(node.target if not isinstance(node, ast.Assign) else node.targets[0])
-                 if isinstance(target, ast.Name)}
-        local |= {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-        local |= {arg.arg for node in ast.walk(tree) if isinstance(node, ast.arguments) for arg in node.args}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and node.name == "__setstate__":
-                found.add(f"__setstate__ (runs inside torch.jit.load) ({member}:{node.lineno})")
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [alias.name for alias in node.names]
-                if any(name != "torch" and not name.startswith("torch.") for name in names):
-                    found.add(f"import {', '.join(names)} ({member}:{node.lineno})")
-            elif isinstance(node, ast.Call):
-                name = _dotted(node.func)
-                why = _judge(name, local, called=True) if name else None
-                if why:
-                    found.add(f"{why} ({member}:{node.lineno})")
-            elif isinstance(node, (ast.Attribute, ast.Name)) and isinstance(getattr(node, "ctx", None), ast.Load):
-                name = _dotted(node)
-                if name and "." in name and any(name == d or name.startswith(d + ".") for d in DENIED):
-                    found.add(f"{name} ({member}:{node.lineno})")  # aliased, e.g. `_0 = torch.save`
+        scan = _Scan(member, found)
+        scan.defined = _defined_names(tree)
+        try:
+            scan.visit(tree)
+        except RecursionError:
+            found.add(f"code nested too deeply to read ({member})")
     return sorted(found)
 
 

@@ -113,6 +113,53 @@ def unknown_pickle_callable(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]
 
 
 @rule(
+    code="BN004",
+    name="unsafe-torchscript-code",
+    severity=Severity.ERROR,
+    summary="The TorchScript archive's code does more than tensor computation (files, printing, hidden or foreign operators).",
+    fix="Re-export the model without file, print or custom-operator calls in forward; run it only with --trust if you trust it.",
+    scope="model",
+)
+def unsafe_torchscript_code(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Reads the `code/` text of a TorchScript archive (never compiling or running it) and reports
+    everything it cannot positively recognise as tensor computation: operators that touch files
+    or the console (`torch.save`, `torch.from_file`, `print`, `ops.prim.Print`), operators of other
+    namespaces (`ops.myext.launch`: code from a C++ extension), spellings that hide what is called
+    (`getattr(torch, "save")`, `x = torch` then `x.save(...)`, `getattr` with a computed name),
+    imports, unknown builtins, and class hooks that `torch.jit.load` runs (`__setstate__`). Each
+    is named with its file and line. The check is conservative: an unusual but harmless spelling
+    is reported too.
+
+    ## Why is this bad?
+    TorchScript is a program. `torch.jit.load` runs a class's `__setstate__`, and running the
+    model runs its methods: an archive can read `/etc/hostname` or write files wherever the user
+    can. bnlint runs TorchScript for `--data` and `bnlint fix` only when the compiled graph holds
+    nothing but pure tensor computation, or when `--trust` is given.
+
+    ## Example
+    A scripted module whose forward calls `torch.save(x, "/tmp/x.pt")`, or whose code text was
+    edited to call `getattr(torch, "save")(x, "/home/user/.bashrc")`.
+
+    ## Use instead
+    Keep forward to tensor computation and export again with `torch.jit.script` or
+    `torch.jit.trace`; pass `--trust` only for files from a source you trust.
+
+    ## References
+    - PyTorch docs, "TorchScript": `torch.jit.load` and "TorchScript Language Reference".
+    - PyTorch docs, `torch.from_file` and `torch.save`.
+    """
+    # metadata["unsafe_code"] bridges until the torch loaders copy the field (see torchscript.py).
+    names = _names(model.unsafe_code) or _names(model.metadata.get("unsafe_code"))
+    if names:
+        yield Hit(
+            message=f"TorchScript code runs {len(names)} operation(s) that are not pure tensor computation: "
+            f"{'; '.join(names[:3])}{' ...' if len(names) > 3 else ''} (running it needs --trust)",
+            values={"operations": names},
+        )
+
+
+@rule(
     code="BN002",
     name="no-batchnorm",
     severity=Severity.INFO,
