@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import Counter
+from typing import Any
 
 from bnlint.errors import BnlintError
 from bnlint.findings import Finding, Report
 
 BASELINE_VERSION = 1
+# A baseline holds ~100 bytes per finding: 64 MiB is over half a million findings, and a bound on
+# what `--baseline /dev/zero` (or a huge file) can make bnlint read.
+MAX_BASELINE_BYTES = 64 << 20
 
 
 def _key(finding: Finding) -> tuple[str, str, str]:
@@ -33,19 +38,47 @@ def write_baseline_file(report: Report, path: str | os.PathLike[str]) -> int:
 
 
 def read_baseline(path: str | os.PathLike[str]) -> Counter[tuple[str, str, str]]:
+    """The (file, layer, code) counts of a baseline; anything else is one BnlintError line naming the file."""
+    name = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            payload = json.load(handle)
+        with open(path, "rb", opener=_nonblocking) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise BnlintError(f"cannot read baseline {name}: not a regular file")
+            raw = handle.read(MAX_BASELINE_BYTES + 1)
     except FileNotFoundError:
-        raise BnlintError(f"baseline {path} does not exist (create it with --write-baseline)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BnlintError(f"cannot read baseline {path}: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("version") != BASELINE_VERSION or not isinstance(payload.get("findings"), list):
-        raise BnlintError(f"{path} is not a bnlint baseline (version {BASELINE_VERSION})")
+        raise BnlintError(f"baseline {name} does not exist (create it with --write-baseline)") from None
+    except OSError as exc:
+        raise BnlintError(f"cannot read baseline {name}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BASELINE_BYTES:
+        raise BnlintError(f"cannot read baseline {name}: larger than {MAX_BASELINE_BYTES} bytes")
     try:
-        return Counter((str(e["path"]), str(e.get("layer") or ""), str(e["code"])) for e in payload["findings"])
-    except (KeyError, TypeError):
-        raise BnlintError(f"{path}: malformed baseline entry") from None
+        payload = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting is a RecursionError
+        raise BnlintError(f"cannot read baseline {name}: not JSON: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("version") != BASELINE_VERSION or not isinstance(payload.get("findings"), list):
+        raise BnlintError(f"{name} is not a bnlint baseline (version {BASELINE_VERSION})")
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for index, entry in enumerate(payload["findings"]):
+        counts[_entry(entry, f"{name}: findings[{index}]")] += 1
+    return counts
+
+
+def _entry(entry: Any, where: str) -> tuple[str, str, str]:
+    """One baseline entry: path and code strings, layer a string or null."""
+    if not isinstance(entry, dict):
+        raise BnlintError(f"{where}: expected an object with path, layer and code, got {type(entry).__name__}")
+    for key, optional in (("path", False), ("code", False), ("layer", True)):
+        value = entry.get(key)
+        if not (isinstance(value, str) or (optional and value is None)):
+            wanted = "a string or null" if optional else "a string"
+            raise BnlintError(f"{where}: {key}: expected {wanted}, got {type(value).__name__}")
+    return (entry["path"], entry.get("layer") or "", entry["code"])
+
+
+def _nonblocking(name: str, flags: int) -> int:
+    """Open without waiting for a writer: a named pipe is then refused by the fstat check, not waited on."""
+    return os.open(name, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def apply_baseline(report: Report, path: str | os.PathLike[str]) -> int:

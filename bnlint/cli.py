@@ -6,14 +6,16 @@ Exit codes: 0 clean (nothing at or above --fail-on), 1 findings at or above it,
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from typing import Any, Sequence, TextIO
+from pathlib import Path
+from typing import Any, Sequence
 
 import click
 
 from bnlint import __version__
-from bnlint.errors import BnlintError
+from bnlint.errors import BnlintError, UsageError
 from bnlint.report import FORMATS
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
@@ -39,6 +41,77 @@ class DefaultCheckGroup(click.Group):
             rows = [row for param in command.get_params(sub) if (row := param.get_help_record(sub)) is not None]
         with formatter.section("Lint options (bnlint PATH... is bnlint check PATH...)"):
             formatter.write_dl(rows)
+
+
+def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """--timeout: a positive, finite number of seconds (click's FloatRange lets NaN and inf through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"expected a positive number of seconds, got {value}")
+    return value
+
+
+TIMEOUT_HELP = "wall-clock limit for running the model in its isolated child (default: sized to the model and data)"
+
+# First bytes of files that are models whatever their name: zip (torch, .keras), HDF5, pickle.
+_MODEL_MAGIC = (b"PK\x03\x04", b"\x89HDF", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _refuse_overwrite(targets: dict[str, str | None], inputs: Sequence[str | None]) -> None:
+    """A report, plot or baseline is never written over an input or over anything that looks like
+    a model: a file named `-omodel.pt` given without `--` would otherwise replace model.pt."""
+    from bnlint.loaders import is_model_file
+
+    given = [Path(p) for p in inputs if p]
+    for flag, target in targets.items():
+        if not target:
+            continue
+        path = Path(target)
+        if is_model_file(path) or path.suffix.lower() in (".npz", ".npy", ".data", ".toml"):
+            raise UsageError(f"{flag} {target}: refusing to write over a model, data or settings file name "
+                             "(a file name that starts with '-' belongs after `--`)")
+        if not os.path.lexists(path):
+            continue
+        for source in given:
+            try:
+                same = os.path.samefile(path, source)
+            except (OSError, ValueError):
+                same = False
+            if same:
+                raise UsageError(f"{flag} {target}: refusing to write over the input {source}")
+        try:
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    head = handle.read(8)
+                if head.startswith(_MODEL_MAGIC):
+                    raise UsageError(f"{flag} {target}: refusing to write over a file that holds a model")
+        except OSError:
+            pass  # unreadable: the write reports it
+
+
+def _not_regular(paths: Sequence[str]) -> tuple[list[str], list[Any]]:
+    """Split command-line paths into those to lint and FileResults with an error for the pipes,
+    sockets and devices among them: opening a named pipe would wait forever for a writer."""
+    from bnlint.discovery import non_regular
+    from bnlint.findings import FileError, FileResult
+
+    keep: list[str] = []
+    refused: list[Any] = []
+    for raw in paths:
+        kind = non_regular(Path(raw))
+        if kind is None:
+            keep.append(raw)
+        else:
+            message = f"not a regular file ({kind}): not read"
+            refused.append(FileResult(path=raw, error=FileError(path=raw, message=message)))
+    return keep, refused
+
+
+def _side_file(flag: str, path: str | None, folder_ok: bool = False) -> None:
+    """--reference / --data name a regular file (or, for --data, a folder): never a pipe or device."""
+    from bnlint.discovery import non_regular
+
+    if path and (kind := non_regular(Path(path))) is not None:
+        raise UsageError(f"{flag} {path}: not a regular file{' or folder' if folder_ok else ''} ({kind})")
 
 
 def _split_codes(values: Sequence[str]) -> tuple[str, ...] | None:
@@ -81,6 +154,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--arch-kwargs", default=None, metavar="JSON", help='Keyword arguments for the factory, e.g. \'{"num_classes": 10}\'.')
 @click.option("--trust", is_flag=True, help="Allow running code from the input file (needed only to run a pickled nn.Module).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Where the dynamic analysis runs [default: the config's device, else auto: cuda when available].")
+@click.option("--timeout", type=float, default=None, callback=_timeout, metavar="SECONDS", help=TIMEOUT_HELP)
 @click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default=None, help="How ONNX models run for --data [default: auto, onnxruntime when installed].")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Report only findings not in this baseline file.")
 @click.option("--skip-unrecognised", is_flag=True, help="Skip files in no model format (e.g. Git LFS pointers) with a note instead of an error (the pre-commit hook uses this).")
@@ -100,7 +174,7 @@ def main(ctx: click.Context) -> None:
 def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tuple[str, ...], fail_on: str | None,
           output: str | None, quiet: bool, color: str, config_path: str | None, reference: str | None,
           data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
-          arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
+          arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, timeout: float | None, onnx_engine: str | None,
           baseline: str | None, write_baseline: bool, skip_unrecognised: bool, show_fixes: bool, group: bool,
           statistics: bool, exit_zero: bool, jobs: int, exclude: tuple[str, ...], debug: bool, report_path: str | None, plot_path: str | None) -> None:
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx/.keras/.h5/.caffemodel/.prototxt files)."""
@@ -117,7 +191,13 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
             config = config.with_overrides(exclude=(*config.exclude, *exclude))
         if write_baseline and not baseline:
             raise BnlintError("--write-baseline needs --baseline FILE")
-        dynamic = _dynamic_options(data, inputs, batch_size, train_batch_size, arch, arch_kwargs, trust, device, onnx_engine, quiet) if data else None
+        _refuse_overwrite({"--output": output, "--report": report_path, "--plot": plot_path,
+                           "--baseline": baseline if write_baseline else None},
+                          [*paths, reference, data, config_path, None if write_baseline else baseline])
+        _side_file("--reference", reference)
+        _side_file("--data", data, folder_ok=True)
+        dynamic = _dynamic_options(data, inputs, batch_size, train_batch_size, arch, arch_kwargs, trust, device, onnx_engine, quiet,
+                                   timeout) if data else None
         if plot_path:  # fail before a long run, not after it
             if not data:
                 raise BnlintError("--plot needs --data (it draws the measured drift)")
@@ -131,14 +211,16 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
             if not quiet:
                 click.echo("bnlint: nothing to lint (no paths given)", err=True)
             sys.exit(EXIT_CLEAN)
+        readable, refused = _not_regular(paths)
         bar = _FileProgress() if not quiet and sys.stderr.isatty() else None
         try:
-            report = lint_paths(paths, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
+            report = lint_paths(readable, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
                                 baseline=None if write_baseline else baseline, jobs=jobs or (os.cpu_count() or 1),
                                 progress=bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
+        report.files[:0] = refused
         if write_baseline and baseline:
             from bnlint.baseline import write_baseline_file
 
@@ -209,13 +291,14 @@ def exit_code(report: Any, fail_level: Any) -> int:
 
 def _dynamic_options(data: str, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
                      arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
-                     quiet: bool) -> Any:
+                     quiet: bool, timeout: float | None = None) -> Any:
     from bnlint.dynamic import DynamicOptions, parse_arch_kwargs, parse_inputs
 
     mapping, kwargs = parse_inputs(inputs), parse_arch_kwargs(arch_kwargs)
     return DynamicOptions(
         data=data, inputs=mapping, batch_size=batch_size, train_batch_size=train_batch_size, arch=arch,
         arch_kwargs=kwargs, trust=trust, device=device, onnx_engine=onnx_engine, quiet=quiet or not sys.stderr.isatty(),
+        timeout=timeout,
     )
 
 
@@ -226,24 +309,32 @@ def _rules_run(config: Any, dynamic: bool) -> dict[str, Any]:
     return {code: spec for code, spec in all_rules().items() if config.code_enabled(code) and (dynamic or spec.scope != "dynamic")}
 
 
+def _color(color: str, tty: bool) -> bool:
+    """--color auto: colour only on a terminal that shows it. NO_COLOR (https://no-color.org) and
+    TERM=dumb (a terminal without escape sequences: Emacs shells, some CI logs) turn it off."""
+    if color != "auto":
+        return color == "always"
+    return tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
+
+
 def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, quiet: bool, color: str, **text_options: bool) -> None:
+    import io
+
     from bnlint.report import write_report
 
-    if output:
-        try:
-            stream: TextIO = open(output, "w", encoding="utf-8", newline="\n")
-        except OSError as exc:
-            click.echo(f"bnlint: error: cannot write {output}: {exc.strerror}", err=True)
-            sys.exit(EXIT_ERROR)
-    else:
+    if not output:
         stream = click.get_text_stream("stdout")
-    # NO_COLOR (https://no-color.org) turns colour off unless it is asked for explicitly.
-    use_color = color == "always" or (color == "auto" and output is None and stream.isatty() and not os.environ.get("NO_COLOR"))
-    try:
-        write_report(report, rules, fmt, stream, color=use_color, quiet=quiet, tool_version=__version__, **text_options)
-    finally:
-        if output:
-            stream.close()
+        write_report(report, rules, fmt, stream, color=_color(color, stream.isatty()), quiet=quiet, tool_version=__version__, **text_options)
+        return
+    buffer = io.StringIO()
+    write_report(report, rules, fmt, buffer, color=_color(color, False), quiet=quiet, tool_version=__version__, **text_options)
+    from bnlint.report._common import write_atomically
+
+    try:  # a temporary file beside it, then one rename: never a half-written report
+        write_atomically(output, buffer.getvalue().encode("utf-8", "backslashreplace"))
+    except OSError as exc:
+        click.echo(f"bnlint: error: cannot write {output}: {exc.strerror or exc}", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 @main.command("fix")
@@ -260,13 +351,14 @@ def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, qui
 @click.option("--input", "inputs", multiple=True, metavar="NAME=KEY", help="Map a model input to an array in --data.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--timeout", type=float, default=None, callback=_timeout, metavar="SECONDS", help=TIMEOUT_HELP)
 @click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default="auto", show_default=True)
 @click.option("--format", "--output-format", "fmt", type=click.Choice(["text", "json", "sarif"]), default="text", show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write an HTML report with before/after plots.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None)
 def fix_command(model: str, data: str | None, output: str | None, in_place: bool, dry_run: bool, layers: str | None, fold: bool,
                 arch: str | None, arch_kwargs: str | None, trust: bool, inputs: tuple[str, ...], batch_size: int, device: str,
-                onnx_engine: str, fmt: str, report_path: str | None, config_path: str | None) -> None:
+                timeout: float | None, onnx_engine: str, fmt: str, report_path: str | None, config_path: str | None) -> None:
     """Repair what the linter finds: exact BatchNorm recalibration on --data (layer by layer, in
     execution order), ONNX training-mode BatchNorm rewritten to inference form, --fold.
 
@@ -280,15 +372,22 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
 
     try:
         config = load_config(config_path)
+        _refuse_overwrite({"--report": report_path}, [model, output, data, config_path])
+        _side_file("MODEL", model)
+        _side_file("--data", data, folder_ok=True)
         group = distributed_group(device)  # torchrun: each process reads its shard; rank 0 writes and reports
         options = FixOptions(model=model, data=data, output=output, in_place=in_place, layers=layers, dry_run=dry_run, fold=fold,
                              arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust=trust, inputs=parse_inputs(inputs),
-                             batch_size=batch_size, device=device, onnx_engine=onnx_engine, process_group=group)
+                             batch_size=batch_size, device=device, onnx_engine=onnx_engine, process_group=group, timeout=timeout)
         outcome = run_fix(options, config)
         if group is not None and outcome.output is None and not dry_run:
             sys.exit(EXIT_CLEAN)  # not rank 0: nothing to print
-    except BnlintError as exc:
+    except BnlintError as exc:  # OutputError included: an unwritable output is one line, exit 2
         click.echo(f"bnlint: error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    except OSError as exc:  # a writer that let an OSError through (full disk, read-only folder)
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"bnlint: error: cannot write the fixed model: {where}{exc.strerror or exc}", err=True)
         sys.exit(EXIT_ERROR)
     from bnlint.report.fix import render_fix
 

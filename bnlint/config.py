@@ -6,7 +6,9 @@ Command-line flags win over the file; the file wins over the defaults here.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
+import stat
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,11 +91,22 @@ class Config:
         return self
 
 
+# A configuration file is a few hundred bytes; anything far larger is not one (or is /dev/zero).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it, for an error message: its TOML type and a short repr."""
+    kind = {bool: "a boolean", str: "a string", list: "a list", dict: "a table", float: "a number", int: "a number"}
+    text = repr(value)
+    return f"{kind.get(type(value), type(value).__name__)} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
 def _codes(value: Any, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise UsageError(f"{where}: expected a list of rule codes")
+        raise UsageError(f"{where}: expected a list of rule codes, got {_shown(value)}")
     return tuple(v.strip().upper() for v in value if v.strip())
 
 
@@ -101,35 +114,53 @@ def _globs(value: Any, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise UsageError(f"{where}: expected a list of path globs")
+        raise UsageError(f"{where}: expected a list of path globs, got {_shown(value)}")
     return tuple(value)
 
 
+def _table(value: Any, where: str, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UsageError(f"{where}: expected {what}, got {_shown(value)}")
+    return value
+
+
+def _threshold(value: Any, where: str) -> float:
+    """A finite number >= 0: a NaN threshold makes every comparison false and switches its rule off."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UsageError(f"{where}: expected a finite number >= 0, got {_shown(value)}")
+    return float(value)
+
+
 def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
+    """A Config from a [tool.bnlint] table; any key of the wrong type is `SOURCE: key: expected ..., got ...`."""
+    where = source or "config"
+    table = _table(table, where, "a [tool.bnlint] table")
     known = {"select", "ignore", "fail-on", "per-layer-ignores", "thresholds", "dynamic", "extend-exclude"}
     unknown = set(table) - known
     if unknown:
-        raise UsageError(f"{source or 'config'}: unknown [tool.bnlint] key(s): {', '.join(sorted(unknown))}")
-    fail_on = str(table.get("fail-on", "warning")).lower()
-    if fail_on not in ("error", "warning", "info", "never"):
-        raise UsageError(f"{source}: fail-on must be error, warning, info or never")
-    per_layer = table.get("per-layer-ignores", {})
-    if not isinstance(per_layer, dict):
-        raise UsageError(f"{source}: per-layer-ignores must be a table of glob = [codes]")
-    thresholds = table.get("thresholds", {})
+        raise UsageError(f"{where}: unknown [tool.bnlint] key(s): {', '.join(sorted(unknown))}")
+    fail_on = table.get("fail-on", "warning")
+    if not isinstance(fail_on, str) or fail_on.lower() not in ("error", "warning", "info", "never"):
+        raise UsageError(f"{where}: fail-on: expected error, warning, info or never, got {_shown(fail_on)}")
+    per_layer = _table(table.get("per-layer-ignores", {}), f"{where}: per-layer-ignores", "a table of glob = [codes]")
+    thresholds = _table(table.get("thresholds", {}), f"{where}: thresholds", "a table of name = number")
     unknown_thresholds = set(thresholds) - set(DEFAULT_THRESHOLDS)
     if unknown_thresholds:
-        raise UsageError(f"{source}: unknown threshold(s): {', '.join(sorted(unknown_thresholds))}")
-    return Config(
-        select=_codes(table.get("select", []), f"{source}: select"),
-        ignore=_codes(table.get("ignore", []), f"{source}: ignore"),
-        fail_on=fail_on,
-        per_layer_ignores={g: _codes(c, f"{source}: per-layer-ignores") for g, c in per_layer.items()},
-        thresholds={k: float(v) for k, v in thresholds.items()},
-        dynamic=dict(table.get("dynamic", {})),
-        exclude=_globs(table.get("extend-exclude", []), f"{source}: extend-exclude"),
+        raise UsageError(f"{where}: unknown threshold(s): {', '.join(sorted(unknown_thresholds))}")
+    config = Config(
+        select=_codes(table.get("select", []), f"{where}: select"),
+        ignore=_codes(table.get("ignore", []), f"{where}: ignore"),
+        fail_on=fail_on.lower(),
+        per_layer_ignores={g: _codes(c, f"{where}: per-layer-ignores: {g}") for g, c in per_layer.items()},
+        thresholds={k: _threshold(v, f"{where}: thresholds.{k}") for k, v in thresholds.items()},
+        dynamic=dict(_table(table.get("dynamic", {}), f"{where}: dynamic", "a table of [tool.bnlint.dynamic] settings")),
+        exclude=_globs(table.get("extend-exclude", []), f"{where}: extend-exclude"),
         source=source,
     )
+    from bnlint.dynamic.options import dynamic_settings  # checked now, not only when --data is given
+
+    dynamic_settings(config)
+    return config
 
 
 def find_config_file(start: Path) -> Path | None:
@@ -146,17 +177,39 @@ def find_config_file(start: Path) -> Path | None:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The parsed file; a FIFO, device or oversized file is refused before it is read."""
     try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        with open(path, "rb", opener=_nonblocking) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError(f"{path}: cannot read configuration: not a regular file")
+            if info.st_size > MAX_CONFIG_BYTES:
+                raise UsageError(f"{path}: cannot read configuration: {info.st_size} bytes (a configuration file is at most {MAX_CONFIG_BYTES})")
+            text = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise UsageError(f"{path}: cannot read configuration: larger than {MAX_CONFIG_BYTES} bytes")
+        return tomllib.loads(text.decode("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read configuration: {exc}") from None
 
 
+def _nonblocking(name: str, flags: int) -> int:
+    """Open without waiting for a writer: a named pipe is then refused by the fstat check, not waited on."""
+    return os.open(name, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def load_config(explicit: str | os.PathLike[str] | None = None, start: Path | None = None) -> Config:
+    """The settings in `explicit` (any name: [tool.bnlint] when it has one, else its top level) or
+    in the nearest bnlint.toml / pyproject.toml with a [tool.bnlint] table."""
     path = Path(explicit) if explicit else find_config_file(start or Path.cwd())
     if path is None:
         return Config()
     data = _read_toml(path)
-    table = data.get("tool", {}).get("bnlint", data if path.name == "bnlint.toml" else {})
+    tool = data.get("tool")
+    if isinstance(tool, dict) and "bnlint" in tool:
+        table = tool["bnlint"]
+    elif path.name == "pyproject.toml":
+        table = {}  # a project file without a [tool.bnlint] table: nothing set
+    else:
+        table = data  # bnlint.toml-style: the settings at the top level, whatever the file's name
     return from_table(table, str(path))

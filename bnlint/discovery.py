@@ -4,13 +4,17 @@ A folder is searched like a linter searches a repository: files git ignores are 
 itself answers, when the folder is in a work tree), virtual environments and tool caches are
 skipped always, `--exclude` / `extend-exclude` globs drop more, a file reached through several
 symlinks is linted once, and a dangling symlink is reported as an unreadable input exactly as it
-would be when named on the command line.
+would be when named on the command line. Only regular files are linted: a named pipe, socket or
+device found in a folder is skipped with a note (opening a pipe would wait forever for a writer),
+and `non_regular` tells the CLI which paths it was given are such files. The walk keeps its own
+stack, so a folder nested thousands deep cannot exhaust Python's recursion limit.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -52,21 +56,64 @@ def _git_files(folder: Path) -> set[Path] | None:
     return {(folder / name).absolute() for name in done.stdout.decode("utf-8", "surrogateescape").split("\0") if name}
 
 
-def _walk(folder: Path, patterns: Sequence[str]) -> Iterator[Path]:
-    """Model files under folder, skipping environments, caches and excluded paths; sorted."""
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        here = Path(root)
-        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not _is_venv(here / d)
-                         and not excluded(here / d, patterns))
-        for name in sorted(files):
-            path = here / name
-            if is_model_file(path) and not excluded(path, patterns):
-                yield path
+def non_regular(path: Path) -> str | None:
+    """What `path` is when it exists and is neither a regular file nor a folder ("a named pipe"...), else None.
+
+    Follows symlinks (a link to a pipe is a pipe); a missing or dangling path is None: the loader
+    reports it as unreadable, as before.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
-def search(folder: Path, patterns: Sequence[str] = (), respect_gitignore: bool = True) -> list[Path]:
-    """Model files in a folder, in a stable order."""
-    found = list(_walk(folder, patterns))
+def _walk(folder: Path, patterns: Sequence[str], notes: list[str]) -> Iterator[Path]:
+    """Model files under folder, skipping environments, caches, excluded paths and non-regular
+    files (a note each); sorted, depth first, without recursion."""
+    stack = [folder]
+    while stack:
+        here = stack.pop()
+        try:
+            with os.scandir(here) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable folder: skipped, as os.walk does
+        dirs: list[Path] = []
+        for entry in entries:
+            path = here / entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if entry.name not in SKIPPED_DIRS and not _is_venv(path) and not excluded(path, patterns):
+                    dirs.append(path)
+            elif is_model_file(path) and not excluded(path, patterns):
+                kind = non_regular(path)
+                if kind is not None:
+                    notes.append(f"{path}: skipped: {kind}, not a model file")
+                elif not (entry.is_symlink() and path.is_dir()):  # a link to a folder is not followed
+                    yield path
+        stack.extend(reversed(dirs))  # popped in sorted order
+
+
+def search(folder: Path, patterns: Sequence[str] = (), respect_gitignore: bool = True,
+           notes: list[str] | None = None) -> list[Path]:
+    """Model files in a folder, in a stable order; `notes` gets one line per non-regular file skipped."""
+    skipped: list[str] = []
+    found = list(_walk(folder, patterns, skipped))
+    if notes is not None:
+        notes.extend(skipped)
     allowed = _git_files(folder) if respect_gitignore else None
     if allowed is not None:
         found = [path for path in found if path.absolute() in allowed or path.is_symlink() and not path.exists()]
@@ -75,13 +122,14 @@ def search(folder: Path, patterns: Sequence[str] = (), respect_gitignore: bool =
 
 def discover(paths: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = (),
              respect_gitignore: bool = True) -> tuple[list[Path], list[str]]:
-    """Files to lint (folders searched, each real file once) and notes about empty folders."""
+    """Files to lint (folders searched, each real file once) and notes about empty folders and
+    skipped non-regular files."""
     files: list[Path] = []
     notes: list[str] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(search(path, exclude, respect_gitignore))
+            found = sorted(search(path, exclude, respect_gitignore, notes))
             if not found:
                 notes.append(f"{path}: no model files found")
             files.extend(found)
@@ -91,7 +139,7 @@ def discover(paths: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = (
     for path in files:
         try:
             key = str(path.resolve(strict=True))  # symlinks to one file are one file
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, RecursionError):
             key = str(path.absolute())  # dangling or looping: linted (and reported) as given
         unique.setdefault(key, path)
     return list(unique.values()), notes

@@ -73,3 +73,18 @@ def test_longest_prefix_wins(select: tuple[str, ...], ignore: tuple[str, ...], c
 def test_flags_override_file_values() -> None:
     config = Config(ignore=("BN1",), fail_on="error").with_overrides(ignore=("BN2",), fail_on=None)
     assert config.ignore == ("BN2",) and config.fail_on == "error"
+
+
+def test_explicit_config_of_any_name(tmp_path: Path) -> None:
+    top = write(tmp_path / "strict-ci.toml", 'ignore = ["BN108"]\n[thresholds]\nmax_scale = 10\n')
+    nested = write(tmp_path / "ci.toml", '[tool.bnlint]\nignore = ["BN109"]\n')
+    assert load_config(top).ignore == ("BN108",) and load_config(top).threshold("max_scale") == 10
+    assert load_config(nested).ignore == ("BN109",)
+    assert load_config(write(tmp_path / "pyproject.toml", "[project]\nname = 'x'\n")) == Config(source=str(tmp_path / "pyproject.toml"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", '"1e-8"', "[1]", "true"])
+def test_thresholds_must_be_finite_non_negative_numbers(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path / "bnlint.toml", f"[thresholds]\nmin_var_plus_eps = {value}\n")
+    with pytest.raises(UsageError, match=r"thresholds\.min_var_plus_eps: expected a finite number"):
+        load_config(path)

@@ -74,3 +74,30 @@ def test_a_symlinked_file_is_linted_once_and_a_dangling_one_is_an_error(tmp_path
     assert sorted(f["path"] for f in files) == ["m/a.pt", "m/gone.pt"] and walked.exit_code == 2
     gone = next(f for f in files if f["path"] == "m/gone.pt")
     assert gone["error"] == json.loads(named.stdout)["files"][0]["error"] == "no such file"
+
+
+def test_walk_is_iterative_and_skips_non_regular_files(tmp_path: Path) -> None:
+    import inspect
+    import os
+    import sys
+
+    from bnlint.discovery import search
+
+    deep = tmp_path
+    for _ in range(200):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    shutil.copy(HEALTHY, deep / "m.pt")
+    notes: list[str] = []
+    limit = sys.getrecursionlimit()
+    depth = len(inspect.stack(0))
+    sys.setrecursionlimit(depth + 50)  # a recursive walk could not go 200 folders deep under this limit
+    try:
+        found = search(tmp_path, respect_gitignore=False, notes=notes)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert found == [deep / "m.pt"]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.onnx")
+        files, notes = discover([tmp_path], respect_gitignore=False)
+        assert files == [deep / "m.pt"] and any("pipe.onnx: skipped: a named pipe" in n for n in notes)

@@ -173,3 +173,27 @@ def test_hook_on_healthy_fixtures_is_fast_when_warm(tmp_path: Path, config_text:
     # Generous bound: the hook itself is well under a second on these files; this catches torch
     # (or another heavy import) creeping onto the static path, not machine noise.
     assert min(timings) < 20, timings
+
+
+# -- file names that look like options (no environment needed: pre-commit's own command builder) -----
+
+
+def test_hook_command_keeps_option_like_file_names_as_files(tmp_path: Path) -> None:
+    """pre-commit runs `entry args... files...` (lang_base.hook_cmd, then xargs appends the files):
+    the hook's default `args: [--]` makes `-omodel.pt` a file, never `-o model.pt`."""
+    import yaml
+    from pre_commit.lang_base import hook_cmd
+
+    hook = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())[0]
+    assert hook.get("args", [])[-1:] == ["--"]
+    shutil.copy2(FIXTURES / "convnet_state_dict.pt", tmp_path / "model.pt")
+    shutil.copy2(FIXTURES / FAULTY, tmp_path / "-omodel.pt")
+    shutil.copy2(FIXTURES / FAULTY, tmp_path / "-o.onnx")
+    command = [*hook_cmd(hook["entry"], hook["args"]), "-omodel.pt", "-o.onnx", "model.pt"]
+    assert command[0] == "bnlint"
+    bnlint = Path(sys.executable).parent / "bnlint"
+    proc = subprocess.run([str(bnlint), *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # both hostile files linted: BN101
+    assert "-omodel.pt:" in proc.stdout and "BN101" in proc.stdout
+    assert (tmp_path / "model.pt").read_bytes() == (FIXTURES / "convnet_state_dict.pt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["-o.onnx", "-omodel.pt", "model.pt"]

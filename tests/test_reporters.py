@@ -439,3 +439,13 @@ def test_sarif_passes_microsoft_sarif_multitool(tmp_path: Path, monkeypatch: pyt
     run = subprocess.run([found, "validate", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:]
     assert ": error " not in run.stdout and ": warning " not in run.stdout, run.stdout[-2000:]
+
+
+def test_printable_and_no_surrogates_escape_undecodable_file_name_bytes() -> None:
+    from bnlint.report._common import artifact_uri, json_text, no_surrogates, printable
+
+    name = b"\xff\xfe.pt".decode("utf-8", "surrogateescape")
+    assert printable(name) == "\\xff\\xfe.pt" and no_surrogates(name) == "\\xff\\xfe.pt"
+    assert no_surrogates("plain\n") == "plain\n"  # only surrogates: JSON escapes the rest itself
+    assert json_text({name: [name, 1]}) == {"\\xff\\xfe.pt": ["\\xff\\xfe.pt", 1]}
+    assert artifact_uri(name) == "%FF%FE.pt"  # the real bytes of the name, percent-encoded

@@ -7,6 +7,7 @@ without loading any framework.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,9 +28,11 @@ DYNAMIC_DEFAULTS: dict[str, Any] = {
     "batch_dependence_rtol": 1e-3,  # BN606: max |single - batched| / max |batched| above this
     "dependence_samples": 4,  # BN606: samples run one at a time and together
     "max_samples": 100_000,  # --data: read at most this many samples (a note says when the data holds more)
+    "timeout": None,  # seconds for the isolated child that runs the model (None: sized to the model and data)
 }
 
 _INTEGER = {"batch_size", "dependence_samples", "max_samples"}
+_POSITIVE = {"timeout"}  # a zero limit could never be met
 _CHOICES = {"device": ("cpu", "cuda", "auto"), "onnx_engine": ("onnxruntime", "reference", "auto")}
 
 
@@ -52,19 +55,33 @@ def override(settings: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _check(key: str, value: Any, where: str) -> Any:
+    """The checked value, or UsageError `WHERE: dynamic KEY: expected ..., got ...`.
+
+    NaN and infinities are refused: every comparison with NaN is false, so a NaN threshold
+    would silently switch its rule off (or, negated, on for everything).
+    """
+    name = f"dynamic {key.replace('_', '-')}"
     if key in _CHOICES:
-        if value not in _CHOICES[key]:
-            raise UsageError(f"{where}: dynamic {key.replace('_', '-')} must be one of {', '.join(_CHOICES[key])}")
+        if not isinstance(value, str) or value not in _CHOICES[key]:
+            raise UsageError(f"{where}: {name}: expected one of {', '.join(_CHOICES[key])}, got {_shown(value)}")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{where}: dynamic {key.replace('_', '-')} must be a number")
+    expected = "a positive integer" if key in _INTEGER else "a positive number" if key in _POSITIVE else "a number >= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{where}: {name}: expected {expected}, got {_shown(value)}")
     if key in _INTEGER:
         if int(value) != value or value < 1:
-            raise UsageError(f"{where}: dynamic {key.replace('_', '-')} must be a positive integer")
+            raise UsageError(f"{where}: {name}: expected {expected}, got {_shown(value)}")
         return int(value)
-    if value < 0:
-        raise UsageError(f"{where}: dynamic {key.replace('_', '-')} must not be negative")
+    if value < 0 or (key in _POSITIVE and value == 0):
+        raise UsageError(f"{where}: {name}: expected {expected}, got {_shown(value)}")
     return float(value)
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it, for an error message: its TOML type and a short repr."""
+    kind = {bool: "a boolean", str: "a string", list: "a list", dict: "a table", float: "a number", int: "a number"}
+    text = repr(value)
+    return f"{kind.get(type(value), type(value).__name__)} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def parse_inputs(pairs: list[str] | tuple[str, ...] | None) -> dict[str, str]:

@@ -32,7 +32,10 @@ class Output:
 def dump_json(document: Any) -> str:
     # allow_nan=False: json_safe already replaced NaN/Inf, and this guarantees strict JSON.
     # ensure_ascii keeps the bytes ASCII whatever the stream's encoding (layer names may be any text).
-    return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=True) + "\n"
+    # json_text: a lone surrogate (an undecodable file-name byte) would be an invalid \udcXX escape.
+    from bnlint.report._common import json_text
+
+    return json.dumps(json_text(document), indent=2, allow_nan=False, ensure_ascii=True) + "\n"
 
 
 def _text(out: Output) -> str:
@@ -91,4 +94,7 @@ def write_report(
         reporter = REPORTERS[fmt]
     except KeyError:
         raise UsageError(f"unknown output format {fmt!r} (expected one of {', '.join(FORMATS)})") from None
-    stream.write(reporter(Output(report, rules, tool_version, color=color, quiet=quiet, **text_options)))
+    from bnlint.report._common import no_surrogates
+
+    # no_surrogates: a file name that is not UTF-8 is escaped, never an encoding error mid-report.
+    stream.write(no_surrogates(reporter(Output(report, rules, tool_version, color=color, quiet=quiet, **text_options))))

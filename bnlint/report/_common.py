@@ -25,7 +25,10 @@ LAYER_STAT_KEYS = ("layer", "channels", "mean_abs_smd", "max_abs_smd", "max_kl",
 
 # Control characters, and the invisible bidi / direction marks that can reorder what a reader sees
 # (Trojan Source, CVE-2021-42574): a model file controls its layer names.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# Lone surrogates: a file name whose bytes are not UTF-8 reaches Python as \udc80-\udcff
+# (surrogateescape); no UTF-8 stream can write them, and JSON readers reject them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def json_safe(value: Any) -> Any:
@@ -71,7 +74,31 @@ def printable(text: str) -> str:
     """Escape control characters (newlines, ESC, NUL) and bidi overrides, so a layer name read from
     a file can neither break the one-line-per-finding layout, send terminal escape sequences, nor
     reorder the text a reviewer reads."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if "\udc80" <= char <= "\udcff":  # an undecodable byte of a file name: shown as that byte
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return char.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def no_surrogates(text: str) -> str:
+    """`text` with its lone surrogates (undecodable file-name bytes) escaped as in `printable`,
+    everything else untouched: the last step before any report is encoded."""
+    return _SURROGATE.sub(_escape, text) if _SURROGATE.search(text) else text
+
+
+def json_text(value: Any) -> Any:
+    """A JSON document with every string (and key) passed through `no_surrogates`."""
+    if isinstance(value, str):
+        return no_surrogates(value)
+    if isinstance(value, dict):
+        return {no_surrogates(str(k)): json_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_text(v) for v in value]
+    return value
 
 
 def artifact_uri(path: str) -> str:
@@ -88,10 +115,11 @@ def artifact_uri(path: str) -> str:
         except ValueError:  # different drive on Windows
             rel = None
         if rel is not None and not rel.startswith(".."):
-            return quote(PureWindowsPath(rel).as_posix() if windows else rel, safe="/")
+            return quote(PureWindowsPath(rel).as_posix() if windows else rel, safe="/", errors="surrogateescape")
         prefix = "file:///" if windows else "file://"
-        return prefix + quote(posix, safe="/:")
-    return quote(str(PurePosixPath(posix)), safe="/")
+        return prefix + quote(posix, safe="/:", errors="surrogateescape")
+    # surrogateescape: an undecodable file-name byte is percent-encoded as that byte, which names the real file.
+    return quote(str(PurePosixPath(posix)), safe="/", errors="surrogateescape")
 
 
 def severity_counts(findings: Iterable[Finding]) -> dict[Severity, int]:
@@ -113,3 +141,37 @@ def finding_codes(report: Report, rules: Mapping[str, RuleSpec]) -> list[str]:
         if finding.code not in rules and finding.code not in codes:
             codes.append(finding.code)
     return codes
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it, then one rename: a reader (or a
+    crash, or a full disk) never sees a half-written report, and an error leaves the old file as it was.
+
+    The new file gets the old one's permission bits, else the umask's default for a new file
+    (not the temporary file's 0600). Raises OSError.
+    """
+    import stat
+    import tempfile
+
+    target = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(target))
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    handle, temp = tempfile.mkstemp(prefix=".bnlint-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, target)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise

@@ -36,7 +36,9 @@ def render_json(outcome: Any, tool_version: str) -> str:
     from bnlint.report.json_report import JSON_VERSION
 
     document = {"version": JSON_VERSION, "tool": {"name": "bnlint", "version": tool_version}, "fix": json_safe(outcome.record())}
-    return json.dumps(document, indent=2, allow_nan=False, ensure_ascii=True) + "\n"
+    from bnlint.report._common import json_text
+
+    return json.dumps(json_text(document), indent=2, allow_nan=False, ensure_ascii=True) + "\n"
 
 
 def render_sarif(outcome: Any, tool_version: str) -> str:
@@ -59,4 +61,6 @@ def render_fix(outcome: Any, fmt: str, *, tool_version: str) -> str:
         return render_json(outcome, tool_version)
     if fmt == "sarif":
         return render_sarif(outcome, tool_version)
-    return render_text(outcome)
+    from bnlint.report._common import no_surrogates
+
+    return no_surrogates(render_text(outcome))

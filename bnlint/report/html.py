@@ -91,9 +91,10 @@ def write_html(report: Report, rules: Mapping[str, RuleSpec], stream_or_path: Te
     """
     document = render(report, rules, comparison=comparison, tool_version=tool_version, plot=plot)
     if isinstance(stream_or_path, (str, os.PathLike)):
+        from bnlint.report._common import write_atomically
+
         try:
-            with open(stream_or_path, "w", encoding="utf-8", newline="\n") as handle:
-                handle.write(document)
+            write_atomically(stream_or_path, document.encode("utf-8", "backslashreplace"))
         except OSError as exc:
             raise UsageError(f"cannot write {os.fspath(stream_or_path)}: {exc.strerror}") from None
     else:

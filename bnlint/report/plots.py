@@ -313,9 +313,10 @@ def write_drift_png(report: Report, path: str | os.PathLike[str]) -> None:
     if not panels:
         raise UsageError("--plot needs layer statistics: run with --data")
     data = _render(_overview_figure, panels)
+    from bnlint.report._common import write_atomically
+
     try:
-        with open(path, "wb") as handle:
-            handle.write(data)
+        write_atomically(path, data)
     except OSError as exc:
         raise UsageError(f"cannot write {os.fspath(path)}: {exc.strerror}") from None
 
