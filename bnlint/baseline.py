@@ -28,10 +28,10 @@ def _key(finding: Finding) -> tuple[str, str, str]:
 def write_baseline_file(report: Report, path: str | os.PathLike[str]) -> int:
     entries = [{"path": p, "layer": layer, "code": c} for p, layer, c in sorted(map(_key, report.findings))]
     payload = {"version": BASELINE_VERSION, "findings": entries}
-    try:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
+    from bnlint.report._common import write_atomically
+
+    try:  # through a temporary file: an interrupted write never leaves half a baseline
+        write_atomically(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8", "backslashreplace"))
     except OSError as exc:
         raise BnlintError(f"cannot write baseline {path}: {exc.strerror}") from None
     return len(entries)

@@ -89,7 +89,9 @@ def write_html(report: Report, rules: Mapping[str, RuleSpec], stream_or_path: Te
 
     An unwritable path raises UsageError (one line: "cannot write PATH: reason").
     """
-    document = render(report, rules, comparison=comparison, tool_version=tool_version, plot=plot)
+    from bnlint.report._common import no_surrogates
+
+    document = no_surrogates(render(report, rules, comparison=comparison, tool_version=tool_version, plot=plot))
     if isinstance(stream_or_path, (str, os.PathLike)):
         from bnlint.report._common import write_atomically
 
