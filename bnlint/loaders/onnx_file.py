@@ -23,8 +23,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from bnlint.errors import InputError
+from bnlint.loaders.onnx_const import MAX_TOTAL, Folder, SparseTensor, Unresolved
 from bnlint.loaders.onnx_tensors import CastTensor, _dtype_name, _tensor_ref
-from bnlint.loaders.onnx_wire import EXTERNAL, GRAPH, GRAPHS, TENSOR, WireGraph, WireModel, WireNode, read_model
+from bnlint.loaders.onnx_wire import EXTERNAL, GRAPH, GRAPHS, SPARSE_TENSOR, TENSOR, WireGraph, WireModel, WireNode, read_model
 from bnlint.model import ArrayTensor, BNLayer, GraphInput, GraphNode, ModelInfo, OpKind, Producer, StatsSource, TensorRef
 from bnlint.norms import is_stochastic
 
@@ -38,14 +39,19 @@ OP_KINDS: dict[str, OpKind] = {
 }
 # A BN's mean/var source, most telling first: one batch-dependent input makes the pair batch-dependent.
 _STATS_PRIORITY = ("computed", "input", "unknown", "missing", "constant", "initializer")
-_MAX_CHAIN = 64  # Identity/Cast hops followed before giving up (a malformed graph may loop)
+_MAX_CHAIN = 64  # Identity/Cast hops followed lazily; longer chains are folded (a malformed graph may loop)
+_MAX_OWN_USES_WALK = 64  # nodes visited to find a BN's own batch-statistics nodes (exporters emit about ten)
+_FLOAT_TYPES = ("float16", "float32", "float64", "bfloat16")  # what BatchNormalization takes (T, T1, T2)
+_NUMERIC_PREFIXES = ("float", "bfloat", "int", "uint", "bool")
 
 
 def _constant_value(node: WireNode, path: Path) -> TensorRef | None:
-    """The tensor a Constant node produces (value, value_float(s), value_int(s)); None for sparse/strings."""
+    """The tensor a Constant node produces (value, sparse_value, value_float(s), value_int(s)); None for strings."""
     for attr in node.attribute:
         if attr.name == "value" and attr.type == TENSOR:
             return _tensor_ref(attr.t, path)
+        if attr.name == "sparse_value" and attr.type == SPARSE_TENSOR and attr.sparse_tensor is not None:
+            return SparseTensor(attr.sparse_tensor, path)
         if attr.name == "value_float":
             return ArrayTensor(np.array(attr.f, dtype=np.float32))
         if attr.name == "value_floats":
@@ -136,12 +142,13 @@ def _used_names(graph: WireGraph) -> Iterator[str]:
 class _Scope:
     """Names visible in one (sub)graph; ChainMaps so that a body sees its outer graphs' names."""
 
-    tensors: ChainMap[str, tuple[str, TensorRef | None]]  # name -> ("initializer"|"constant", ref)
+    tensors: ChainMap[str, tuple[str, TensorRef | None]]  # name -> ("initializer"|"sparse"|"constant", ref)
     producers: ChainMap[str, WireNode]
     inputs: ChainMap[str, bool]  # runtime-fed names: graph inputs that are not initializers
+    folder: Folder
     consumers: Counter[str] = field(default_factory=Counter)
     outputs: set[str] = field(default_factory=set)
-    data_dependent: dict[str, bool] = field(default_factory=dict)  # memo for _depends_on_input
+    data_dependent: dict[str, bool] = field(default_factory=dict)  # memo for depends_on_input, every name visited
 
 
 class _Reader:
@@ -154,11 +161,21 @@ class _Reader:
         self.other_norms: list[str] = []
         self.top_tensors: dict[str, TensorRef] = {}
         self.details: dict[str, dict[str, Any]] = {}  # per layer, informational (ModelInfo.metadata)
+        self.fold_budget = [0]  # elements all constant folding of the file may produce (set in walk)
+        self.notes: list[str] = []
 
     def scope(self, graph: WireGraph, parent: _Scope | None) -> _Scope:
-        tensors: dict[str, tuple[str, TensorRef | None]] = {
-            init.name: ("initializer", _tensor_ref(init, self.path)) for init in graph.initializer
-        }
+        # onnxruntime registers dense initializers, then sparse ones, then Constant nodes, and a name
+        # defined twice keeps "the latest encountered" (its warning): the same order here.
+        tensors: dict[str, tuple[str, TensorRef | None]] = {}
+        defined: Counter[str] = Counter()
+        for init in graph.initializer:
+            tensors[init.name] = ("initializer", _tensor_ref(init, self.path))
+            defined[init.name] += 1
+        for sparse in graph.sparse_initializer:
+            name = sparse.values.name if sparse.values is not None else ""
+            tensors[name] = ("sparse", SparseTensor(sparse, self.path))
+            defined[name] += 1
         producers: dict[str, WireNode] = {}
         for node in graph.node:
             for out in node.output:
@@ -166,11 +183,18 @@ class _Reader:
                     producers[out] = node
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
                 tensors[node.output[0]] = ("constant", _constant_value(node, self.path))
+                defined[node.output[0]] += 1
+        twice = sorted(name for name, count in defined.items() if count > 1)
+        if twice:
+            shown = ", ".join(repr(name) for name in twice[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
+            self.notes.append(f"tensor(s) {shown} defined more than once (initializer, sparse initializer or Constant): "
+                              "read as onnxruntime does, the last definition wins")
         inputs = {value.name: True for value in graph.input if value.name not in tensors}
         if parent is None:
-            scope = _Scope(ChainMap(tensors), ChainMap(producers), ChainMap(inputs))
+            chained = (ChainMap(tensors), ChainMap(producers), ChainMap(inputs))
         else:
-            scope = _Scope(parent.tensors.new_child(tensors), parent.producers.new_child(producers), parent.inputs.new_child(inputs))
+            chained = (parent.tensors.new_child(tensors), parent.producers.new_child(producers), parent.inputs.new_child(inputs))
+        scope = _Scope(*chained, folder=Folder(chained[0], chained[1], self.fold_budget))
         scope.consumers.update(name for node in graph.node for name in node.input if name)
         scope.outputs = {value.name for value in graph.output}
         return scope
@@ -178,7 +202,7 @@ class _Reader:
     def walk(self, graph: WireGraph, parent: _Scope | None, prefix: str, rank: dict[int, int] | None, outer: int) -> None:
         scope = self.scope(graph, parent)
         if parent is None:
-            self.top_tensors = {name: ref for name, (_, ref) in scope.tensors.maps[0].items() if ref is not None}
+            self.top_tensors = {name: ref for name, (kind, ref) in scope.tensors.maps[0].items() if ref is not None and kind != "sparse"}
         for index, node in enumerate(graph.node):
             self.ops[node.op_type] += 1
             key = (rank[index] if rank is not None else outer, index if rank is None else 0)
@@ -189,54 +213,85 @@ class _Reader:
             for attr_name, sub in _subgraphs(node):
                 self.walk(sub, scope, f"{prefix}{node.name or f'{node.op_type}_{index}'}/{attr_name}/", None, key[0])
 
-    def resolve(self, name: str, scope: _Scope) -> tuple[str, TensorRef | None, str | None]:
-        """(source, tensor, producing op) of a BN parameter, looking through Identity and Cast."""
-        cast: int | None = None
+    def resolve(self, name: str, scope: _Scope) -> tuple[str, TensorRef | None, str | None, str | None]:
+        """(source, tensor, producing op, why unchecked) of a BN parameter.
+
+        Identity and one Cast are looked through lazily (the tensor stays a view of the file);
+        anything else that does not depend on a graph input is folded as the runtime would
+        compute it (sparse initializers, Reshape/Concat/Mul/... of stored tensors), and what
+        cannot be folded comes back with a one-line reason.
+        """
+        start, cast, op, kind = name, None, None, "constant"
         for _ in range(_MAX_CHAIN):
             if not name:
-                return "missing", None, None
+                return "missing", None, None, None
             if name in scope.tensors:
                 kind, ref = scope.tensors[name]
-                if ref is not None and cast is not None:
-                    ref = CastTensor(ref, cast)
-                return kind, ref, None
+                if kind == "sparse":
+                    kind = "initializer" if name == start else "constant"
+                    break
+                if ref is None:
+                    return kind, None, None, f"{name!r} comes from a Constant node whose value bnlint cannot read"
+                return kind, (CastTensor(ref, cast) if cast is not None else ref), None, None
             node = scope.producers.get(name)
             if node is None:
-                return ("input" if name in scope.inputs else "unknown"), None, None
+                return ("input" if name in scope.inputs else "unknown"), None, None, None
             if node.op_type in ("Identity", "Cast") and node.input:
-                if node.op_type == "Cast" and cast is None:
+                if node.op_type == "Cast":
+                    if cast is not None:
+                        break  # a second Cast: fold, so that values round as each Cast rounds them
                     cast = next((a.i for a in node.attribute if a.name == "to"), None)
                 name = node.input[0]
                 continue
-            # Produced by other nodes: batch statistics if the graph's input feeds them, else a
-            # constant expression of stored tensors (e.g. DequantizeLinear of an initializer).
-            return ("computed" if self.depends_on_input(name, scope) else "constant"), None, node.op_type
-        return "unknown", None, None
+            op = node.op_type
+            break
+        # Produced by other nodes: batch statistics if the graph's input feeds them, else a
+        # constant expression of stored tensors (e.g. Reshape of an initializer), folded.
+        if self.depends_on_input(start, scope):
+            return "computed", None, op, None
+        try:
+            value = scope.folder.value(start)
+        except Unresolved as exc:
+            return kind, None, op, str(exc)
+        return kind, ArrayTensor(value), op, None
 
     def depends_on_input(self, name: str, scope: _Scope) -> bool:
-        """Whether a tensor's value depends on a runtime graph input (iterative DFS, memoised)."""
+        """Whether a tensor's value depends on a runtime graph input (iterative post-order DFS).
+
+        Every name visited is memoised, so all the BN layers of a graph cost one walk in total.
+        """
         memo = scope.data_dependent
-        stack, seen, found = [name], set(), False
-        while stack and not found:
-            current = stack.pop()
-            if current in seen or not current or current in scope.tensors:
+        stack, active = [name], set()
+        while stack:
+            current = stack[-1]
+            if current in memo:
+                stack.pop()
                 continue
-            seen.add(current)
-            if memo.get(current) or current in scope.inputs:
-                found = True
-                break
-            node = scope.producers.get(current)
-            if node is None:
-                found = True  # undefined name: fed from outside (e.g. a loop-carried value)
-                break
-            stack.extend(node.input)
-        memo[name] = found
-        return found
+            node = None
+            if not current or current in scope.tensors:
+                memo[current] = False
+            elif current in scope.inputs or (node := scope.producers.get(current)) is None:
+                memo[current] = True  # an input, or an undefined name: fed from outside (e.g. a loop-carried value)
+            else:
+                pending = [source for source in node.input if source not in memo and source not in active]
+                if pending and current not in active:
+                    active.add(current)
+                    stack.extend(pending)
+                    continue
+                memo[current] = any(memo.get(source, False) for source in node.input)  # a cycle reads as constant
+            active.discard(current)
+            stack.pop()
+        return memo[name]
 
     def feeding_nodes(self, names: list[str], scope: _Scope, stop: str) -> list[WireNode]:
-        """Nodes that compute `names` (e.g. a BN's batch mean/var), not looking past tensor `stop`."""
-        stack, seen, nodes = list(names), set(), {}
-        while stack:
+        """Nodes that compute `names` (e.g. a BN's batch mean/var), not looking past tensor `stop`.
+
+        At most _MAX_OWN_USES_WALK nodes: an exporter's batch-statistics subgraph is a handful of
+        nodes, and an unbounded walk per BN would be quadratic in a long chain.
+        """
+        stack, seen = list(names), set()
+        nodes: dict[int, WireNode] = {}
+        while stack and len(nodes) < _MAX_OWN_USES_WALK:
             name = stack.pop()
             if not name or name == stop or name in seen or name in scope.tensors:
                 continue
@@ -269,13 +324,18 @@ class _Reader:
         tensors: dict[str, TensorRef] = {}
         sources: dict[str, str] = {}
         source_ops: dict[str, str] = {}
+        unchecked: list[str] = []
         for key, name in zip(("weight", "bias", "running_mean", "running_var"), inputs[1:5]):
-            source, ref, op = self.resolve(name, scope)
+            source, ref, op, why = self.resolve(name, scope)
             sources[key] = source
             if ref is not None:
                 tensors[key] = ref
             if op is not None:
                 source_ops[key] = op
+            if why is not None:
+                unchecked.append(f"{key} ({name!r}): {why}")
+        spatial = scalar("spatial", 1, int) if version <= 7 else None
+        unchecked += _check_parameters(tensors, per_channel=spatial != 0)
         stats = [sources["running_mean"], sources["running_var"]]
         stats_source = next(s for s in _STATS_PRIORITY if s in stats)
         node_name = prefix + (node.name or f"BatchNormalization_{index}")
@@ -291,7 +351,7 @@ class _Reader:
         # Uses of X by the nodes computing this BN's own batch mean/var do not stop folding or
         # make a bias useful: count only the other consumers.
         own_uses = 0
-        if stats_source == "computed":
+        if stats_source == "computed" and scope.consumers[inputs[0]] > 1:
             own_uses = sum(list(n.input).count(inputs[0]) for n in self.feeding_nodes(inputs[3:5], scope, inputs[0]))
         raw_momentum = _f32(scalar("momentum", 0.9, float))
         torch_module, torch_class = _torch_scope(node)
@@ -312,11 +372,12 @@ class _Reader:
             node_index=index if top else None,
             aliases=aliases,
             known={"eps", "momentum", "training"},
+            unchecked=unchecked,
         )
         self.details[name] = {
             "torch_module": torch_module, "torch_class": torch_class, "op_version": version, "node_inputs": list(node.input),
             "node_outputs": list(node.output), "training_mode": training_mode, "is_test": is_test,
-            "spatial": scalar("spatial", 1, int) if version <= 7 else None, "param_sources": sources,
+            "spatial": spatial, "param_sources": sources,
             "stats_storage": stats_source, "subgraph": prefix.rstrip("/") or None,
         }
         return layer
@@ -337,6 +398,28 @@ class _Reader:
         exclusive = scope.consumers[name] - own_uses == 1 and name not in scope.outputs
         return Producer(name=node.name or node.op_type, op=node.op_type, kind=kind, has_bias=has_bias, bias=bias,
                         exclusive=exclusive)
+
+
+def _check_parameters(tensors: dict[str, TensorRef], per_channel: bool) -> list[str]:
+    """Why parameters the runtime would refuse cannot be read as statistics (not a float type, or
+    not the (C,) shape they share); a non-numeric one is dropped, as no rule can read it."""
+    why = []
+    first = next((key for key in ("weight", "running_mean", "bias", "running_var") if key in tensors), None)
+    expected = tensors[first].shape if first is not None else None
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        ref = tensors.get(key)
+        if ref is None:
+            continue
+        if not ref.dtype.startswith(_NUMERIC_PREFIXES):
+            del tensors[key]
+            why.append(f"{key} is of type {ref.dtype}, not numbers (onnxruntime refuses the model)")
+            continue
+        if not ref.dtype.startswith(_FLOAT_TYPES):
+            why.append(f"{key} is of type {ref.dtype}, not a float type (onnxruntime refuses the model)")
+        if per_channel and (len(ref.shape) != 1 or ref.shape != expected):
+            why.append(f"{key} has shape {list(ref.shape)}, not the [C] shared by every parameter "
+                       f"({first}: {list(expected or ())}; onnxruntime refuses the model)")
+    return why
 
 
 def _neutral_source(source: str) -> StatsSource:
@@ -422,14 +505,17 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
         notes.append("the ONNX graph has a cycle; layers are listed in file order")
     reader = _Reader(path, opset)
     ranks = {node: rank for rank, node in enumerate(order)}
+    reader.fold_budget[0] = MAX_TOTAL
     reader.walk(graph, None, "", ranks, 0)
+    notes += reader.notes
     layers = [layer for _, layer in sorted(reader.found, key=lambda item: item[0])]
     # Eval-mode exports usually drop Dropout nodes, so their absence says nothing (None).
     dropout = [ranks[i] for i, node in enumerate(graph.node) if is_stochastic(node.op_type)]
+    first_dropout = min(dropout) if dropout else None  # once, not per layer
     for rank, layer in enumerate(layers):
         layer.order = rank
-        if dropout and layer.node_index is not None:
-            layer.after_stochastic = min(dropout) < ranks[layer.node_index]
+        if first_dropout is not None and layer.node_index is not None:
+            layer.after_stochastic = first_dropout < ranks[layer.node_index]
     function_bns = sum(node.op_type == "BatchNormalization" for function in model.functions for node in function.node)
     if function_bns:
         notes.append(f"{function_bns} BatchNormalization node(s) inside ONNX local functions were not linted")

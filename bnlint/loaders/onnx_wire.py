@@ -30,7 +30,7 @@ from bnlint.errors import InputError
 from bnlint.protowire import FIXED32, FIXED64, LEN, VARINT, Buffer, Field, WireError
 
 # AttributeProto.AttributeType
-UNDEFINED, FLOAT, INT, STRING, TENSOR, GRAPH, FLOATS, INTS, STRINGS, TENSORS, GRAPHS = range(11)
+UNDEFINED, FLOAT, INT, STRING, TENSOR, GRAPH, FLOATS, INTS, STRINGS, TENSORS, GRAPHS, SPARSE_TENSOR = range(12)
 _VALUE_FIELDS = {FLOAT: "f", INT: "i", STRING: "s", TENSOR: "t", GRAPH: "g", FLOATS: "floats", INTS: "ints", STRINGS: "strings",
                  TENSORS: "tensors", GRAPHS: "graphs"}
 EXTERNAL = 1  # TensorProto.DataLocation
@@ -219,7 +219,7 @@ class WireTensor(_Message):
 
 
 class WireSparseTensor(_Message):
-    """SparseTensorProto: read for completeness, not linted."""
+    """SparseTensorProto: values [NNZ], indices [NNZ] (linearised) or [NNZ, rank], dense dims."""
 
     SCHEMA = {1: ("values", MESSAGE, WireTensor), 2: ("indices", MESSAGE, WireTensor), 3: ("dims", INT64S, None)}
     values: WireTensor | None = None
@@ -284,6 +284,7 @@ class WireAttribute(_Message):
     strings: Sequence[bytes] = ()
     tensors: Sequence[WireTensor] = ()
     graphs: Sequence[WireGraph] = ()
+    sparse_tensor: WireSparseTensor | None = None  # a Constant node's sparse_value
 
     @property
     def t(self) -> WireTensor:
@@ -335,7 +336,7 @@ WireAttribute.SCHEMA = {
     1: ("name", TEXT, None), 2: ("f", FLOAT32, None), 3: ("i", INT64, None), 4: ("s", BYTES, None), 5: ("_t", MESSAGE, WireTensor),
     6: ("_g", MESSAGE, WireGraph), 7: ("floats", FLOAT32S, None), 8: ("ints", INT64S, None), 9: ("strings", BYTES_LIST, None),
     10: ("tensors", MESSAGES, WireTensor), 11: ("graphs", MESSAGES, WireGraph), 20: ("type", ENUM, frozenset(range(15))),
-    21: ("ref_attr_name", TEXT, None),
+    21: ("ref_attr_name", TEXT, None), 22: ("sparse_tensor", MESSAGE, WireSparseTensor),
 }
 
 
