@@ -7,6 +7,7 @@ here knows an op name of any framework: ops are judged by `GraphNode.kind`.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -387,9 +388,9 @@ def fixed_batch_one_training(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit
     if not batch_one or not risky:
         return
     fed_by: dict[int, list[str]] = {}
-    for name in batch_one:
-        for index in _reached(model.nodes, name) & risky.keys():
-            fed_by.setdefault(index, []).append(name)
+    for index, bits in _reached(model.nodes, batch_one).items():
+        if index in risky:
+            fed_by[index] = [name for bit, name in enumerate(batch_one) if bits >> bit & 1]
     for index, names in sorted(fed_by.items(), key=lambda item: risky[item[0]].order):
         layer = risky[index]
         yield Hit(
@@ -400,22 +401,32 @@ def fixed_batch_one_training(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit
         )
 
 
-def _reached(nodes: list[GraphNode], start: str) -> set[int]:
-    """Indices of the nodes a tensor reaches (breadth-first over tensor names; linear in the graph)."""
+def _reached(nodes: list[GraphNode], starts: list[str]) -> dict[int, int]:
+    """Node index -> bit mask of the `starts` tensors that reach it.
+
+    One forward propagation for all starts (a mask per tensor name, bit i for starts[i]); a name
+    is queued again only when its mask gains bits, so a graph in topological order costs one
+    pass however many inputs it has, instead of one walk per input.
+    """
     consumers: dict[str, list[GraphNode]] = {}
     for node in nodes:
         for name in node.inputs:
             consumers.setdefault(name, []).append(node)
-    reached: set[int] = set()
-    queue, seen = [start], {start}
+    masks = {name: 1 << bit for bit, name in enumerate(starts)}
+    reached: dict[int, int] = {}
+    queue = deque(starts)
     while queue:
-        for node in consumers.get(queue.pop(), ()):
-            if node.index in reached:
+        name = queue.popleft()
+        bits = masks[name]
+        for node in consumers.get(name, ()):
+            before = reached.get(node.index, 0)
+            if before | bits == before:
                 continue
-            reached.add(node.index)
+            reached[node.index] = before | bits
             for out in node.outputs:
-                if out and out not in seen:
-                    seen.add(out)
+                held = masks.get(out, 0)
+                if out and held | bits != held:
+                    masks[out] = held | bits
                     queue.append(out)
     return reached
 
