@@ -6,7 +6,10 @@ stream (every length within the bytes that exist, memo indices no larger than th
 out-of-band buffers) and records every global that *loading* would call: REDUCE, NEWOBJ,
 NEWOBJ_EX, INST, OBJ, the class arguments of `copyreg._reconstructor` & co, calls of computed
 objects, and BUILD/SETITEM/APPEND on a global (which mutate a live object). Each is judged by
-`pickle_policy`. The scan builds, imports and calls nothing, so its findings survive whatever
+`pickle_policy`; a dotted name (an attribute walk), an EXT code (an import from copyreg's
+registry) and the globals of a persistent id are judged even when nothing calls them. It also
+weighs what the unpickler would hash (dict keys, set members): a memo DAG that would expand into
+exponentially many nodes to hash is refused before the C unpickler ever sees it. The scan builds, imports and calls nothing, so its findings survive whatever
 happens to the load afterwards; `looks_like_pickle` reuses it to sniff a file's format.
 
 This module is the opcode loop and one handler per opcode; the markers, the scanner's state and

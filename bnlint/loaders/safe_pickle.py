@@ -57,6 +57,7 @@ class SafeUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="latin1")
         self._persistent = persistent
         self.globals_seen: set[str] = set()
+        self.walks: dict[str, str] = {}  # qualified name -> its dotted name (an attribute walk)
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol <= 2 pickles written by Python 3 name Python 2 modules (__builtin__, commands
@@ -67,6 +68,8 @@ class SafeUnpickler(pickle.Unpickler):
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
         self.globals_seen.add(f"{module}.{name}")
+        if "." in name:
+            self.walks[f"{module}.{name}"] = name
         return resolve_global(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
@@ -117,7 +120,7 @@ def safe_load(data: Buffer, persistent: Callable[[Any], Any] | None = None, scan
     # The scan and the C unpickler must agree on what the stream names; a global only the latter
     # saw means the two parsers read different streams, so judge it now.
     for name in sorted(unpickler.globals_seen - scan.globals_seen):
-        verdict = judge_call(name)
+        verdict = judge_call(name, walk=unpickler.walks.get(name))
         if verdict == "primitive" and name not in scan.unsafe:
             scan.unsafe.append(name)
         elif verdict == "unknown" and name not in scan.unknown:
