@@ -81,3 +81,30 @@ def test_setstate_and_aliases_and_foreign_ops_are_caught() -> None:
 def test_committed_torchscript_fixtures_are_pure_tensor_code() -> None:
     for name in ("convnet_scripted.pt", "convnet_traced.pt", "fault_traced_train.pt", "convnet_trs_false_scripted.pt"):
         assert unsafe_operations(torchscript_sources(ROOT / "fixtures" / name)) == []
+
+
+def test_the_text_scan_is_conservative_about_spellings_it_cannot_read() -> None:
+    code = {
+        "code/__torch__.py": (
+            "class M(Module):\n"
+            "  def forward(self: __torch__.M, x: Tensor, name: str) -> Tensor:\n"
+            "    _0 = __torch__.torch.nn.functional.relu\n"
+            "    layer = getattr(self.layers, \"0\")\n"
+            "    y = _0((layer).forward(x, ), False, )\n"
+            "    a = getattr(torch, \"save\")\n"
+            "    b = getattr(x, name)\n"
+            "    t = torch\n"
+            "    f = ops.aten\n"
+            "    import os\n"
+            "    c = __torch__.torch.classes.myext.Thing()\n"
+            "    d = rpc_async(\"w\", x)\n"
+            "    e = math.from_file(\"/etc/hostname\")\n"
+            "    return torch.add(y, CONSTANTS.c0)\n"
+        )
+    }
+    found = unsafe_operations(code)
+    spelled = {entry.rsplit(" (", 1)[0] for entry in found}
+    assert spelled == {"getattr(torch, ...)", "getattr with a computed attribute name", "torch used as a value",
+                       "ops.aten used as a value", "import os", "__torch__.torch.classes.myext.Thing", "rpc_async",
+                       "math.from_file"}
+    assert "getattr(torch, ...) (code/__torch__.py:6)" in found and "import os (code/__torch__.py:10)" in found

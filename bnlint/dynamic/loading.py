@@ -168,8 +168,8 @@ def open_torch(model: ModelInfo, arch: str | None, arch_kwargs: Mapping[str, Any
             unsafe = unsafe_operations(torchscript_sources(model.path))
             if unsafe:
                 listed = "; ".join(unsafe[:3]) + (f"; ... (+{len(unsafe) - 3})" if len(unsafe) > 3 else "")
-                raise TrustRequired(model.path, f"TorchScript code calls {listed}: running it could read or write files "
-                                    "or print; pass --trust if you trust it")
+                raise TrustRequired(model.path, f"TorchScript code uses {listed}: not recognised as pure tensor computation "
+                                    "(running it could read or write files or print); pass --trust if you trust it")
         try:
             with warnings.catch_warnings():  # deprecated in favour of torch.export, which cannot read these files
                 warnings.simplefilter("ignore", DeprecationWarning)
