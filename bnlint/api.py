@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from bnlint.config import Config
 from bnlint.errors import BnlintError, InputError, NotAModel, UnsafeInputError
 from bnlint.findings import FileError, FileResult, Finding, Report
 from bnlint.loaders import CAFFE_EXTENSIONS, load_model
 from bnlint.model import ModelInfo
+
+if TYPE_CHECKING:
+    from bnlint.measurements import Measurements
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ def _display(path: Path) -> str:
 
 
 def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None, dynamic: Any = None,
-              skip_unrecognised: bool = False, notes: list[str] | None = None, companion: Path | None = None) -> FileResult | None:
+              skip_unrecognised: bool = False, notes: list[str] | None = None, companion: Path | None = None,
+              measured: Measurements | None = None) -> FileResult | None:
     """Lint one file; any unreadable input becomes FileResult.error, never an exception.
 
     With skip_unrecognised, a file in no model format (a Git LFS pointer, a plain HDF5 data
@@ -89,7 +93,7 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
     try:
         model = load_model(path, companion)
         model.path = shown
-        _analyse(result, model, config, reference=reference, dynamic=dynamic)
+        _analyse(result, model, config, reference=reference, dynamic=dynamic, source=(path, companion), measured=measured)
     except BnlintError as exc:  # unreadable file, a tensor that cannot be decoded, unusable --data
         if skip_unrecognised and isinstance(exc, NotAModel):
             if notes is not None:
@@ -119,24 +123,43 @@ def _pickle_findings(exc: UnsafeInputError, shown: str, config: Config) -> list[
 
 
 def _analyse(result: FileResult, model: ModelInfo, config: Config, *, reference: ModelInfo | None = None,
-             dynamic: Any = None, module: Any = None) -> None:
+             dynamic: Any = None, module: Any = None, source: tuple[Path, Path | None] | None = None,
+             measured: Measurements | None = None) -> None:
     """Measure (given data), then every rule once over static + measured facts, into `result`:
-    the one path for files and live modules."""
+    the one path for files and live modules.
+
+    A model file runs only in the isolated child (bnlint.sandbox); a live module from the Python
+    API is the caller's own object and runs where it is. When measuring fails (the model cannot
+    be run, its deadline passed, it crashed), the static findings are still reported and the
+    failure is re-raised for the file's error line. `measured`: measurements already made (fix).
+    """
     from bnlint.context import RuleContext
     from bnlint.engine import run_rules
 
     result.format = model.format
     result.layer_count = len(model.layers)
     result.notes.extend(model.notes)
-    measurements = None
-    if dynamic is not None:
-        from bnlint.dynamic import measure
+    measurements = measured
+    failure: BnlintError | None = None
+    if dynamic is not None and measurements is None:
+        try:
+            if module is not None or source is None:
+                from bnlint.dynamic import measure
 
-        measurements = measure(model, dynamic, config, module)
+                measurements = measure(model, dynamic, config, module)
+            else:
+                from bnlint.sandbox import measure_isolated
+
+                measurements = measure_isolated(model, str(source[0]), None if source[1] is None else str(source[1]), dynamic, config)
+        except BnlintError as exc:
+            failure = exc
+    if measurements is not None:
         result.layer_stats.extend(measurements.layer_stats)
         result.notes.append(f"dynamic analysis ran on {measurements.engine} over {measurements.samples} samples")
         result.notes.extend(measurements.notes)
     result.findings.extend(run_rules(RuleContext(model=model, config=config, reference=reference, measurements=measurements)))
+    if failure is not None:
+        raise failure
 
 
 def _problem(exc: BnlintError, path: Path) -> str:

@@ -19,6 +19,7 @@ from bnlint.dynamic.stats import Collector
 from bnlint.errors import UsageError
 from bnlint.measurements import BatchDependence, Measurements
 from bnlint.model import ModelInfo
+from bnlint.sandbox import events
 
 
 def align_names(model: ModelInfo, runner_names: list[str], hints: dict[str, str]) -> dict[str, str]:
@@ -234,6 +235,7 @@ def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: 
     for key in ("batch_size", "device", "onnx_engine"):
         override(settings, key, getattr(options, key))
     dataset = Dataset(options.data, max_samples=int(settings["max_samples"]))
+    events.stage("opening the model")
     runner = _open_runner(model, options, settings, module)
     sources = dataset.select(runner.input_names, options.inputs)
     for source, shape, name in zip(sources, runner.input_shapes, runner.input_names):
@@ -257,6 +259,7 @@ def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: 
 
     def add(name: str, var: Any, mean: Any, values_per_sample: int) -> None:
         collector.add(names.get(name, name), var, mean, values_per_sample)
+        events.layer(names.get(name, name))
 
     progress = Progress(usable, "bnlint: running the model on the data", quiet=options.quiet)
     done = 0
@@ -266,7 +269,9 @@ def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: 
         collector.end_batch()
         done = min(usable, done + batch_size)
         progress.update(done)
+        events.progress(done, usable)
 
+    events.stage("running the model on the data")
     try:
         if usable:
             runner.collect(zip_batches(sources, batch_size, limit=usable), add, end_batch)
@@ -294,6 +299,7 @@ def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: 
     count = min(max(int(settings["dependence_samples"]), wanted), samples)
     if count >= 2 or (runner.fixed_batch and count >= runner.fixed_batch):
         first = next(zip_batches(sources, count, limit=count))[1]
+        events.stage("checking batch dependence")
         dependence = check_batch_dependence(runner, first, float(settings["batch_dependence_rtol"]), names)
     return Measurements(
         layers=layers, samples=samples, settings=settings, engine=runner.engine,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bnlint.config import Config
-from bnlint.errors import UsageError
+from bnlint.errors import TrustRequired, UsageError
 from bnlint.findings import Report
 from bnlint.fix.recalibrate import RecalibrationError
 
@@ -65,17 +65,31 @@ class FixOutcome:
                 "details": self.details}
 
 
+def _dynamic_options(options: FixOptions) -> Any:
+    from bnlint.dynamic import DynamicOptions
+
+    return DynamicOptions(data=options.data or "", inputs=dict(options.inputs), batch_size=options.batch_size, arch=options.arch,
+                          arch_kwargs=dict(options.arch_kwargs), trust=options.trust, device=options.device,
+                          onnx_engine=options.onnx_engine, quiet=True, timeout=options.timeout)
+
+
 def _measure(path: str, options: FixOptions, config: Config) -> Report | None:
     """The linter's own run on `path` with the data (None without data)."""
     if options.data is None:
         return None
     from bnlint.api import lint_paths
-    from bnlint.dynamic import DynamicOptions
 
-    dynamic = DynamicOptions(data=options.data, inputs=dict(options.inputs), batch_size=options.batch_size, arch=options.arch,
-                             arch_kwargs=dict(options.arch_kwargs), trust=options.trust, device=options.device,
-                             onnx_engine=options.onnx_engine, quiet=True)
-    return lint_paths([path], config, dynamic=dynamic)
+    return lint_paths([path], config, dynamic=_dynamic_options(options))
+
+
+def _judge(path: str, options: FixOptions, config: Config, measured: Any) -> Report | None:
+    """The linter's report on `path` from measurements the isolated child already made."""
+    if measured is None:
+        return None
+    from bnlint.api import lint_file
+
+    result = lint_file(Path(path), config, dynamic=_dynamic_options(options), measured=measured)
+    return Report(files=[result] if result is not None else [])
 
 
 def _first_drift(report: Report | None) -> str | None:
@@ -107,18 +121,123 @@ def _target(options: FixOptions) -> str | None:
     return options.output
 
 
+def _refuse_unsafe(info: Any, options: FixOptions) -> None:
+    """A file whose pickles or TorchScript code name code that would run is never fixed (and so
+    never copied into an output) without --trust."""
+    if options.trust:
+        return
+    named = [*info.unsafe_globals, *info.unknown_callables, *info.unsafe_code]
+    if named:
+        codes = "BN001" if info.unsafe_globals else "BN004" if info.unsafe_code else "BN003"
+        raise TrustRequired(options.model, f"{codes}: the file names code that loading or running it would execute "
+                            f"({', '.join(sorted(named)[:3])}{', ...' if len(named) > 3 else ''}); bnlint fix refuses it "
+                            "without --trust and writes nothing")
+
+
 def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
-    """Repair the model as its framework allows; raises BnlintError subclasses (one line each)."""
+    """Repair the model as its framework allows; raises BnlintError subclasses (one line each).
+
+    The repair and both measurements run in one isolated child (bnlint.sandbox), which writes the
+    output into its private folder; only then is it published next to the target
+    (bnlint.fix.publish). Under torchrun the ranks run in process (their process group cannot
+    cross into a child): the processes torchrun started are the isolation there.
+    """
     from bnlint.loaders import load_model
 
     config = config or Config()
     info = load_model(options.model)
+    _refuse_unsafe(info, options)
     target = _target(options)
-    leader = options.process_group is None or _rank(options.process_group) == 0
-    if options.process_group is not None and info.framework != "torch":
-        raise UsageError("distributed recalibration (torchrun) is for PyTorch models; run ONNX and Keras fixes in one process")
-    before = _measure(options.model, options, config) if leader else None
-    outcome = FixOutcome(options.model, target, info.framework, [], [], _first_drift(before), None, before=before)
+    if options.process_group is not None:
+        return _run_in_process(info, options, config, target)
+    if info.framework not in ("onnx", "torch", "keras"):
+        raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")
+    return _run_isolated(options, config, target)
+
+
+def _run_isolated(options: FixOptions, config: Config, target: str | None) -> FixOutcome:
+    import dataclasses
+    import shutil
+
+    from bnlint.dynamic.options import dynamic_settings
+    from bnlint.sandbox import arch_file, config_record, default_timeout, run_job
+
+    settings = dynamic_settings(config)
+    timeout = options.timeout or settings.get("timeout") or 3 * default_timeout([options.model, options.data])
+    record = {k: v for k, v in dataclasses.asdict(options).items() if k != "process_group"}
+    job = {"kind": "fix", "options": record, "config": config_record(config),
+           "staged": Path(target).name if target is not None else None}
+    folder = str(Path(options.model).resolve().parent)
+    ran = run_job(job, reads=[folder, options.data or "", arch_file(options.arch) or ""], trust=options.trust,
+                  device=options.device, timeout=float(timeout), describe=options.model)
+    try:
+        result = ran.result
+        if not isinstance(result, dict) or not isinstance(result.get("record"), dict):
+            raise RecalibrationError("the isolated fix sent back something other than its outcome")
+        outcome = _outcome(result["record"], options, target)
+        outcome.notes.extend(ran.notes)
+        if target is not None:
+            from bnlint.fix.publish import publish
+
+            staged = ran.folder / "staged" / Path(target).name
+            publish(staged, Path(target), source=Path(options.model), in_place=options.in_place)
+        outcome.before = _judge(options.model, options, config, result.get("before"))
+        outcome.first_drift_before = _first_drift(outcome.before)
+        if target is not None:
+            outcome.after = _judge(target, options, config, result.get("after"))
+            outcome.first_drift_after = _first_drift(outcome.after)
+        outcome.layers = _table(outcome.before, outcome.after)
+        return outcome
+    finally:
+        shutil.rmtree(ran.folder, ignore_errors=True)
+
+
+def _outcome(record: dict[str, Any], options: FixOptions, target: str | None) -> FixOutcome:
+    """A FixOutcome from the child's record, every field checked (the child is not trusted)."""
+    def strings(value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecalibrationError("the isolated fix sent back a malformed outcome")
+        return value
+
+    refused, details = record.get("refused"), record.get("details")
+    if not isinstance(refused, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in refused.items()):
+        raise RecalibrationError("the isolated fix sent back a malformed outcome")
+    framework = record.get("framework")
+    return FixOutcome(options.model, target, framework if isinstance(framework, str) else "", strings(record.get("actions")), [],
+                      None, None, refused=refused, notes=strings(record.get("notes")),
+                      details=details if isinstance(details, dict) else {})
+
+
+def fix_in_child(options: FixOptions, config: Config, staged_name: str | None, out: Path) -> dict[str, Any]:
+    """The isolated part of `bnlint fix` (bnlint.sandbox.child): measure, repair into the private
+    folder's staged/ (the input itself is read-only here), measure the output."""
+    import dataclasses
+
+    from bnlint.dynamic import measure
+    from bnlint.loaders import load_model
+    from bnlint.sandbox import events
+
+    staged = None
+    if staged_name is not None:
+        (out / "staged").mkdir()
+        staged = str(out / "staged" / staged_name)
+    info = load_model(options.model)
+    _refuse_unsafe(info, options)  # the parent checked too: a second wall costs nothing
+    local = dataclasses.replace(options, output=staged, in_place=False)
+    events.stage("measuring the input")
+    before = measure(info, _dynamic_options(options), config) if options.data is not None else None
+    outcome = FixOutcome(options.model, staged, info.framework, [], [], None, None)
+    events.stage("repairing")
+    _repair(info, local, outcome, staged)
+    after = None
+    if staged is not None and options.data is not None:
+        events.stage("measuring the output")
+        fixed = load_model(staged)
+        after = measure(fixed, _dynamic_options(options), config)
+    return {"record": outcome.record(), "before": before, "after": after}
+
+
+def _repair(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
     if info.framework == "onnx":
         _fix_onnx(info, options, outcome, target)
     elif info.framework == "torch":
@@ -127,6 +246,16 @@ def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
         _fix_keras(info, options, outcome, target)
     else:
         raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")
+
+
+def _run_in_process(info: Any, options: FixOptions, config: Config, target: str | None) -> FixOutcome:
+    """torchrun: every rank recalibrates its shard in process; rank 0 measures and writes."""
+    leader = _rank(options.process_group) == 0
+    if info.framework != "torch":
+        raise UsageError("distributed recalibration (torchrun) is for PyTorch models; run ONNX and Keras fixes in one process")
+    before = _measure(options.model, options, config) if leader else None
+    outcome = FixOutcome(options.model, target, info.framework, [], [], _first_drift(before), None, before=before)
+    _fix_torch(info, options, outcome, target)
     if not leader:
         outcome.output = None  # rank 0 writes and measures; the others only contributed statistics
         return outcome

@@ -1,0 +1,69 @@
+"""Isolation: every execution of a model file happens in a child process (see isolate.py).
+
+    measured = measure_isolated(model_info, "m.pt", None, DynamicOptions(data="d.npz"), config)
+
+The parent never imports torch, onnxruntime or Keras for this: the child measures, streams its
+progress, and sends back `Measurements` as data; the parent judges them with the rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from bnlint.sandbox.isolate import ModelRunError, Outcome, Walls, default_timeout, run_job, set_quiet
+
+if TYPE_CHECKING:
+    from bnlint.config import Config
+    from bnlint.dynamic.options import DynamicOptions
+    from bnlint.measurements import Measurements
+    from bnlint.model import ModelInfo
+
+__all__ = ["ModelRunError", "Outcome", "Walls", "config_record", "default_timeout", "measure_isolated", "run_job"]
+
+
+def config_record(config: Config) -> dict[str, Any]:
+    """The Config as JSON for the child (it rebuilds the same frozen Config)."""
+    return {"select": list(config.select), "ignore": list(config.ignore), "fail_on": config.fail_on,
+            "per_layer_ignores": {k: list(v) for k, v in config.per_layer_ignores.items()},
+            "thresholds": dict(config.thresholds), "dynamic": dict(config.dynamic), "exclude": list(config.exclude),
+            "source": config.source}
+
+
+def arch_file(arch: str | None) -> str | None:
+    """The folder of an --arch given as path/file.py:factory (its imports are its neighbours)."""
+    if not arch:
+        return None
+    module = arch.rpartition(":")[0] if ":" in arch else arch
+    if module.endswith(".py"):
+        from pathlib import Path
+
+        return str(Path(module).resolve().parent)
+    return None
+
+
+def measure_isolated(model: ModelInfo, path: str, companion: str | None, options: DynamicOptions, config: Config) -> Measurements:
+    """`bnlint.dynamic.measure` for a model file, run in the isolated child."""
+    from bnlint.dynamic.options import dynamic_settings
+    from bnlint.measurements import Measurements
+
+    settings = dynamic_settings(config)  # bad settings are usage errors here, before any child starts
+    timeout = options.timeout or settings.get("timeout") or default_timeout([path, options.data])
+    set_quiet(options.quiet)
+    job = {"kind": "measure", "model": path, "companion": companion, "options": dataclasses.asdict(options),
+           "config": config_record(config)}
+    from pathlib import Path
+
+    folders = [str(Path(p).resolve().parent) for p in (path, companion) if p]  # external data lives beside the model
+    outcome = run_job(job, reads=[*folders, options.data, arch_file(options.arch) or ""], trust=options.trust,
+                      device=options.device or settings.get("device"), timeout=float(timeout), describe=model.path)
+    try:
+        measured = outcome.result
+        if not isinstance(measured, Measurements):
+            raise ModelRunError(model.path, "the isolated run sent back something other than measurements")
+        measured.notes.extend(outcome.notes)
+        return measured
+    finally:
+        import shutil
+
+        shutil.rmtree(outcome.folder, ignore_errors=True)
