@@ -151,6 +151,7 @@ def to_model_info(extracted: Extracted) -> ModelInfo:
     info = ModelInfo(path=extracted.path, format=extracted.format, framework="torch")
     info.unsafe_globals = list(extracted.unsafe_globals)
     info.unknown_callables = list(extracted.unknown_callables)
+    info.unsafe_code = list(extracted.unsafe_code)
     info.notes = list(extracted.notes)
     info.metadata.update(extracted.metadata)
     layers, other_norms = layers_from_state_dict(extracted.tensors, extracted.modules)

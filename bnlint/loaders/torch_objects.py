@@ -51,6 +51,7 @@ class Extracted:
     metadata: dict[str, Any] = field(default_factory=dict)
     unsafe_globals: list[str] = field(default_factory=list)  # execution primitives the pickles name (BN001)
     unknown_callables: list[str] = field(default_factory=list)  # other callables loading would run (BN003)
+    unsafe_code: list[str] = field(default_factory=list)  # TorchScript operations that are not tensor computation (BN004)
     notes: list[str] = field(default_factory=list)
     traced_training: list[TracedCall] = field(default_factory=list)  # TorchScript: batch_norm(training=True) calls
 

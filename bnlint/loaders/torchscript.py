@@ -198,9 +198,7 @@ def extract_torchscript(path: str, top: Any, unsafe: list[str], sources: dict[st
             if not owners and len(result.traced_training) < MAX_TRACED:
                 result.traced_training.append(TracedCall(None, call["code"], location))
     result.metadata["scripted_classes"] = len(classes)
-    # Becomes ModelInfo.unsafe_code (BN004). Carried in metadata until Extracted has its own field
-    # and to_model_info copies it (bnlint.loaders.torch_objects / state_dict are not this module's).
-    result.metadata["unsafe_code"] = unsafe_operations(sources)
+    result.unsafe_code = unsafe_operations(sources)  # ModelInfo.unsafe_code: BN004
     if not isinstance(top, Stub):
         result.notes.append("TorchScript data.pkl does not hold a module object")
     return result

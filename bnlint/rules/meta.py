@@ -149,8 +149,7 @@ def unsafe_torchscript_code(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]
     - PyTorch docs, "TorchScript": `torch.jit.load` and "TorchScript Language Reference".
     - PyTorch docs, `torch.from_file` and `torch.save`.
     """
-    # metadata["unsafe_code"] bridges until the torch loaders copy the field (see torchscript.py).
-    names = _names(model.unsafe_code) or _names(model.metadata.get("unsafe_code"))
+    names = _names(model.unsafe_code)
     if names:
         yield Hit(
             message=f"TorchScript code runs {len(names)} operation(s) that are not pure tensor computation: "
