@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from bnlint.budget import static_budget
 from bnlint.config import Config
 from bnlint.errors import BnlintError, InputError, NotAModel, UnsafeInputError
 from bnlint.findings import FileError, FileResult, Finding, Report
@@ -91,9 +92,10 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
     except OSError:
         result.size = None
     try:
-        model = load_model(path, companion)
-        model.path = shown
-        _analyse(result, model, config, reference=reference, dynamic=dynamic, source=(path, companion), measured=measured)
+        with static_budget(shown):
+            model = load_model(path, companion)
+            model.path = shown
+            _analyse(result, model, config, reference=reference, dynamic=dynamic, source=(path, companion), measured=measured)
     except BnlintError as exc:  # unreadable file, a tensor that cannot be decoded, unusable --data
         if skip_unrecognised and isinstance(exc, NotAModel):
             if notes is not None:

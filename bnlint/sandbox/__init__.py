@@ -44,6 +44,7 @@ def arch_file(arch: str | None) -> str | None:
 
 def measure_isolated(model: ModelInfo, path: str, companion: str | None, options: DynamicOptions, config: Config) -> Measurements:
     """`bnlint.dynamic.measure` for a model file, run in the isolated child."""
+    from bnlint.budget import paused
     from bnlint.dynamic.options import dynamic_settings
     from bnlint.measurements import Measurements
 
@@ -55,8 +56,9 @@ def measure_isolated(model: ModelInfo, path: str, companion: str | None, options
     from pathlib import Path
 
     folders = [str(Path(p).resolve().parent) for p in (path, companion) if p]  # external data lives beside the model
-    outcome = run_job(job, reads=[*folders, options.data, arch_file(options.arch) or ""], trust=options.trust,
-                      device=options.device or settings.get("device"), timeout=float(timeout), describe=model.path)
+    with paused():  # the child has its own deadline
+        outcome = run_job(job, reads=[*folders, options.data, arch_file(options.arch) or ""], trust=options.trust,
+                          device=options.device or settings.get("device"), timeout=float(timeout), describe=model.path)
     try:
         measured = outcome.result
         if not isinstance(measured, Measurements):
