@@ -145,6 +145,8 @@ def main(ctx: click.Context) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Findings only: no summary, no progress.")
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Read settings from this TOML file instead of the nearest pyproject.toml/bnlint.toml.")
+@click.option("--deploy-precision", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Precision the model is deployed in: half-precision hazards (BN107, BN109) are warnings only for float16/bfloat16 [default: float32].")
 @click.option("--reference", type=click.Path(), default=None, help="Checkpoint fine-tuning started from (enables BN407).")
 @click.option("--data", type=click.Path(), default=None, help="Sample of the data the model now sees (.npz, .npy or a folder of shards): enables BN6xx.")
 @click.option("--input", "inputs", multiple=True, metavar="NAME=KEY", help="Map a model input to an array in --data (repeatable).")
@@ -176,7 +178,8 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
           data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
           arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, timeout: float | None, onnx_engine: str | None,
           baseline: str | None, write_baseline: bool, skip_unrecognised: bool, show_fixes: bool, group: bool,
-          statistics: bool, exit_zero: bool, jobs: int, exclude: tuple[str, ...], debug: bool, report_path: str | None, plot_path: str | None) -> None:
+          statistics: bool, exit_zero: bool, jobs: int, exclude: tuple[str, ...], debug: bool, report_path: str | None, plot_path: str | None,
+          deploy_precision: str | None) -> None:
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx/.keras/.h5/.caffemodel/.prototxt files)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
@@ -185,7 +188,8 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
         os.environ["BNLINT_DEBUG"] = "1"
     try:
         config = load_config(config_path).with_overrides(
-            select=_split_codes(select), ignore=_split_codes(ignore), fail_on="never" if exit_zero else fail_on
+            select=_split_codes(select), ignore=_split_codes(ignore), fail_on="never" if exit_zero else fail_on,
+            deploy_precision=deploy_precision,
         ).validate()
         if exclude:
             config = config.with_overrides(exclude=(*config.exclude, *exclude))

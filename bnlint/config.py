@@ -34,6 +34,10 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
 }
 
 
+DEPLOY_PRECISIONS = ("float32", "float16", "bfloat16")
+HALF_PRECISIONS = ("float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class Config:
     select: tuple[str, ...] = ()  # code prefixes; empty selects every rule
@@ -43,6 +47,9 @@ class Config:
     thresholds: Mapping[str, float] = field(default_factory=dict)
     dynamic: Mapping[str, Any] = field(default_factory=dict)  # [tool.bnlint.dynamic] options
     exclude: tuple[str, ...] = ()  # globs of paths not to lint (extend-exclude, --exclude)
+    # The precision the model runs in once deployed (deploy-precision, --deploy-precision): rules
+    # about half-precision hazards (BN107, BN109) are warnings only for a half-precision deployment.
+    deploy_precision: str = "float32"
     source: str | None = None  # the file the config was read from
 
     def threshold(self, name: str, default: float | None = None) -> float:
@@ -53,6 +60,9 @@ class Config:
         if default is None:
             raise KeyError(name)
         return default
+
+    def deploys_in_half(self) -> bool:
+        return self.deploy_precision in HALF_PRECISIONS
 
     def fail_level(self) -> Severity | None:
         return None if self.fail_on == "never" else Severity.parse(self.fail_on)
@@ -135,13 +145,17 @@ def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
     """A Config from a [tool.bnlint] table; any key of the wrong type is `SOURCE: key: expected ..., got ...`."""
     where = source or "config"
     table = _table(table, where, "a [tool.bnlint] table")
-    known = {"select", "ignore", "fail-on", "per-layer-ignores", "thresholds", "dynamic", "extend-exclude"}
+    known = {"select", "ignore", "fail-on", "per-layer-ignores", "thresholds", "dynamic", "extend-exclude", "deploy-precision"}
     unknown = set(table) - known
     if unknown:
         raise UsageError(f"{where}: unknown [tool.bnlint] key(s): {', '.join(sorted(unknown))}")
     fail_on = table.get("fail-on", "warning")
     if not isinstance(fail_on, str) or fail_on.lower() not in ("error", "warning", "info", "never"):
         raise UsageError(f"{where}: fail-on: expected error, warning, info or never, got {_shown(fail_on)}")
+    precision = table.get("deploy-precision", "float32")
+    if not isinstance(precision, str) or precision.lower() not in DEPLOY_PRECISIONS:
+        raise UsageError(f"{where}: deploy-precision: expected {', '.join(DEPLOY_PRECISIONS[:-1])} or {DEPLOY_PRECISIONS[-1]}, "
+                         f"got {_shown(precision)}")
     per_layer = _table(table.get("per-layer-ignores", {}), f"{where}: per-layer-ignores", "a table of glob = [codes]")
     thresholds = _table(table.get("thresholds", {}), f"{where}: thresholds", "a table of name = number")
     unknown_thresholds = set(thresholds) - set(DEFAULT_THRESHOLDS)
@@ -155,6 +169,7 @@ def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
         thresholds={k: _threshold(v, f"{where}: thresholds.{k}") for k, v in thresholds.items()},
         dynamic=dict(_table(table.get("dynamic", {}), f"{where}: dynamic", "a table of [tool.bnlint.dynamic] settings")),
         exclude=_globs(table.get("extend-exclude", []), f"{where}: extend-exclude"),
+        deploy_precision=precision.lower(),
         source=source,
     )
     from bnlint.dynamic.options import dynamic_settings  # checked now, not only when --data is given
