@@ -36,6 +36,8 @@ def _protocol_stream() -> IO[str]:
 
 def _limit(job: dict[str, Any]) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if job.get("max_file_bytes"):  # no file the child writes (a fixed model, a log) fills the disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(job["max_file_bytes"]), int(job["max_file_bytes"])))
     memory = job.get("memory_bytes")
     if memory and job.get("limit_data"):
         resource.setrlimit(resource.RLIMIT_DATA, (int(memory), int(memory)))

@@ -47,9 +47,13 @@ ENV_KEEP = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "KERAS_BACKEND"
             "TORCH_CPP_LOG_LEVEL", "BNLINT_DEBUG", "NO_COLOR", "TERM")
 ENV_KEEP_PREFIXES = ("LC_",)
 # Files outside the Python installation that runtimes read: the dynamic loader's cache, time zone,
-# user database (getpass), CPU and cgroup facts.
+# user database (getpass), CPU, memory and cgroup facts. Of /proc only the child's own entries and
+# machine-wide facts: another process's /proc/PID/environ (the parent's, with its secrets) stays
+# closed. (/proc/self is resolved by the child itself when it applies the rules.)
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/ld.so.conf",
-               "/etc/ld.so.conf.d", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/proc", "/sys",
+               "/etc/ld.so.conf.d", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf",
+               "/proc/self", "/proc/thread-self", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/filesystems",
+               "/proc/sys/kernel", "/proc/sys/vm", "/proc/driver", "/sys",
                "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random", "/dev/full")
 DEFAULT_TIMEOUT_S = 60.0
 MAX_EVENT_LINE = 1 << 16
@@ -109,6 +113,16 @@ def _memory_limit() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
     except (ValueError, OSError, AttributeError):
         return 16 << 30
+
+
+def _max_file_bytes(job: dict[str, Any]) -> int:
+    """The largest file the child may write: a fixed copy of the model and then some (1 GiB + 2x)."""
+    model = job.get("model") or job.get("options", {}).get("model")
+    try:
+        size = _tree_size(Path(model).resolve().parent) if model else 0
+    except OSError:
+        size = 0
+    return (1 << 30) + 2 * size
 
 
 def _environment(private: Path) -> dict[str, str]:
@@ -181,7 +195,7 @@ def run_job(job: dict[str, Any], *, reads: list[str], trust: bool, device: str |
     reads = [str(Path(r).resolve()) for r in reads if r] + ([os.getcwd()] if arch_module else [])
     memory = _memory_limit()
     job = {**job, "out": str(private), "policy": _policy(reads, private, trust, gpu), "memory_bytes": memory,
-           "limit_data": not gpu}
+           "limit_data": not gpu, "max_file_bytes": _max_file_bytes(job)}
     command = [sys.executable, "-I", "-c", BOOT, json.dumps(_sys_path(arch_module))]
     stderr_path = private / "stderr.txt"
     outcome = Outcome(None, Walls(), private)
