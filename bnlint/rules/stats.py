@@ -15,6 +15,40 @@ from bnlint.rules._util import median as median_of
 from bnlint.rules.registry import Hit, rule
 
 FP16_MAX = 65504.0
+HALF_DTYPES = ("float16", "bfloat16")
+# A channel whose running variance is at most this fraction of eps (or a float32 subnormal, or 0)
+# saw a constant input (a dead ReLU upstream): eps alone sets its gain, so it is dead, not an outlier.
+DEAD_VAR_EPS_FRACTION = 1e-2
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # below it a float32 is subnormal
+
+
+def dead_by_variance(layer: BNLayer) -> np.ndarray | None:
+    """Channels whose running_var is ~0 next to eps (or subnormal / exactly 0): a constant input.
+
+    With eps = 0 only exactly 0 and subnormal variances count; BN103 judges those (0/0 at inference).
+    """
+    var = layer.array("running_var")
+    if var is None or layer.stats_updated is False:  # never-updated statistics measure nothing (BN104)
+        return None
+    limit = max(eps_of(layer) * DEAD_VAR_EPS_FRACTION, FLOAT32_TINY)
+    return np.isfinite(var) & (var >= 0) & (var < limit)
+
+
+def half_precision_reason(layer: BNLayer, ctx: RuleContext) -> str | None:
+    """Why this layer runs in half precision (stored so, or deploy-precision), or None: float32."""
+    stored = sorted({d for t in BN_TENSORS if (d := layer.dtype(t)) in HALF_DTYPES})
+    if stored:
+        return f"its tensors are stored in {'/'.join(stored)}"
+    if ctx.config.deploys_in_half():
+        return f"deploy-precision is {ctx.config.deploy_precision}"
+    return None
+
+
+def _deployment_note(reason: str | None) -> str:
+    if reason is not None:
+        return f" ({reason})"
+    return " (the file is float32 and deploy-precision is float32: only a half-precision deployment is affected; " \
+        "--deploy-precision float16 makes this a warning)"
 
 
 @rule(
@@ -117,6 +151,8 @@ def near_zero_variance(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     In eval mode each channel is multiplied by `weight / sqrt(running_var + eps)`. With `eps=0`
     and a variance that is zero (a dead ReLU upstream), denormal, or underflowed in fp16, that
     factor is huge or infinite: any input that differs from `running_mean` becomes Inf or NaN.
+    A dead channel (variance ~1e-36, subnormal or 0: a constant input) with a normal eps is not
+    reported: `var + eps` is then about eps and the gain is bounded by `1/sqrt(eps)`.
 
     ## Example
     `BatchNorm2d(64, eps=0)` with `running_var[7] = 0.0`.
@@ -220,17 +256,26 @@ def stats_never_updated(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 @rule(
     code="BN105",
     name="few-stat-updates",
-    severity=Severity.WARNING,
+    severity=Severity.INFO,
     summary="The running statistics were updated by very few batches.",
     fix="Re-estimate the statistics over many batches (update_bn, or precise BN with ~200 batches).",
 )
 def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports layers whose `num_batches_tracked` is positive but below the `few_updates` threshold
-    (default 20), and says how much of the initial values (mean 0, var 1) is still mixed into the
-    stored statistics. When the file does not record the momentum (a state dict), the count is
-    ambiguous — `update_bn` also leaves it at the number of batches of its cumulative average —
-    so the finding is information, with both readings.
+    (default 20), and says how much of the initial values (mean 0, var 1) would still be mixed
+    into the stored statistics if they were running averages. The finding is information, with
+    both readings, whatever the container: the count alone cannot tell running averages from a
+    cumulative average (`update_bn` and precise BN leave the number of batches they averaged,
+    and `update_bn` restores the module's momentum afterwards, so a pickled module or TorchScript
+    file with momentum 0.1 says no more than a state dict).
+
+    It is not reported when the statistics cannot be `n` momentum updates from the initial
+    values: after `n` updates with momentum `m`, `running_var` is a convex combination of the
+    initial 1 (weight `(1 - m)**n`) and non-negative batch variances, so it is at least
+    `(1 - m)**n` in every channel. A channel below that (say 0.2 after 8 updates, where
+    `0.9**8 = 0.43`) shows that the statistics came from elsewhere: a re-estimation, or training
+    that started from pretrained statistics with a reset counter.
 
     ## Why is this bad?
     With PyTorch's default `momentum=0.1` each train-mode batch moves the running statistics
@@ -239,7 +284,8 @@ def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     initial values and the noise of a few batches.
 
     ## Example
-    A checkpoint saved after 3 training steps: `num_batches_tracked == 3`.
+    A checkpoint saved after 3 training steps: `num_batches_tracked == 3` and every
+    `running_var` at least `0.9**3 = 0.73`.
 
     ## Use instead
     Train longer, or estimate the population statistics directly with
@@ -255,26 +301,28 @@ def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     default = own.torch_momentum(own.default_momentum) if own.default_momentum is not None else 0.1
     momentum = layer.momentum if layer.is_known("momentum") else default
     if momentum is None:  # cumulative average: the initial values are gone after the first batch
-        message = f"running statistics are the average of only {count} batches (num_batches_tracked {count})"
-        leftover = 0.0
-    elif not layer.is_known("momentum"):
-        # A state dict does not say how the statistics were estimated: update_bn (a cumulative
-        # average over a whole loader) also leaves num_batches_tracked at the number of batches.
-        leftover = (1.0 - float(momentum)) ** count
         yield Hit(
-            message=f"num_batches_tracked is only {count}: if these are running averages with momentum {num(float(momentum))}, "
-            f"the initial values (mean 0, var 1) still make up {leftover:.0%} of them; if they were re-estimated as a "
-            f"cumulative average (update_bn), they average {count} batches",
-            layer=layer.name, values={"num_batches_tracked": count, "initial_weight": leftover}, severity=Severity.INFO,
+            message=f"running statistics are the cumulative average of only {count} batches (num_batches_tracked {count}, "
+            "momentum None)",
+            layer=layer.name, values={"num_batches_tracked": count, "initial_weight": 0.0},
         )
         return
-    else:
-        leftover = (1.0 - float(momentum)) ** count
-        message = (
-            f"running statistics were updated by only {count} batches: the initial values (mean 0, var 1) "
-            f"still make up {leftover:.0%} of them (momentum {num(float(momentum))})"
-        )
-    yield Hit(message=message, layer=layer.name, values={"num_batches_tracked": count, "initial_weight": leftover})
+    leftover = (1.0 - float(momentum)) ** count
+    var = layer.array("running_var")
+    if var is not None and _below_ema_floor(var, leftover):
+        return  # not n momentum updates from the initial values: a re-estimation, or a reset counter
+    yield Hit(
+        message=f"num_batches_tracked is only {count}: if these are running averages with momentum {num(float(momentum))} "
+        f"from the initial values, those (mean 0, var 1) still make up {leftover:.0%} of them; if they were re-estimated as a "
+        f"cumulative average (update_bn, precise BN), they average {count} batches",
+        layer=layer.name, values={"num_batches_tracked": count, "initial_weight": leftover},
+    )
+
+
+def _below_ema_floor(var: np.ndarray, floor: float) -> bool:
+    """Whether some channel's variance is below what n EMA updates from var=1 can leave (float32 slack)."""
+    finite = var[np.isfinite(var)]
+    return bool(finite.size and finite.min() < floor * (1.0 - 1e-4))
 
 
 @rule(
@@ -287,8 +335,11 @@ def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 def variance_outlier(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Compares each channel's running variance with the median over the layer's live channels
-    (dead channels, `|weight| <= dead_gamma`, are left to BN108) and reports channels more than
-    `variance_outlier_ratio` (default 1e4) times above or below it.
+    and reports live channels more than `variance_outlier_ratio` (default 1e4) times above or
+    below it. Dead channels are left to BN108 and kept out of the median: `|weight| <= dead_gamma`,
+    or a variance that is ~0 next to eps (at most 1% of eps, a float32 subnormal, or exactly 0).
+    Such a channel saw a constant input (a dead ReLU upstream); eps alone sets its gain, so it is
+    harmless, and a layer where most channels are dead must not make its live channels look odd.
 
     ## Why is this bad?
     Channels of one layer see activations of similar scale; a variance 10,000 times the median
@@ -306,10 +357,11 @@ def variance_outlier(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     - Xilinx/brevitas#388 (extreme BN statistics break quantisation).
     """
     var = layer.array("running_var")
-    if var is None or var.size < 4:
+    dead = dead_by_variance(layer)
+    if var is None or dead is None or var.size < 4:
         return
     weight = layer.array("weight")
-    live = np.isfinite(var) & (var > 0)
+    live = np.isfinite(var) & (var > 0) & ~dead  # the reference scale comes from live channels only
     if weight is not None and weight.size == var.size:
         live &= np.abs(weight) > ctx.config.threshold("dead_gamma")
     if live.sum() < 4:
@@ -336,7 +388,10 @@ def variance_outlier(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 )
 def variance_overflows_fp16(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Finds running variances larger than 65504, the largest finite float16 value.
+    Finds running variances larger than 65504, the largest finite float16 value. It is a
+    warning when the layer runs in half precision: its tensors are stored in float16/bfloat16, or
+    `deploy-precision` (`--deploy-precision`) is float16 or bfloat16; in a float32 model deployed
+    in float32 the value is fine and the finding is information.
 
     ## Why is this bad?
     `model.half()` casts BatchNorm buffers too: those variances become `+inf`, the channel's
@@ -359,11 +414,14 @@ def variance_overflows_fp16(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
         return
     big = np.isfinite(var) & (var > FP16_MAX)
     if big.any():
+        half = half_precision_reason(layer, ctx)
         yield Hit(
             message=f"{tname(layer, 'running_var')} exceeds the float16 maximum 65504 in {int(big.sum())} channels "
-            f"(channels {channel_text(big)}; max {num(float(var[big].max()))}): a half-precision cast makes them Inf",
+            f"(channels {channel_text(big)}; max {num(float(var[big].max()))}): a half-precision cast makes them Inf"
+            + _deployment_note(half),
             layer=layer.name,
-            values={"count": int(big.sum()), "max": float(var[big].max()), "channels": channels(big, 16)},
+            values={"count": int(big.sum()), "max": float(var[big].max()), "channels": channels(big, 16), "half_precision": half is not None},
+            severity=None if half is not None else Severity.INFO,
         )
 
 
@@ -371,17 +429,21 @@ def variance_overflows_fp16(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     code="BN108",
     name="dead-channels",
     severity=Severity.INFO,
-    summary="Channels whose BatchNorm weight (gamma) is ~0 output a constant.",
+    summary="Channels whose BatchNorm weight (gamma) is ~0, or whose running variance is ~0 next to eps, output a constant.",
     fix="Prune the channels, or check whether weight decay / L1 sparsity drove them to zero on purpose.",
 )
 def dead_channels(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Counts channels with `|weight| <= dead_gamma` (default 1e-6).
+    Counts channels with `|weight| <= dead_gamma` (default 1e-6), and channels whose running
+    variance is ~0 next to eps (at most 1% of eps, a float32 subnormal, or exactly 0; with
+    `eps = 0` that is BN103's error instead).
 
     ## Why is this bad?
-    Such a channel outputs `bias` whatever its input: it carries no information. That is often
-    deliberate (network slimming prunes by `|gamma|`), but a large share of dead channels can
-    also mean a dead ReLU upstream or a broken initialisation. Drift metrics weight channels by
+    A zero-gamma channel outputs `bias` whatever its input: it carries no information. That is
+    often deliberate (network slimming prunes by `|gamma|`), but a large share of dead channels
+    can also mean a dead ReLU upstream or a broken initialisation. A channel whose variance is ~0
+    saw a constant input (typically a dead ReLU upstream): real networks have many, and they are
+    harmless because eps keeps `1/sqrt(var + eps)` finite. Drift metrics weight channels by
     `|gamma|` for the same reason.
 
     ## Example
@@ -396,15 +458,27 @@ def dead_channels(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     - Eric-mingjie/rethinking-network-pruning#50.
     """
     weight = layer.array("weight")
-    if weight is None:
-        return
-    dead = np.isfinite(weight) & (np.abs(weight) <= ctx.config.threshold("dead_gamma"))
-    if dead.any():
+    zero_gamma = None if weight is None else np.isfinite(weight) & (np.abs(weight) <= ctx.config.threshold("dead_gamma"))
+    constant = dead_by_variance(layer)
+    if constant is not None and weight is not None and constant.size != weight.size:
+        constant = None  # mismatched shapes are BN2xx's; count by gamma only
+    if constant is not None and eps_of(layer) <= 0:
+        constant = None  # with eps = 0 a zero variance is BN103's error, not a harmless dead channel
+    parts = []
+    if zero_gamma is not None and zero_gamma.any():
+        parts.append(f"{int(zero_gamma.sum())} of {zero_gamma.size} channels have |{tname(layer, 'weight')}| <= "
+                     f"{num(ctx.config.threshold('dead_gamma'))} (channels {channel_text(zero_gamma)})")
+    if constant is not None and constant.any():
+        parts.append(f"{int(constant.sum())} of {constant.size} channels have {tname(layer, 'running_var')} ~0 next to eps "
+                     f"(a constant input, e.g. a dead ReLU upstream; channels {channel_text(constant)})")
+    if parts:
+        dead = (zero_gamma if zero_gamma is not None else False) | (constant if constant is not None else False)
         yield Hit(
-            message=f"{int(dead.sum())} of {weight.size} channels have |{tname(layer, 'weight')}| <= {num(ctx.config.threshold('dead_gamma'))} "
-            f"and output a constant (channels {channel_text(dead)})",
+            message=f"{'; '.join(parts)}: they output a constant",
             layer=layer.name,
-            values={"count": int(dead.sum()), "channels": channels(dead, 64)},
+            values={"count": int(np.sum(dead)), "channels": channels(np.asarray(dead), 64),
+                    "zero_gamma": 0 if zero_gamma is None else int(zero_gamma.sum()),
+                    "constant_input": 0 if constant is None else int(constant.sum())},
         )
 
 
@@ -418,7 +492,10 @@ def dead_channels(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 def scale_overflow(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Computes each channel's effective gain `|weight| / sqrt(running_var + eps)` and reports
-    channels above `max_scale` (default 1e4).
+    channels above `max_scale` (default 1e4). Like BN107 it is a warning when the layer runs in
+    half precision (tensors stored in float16/bfloat16, or `deploy-precision` float16/bfloat16),
+    and information for a float32 model deployed in float32, where the gain is representable.
+    Near-zero `var + eps` itself is BN103's error whatever the precision.
 
     ## Why is this bad?
     Folding BatchNorm into the preceding convolution multiplies that convolution's filter by the
@@ -445,9 +522,12 @@ def scale_overflow(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     gain[usable] = gamma[usable] / np.sqrt(denominator[usable])
     big = gain > ctx.config.threshold("max_scale")
     if big.any():
+        half = half_precision_reason(layer, ctx)
         yield Hit(
             message=f"effective gain |{tname(layer, 'weight')}|/sqrt({tname(layer, 'running_var')} + eps) exceeds {num(ctx.config.threshold('max_scale'))} in "
-            f"{int(big.sum())} channels (channels {channel_text(big)}; max {num(float(gain.max()))})",
+            f"{int(big.sum())} channels (channels {channel_text(big)}; max {num(float(gain.max()))}): folded into the preceding "
+            f"weights it overflows float16" + _deployment_note(half),
             layer=layer.name,
-            values={"count": int(big.sum()), "max_gain": float(gain.max()), "channels": channels(big, 16)},
+            values={"count": int(big.sum()), "max_gain": float(gain.max()), "channels": channels(big, 16), "half_precision": half is not None},
+            severity=None if half is not None else Severity.INFO,
         )
