@@ -11,6 +11,11 @@ Caffe semantics (BVLC `batch_norm_layer.cpp`, `caffe.proto`):
 - With both files, the prototxt is the net that will be deployed (structure, parameters, mode)
   and the caffemodel supplies the blobs, matched by layer name as Caffe's CopyTrainedLayersFrom
   does; a caffemodel that stores another `use_global_stats` is reported (BN409).
+- Repeated layer names (`net.cpp`, `Net::CopyTrainedLayersFrom`): each stored layer goes to the
+  FIRST net layer of its name, a later stored layer of that name overwriting it; a later net
+  layer of the same name receives nothing and keeps the zero blobs BatchNormLayer::LayerSetUp
+  gives it (scale factor 0: never updated, BN104). A caffemodel linted alone is read as Caffe
+  would run it with its own definition, the same way.
 Caffe reuses blob names for in-place layers (`conv1 -> BatchNorm -> Scale -> ReLU`, all "conv1"),
 so the node list renames every output (`conv1@2`, ...) to keep producers and consumers exact.
 """
@@ -207,19 +212,33 @@ def _bn_layer(index: int, layer: CaffeLayer, graph: _Graph, order: int, where: s
     return bn
 
 
-def _merged(definition: CaffeNet, weights: CaffeNet | None) -> tuple[list[CaffeLayer], list[str]]:
-    """The deployed layers, each with its blobs from the caffemodel (matched by name)."""
+def _merged(definition: CaffeNet, weights: CaffeNet | None) -> tuple[list[CaffeLayer], list[str], set[int]]:
+    """The deployed layers, each with its blobs from the caffemodel, as Caffe's
+    `Net::CopyTrainedLayersFrom` assigns them: every stored layer is copied into the FIRST deployed
+    layer of its name (a later stored layer of the same name overwrites it), so a later deployed
+    layer of a repeated name gets nothing and keeps its initialisation. Also returns those."""
     layers, notes = _deployed(definition)
-    if weights is None or weights is definition:
-        return layers, notes
-    stored = {layer.name: layer for layer in weights.layers}
-    merged = [replace(layer, blobs=stored[layer.name].blobs) if not layer.blobs and layer.name in stored else layer
-              for layer in layers]
+    if weights is None:
+        return layers, notes, set()
+    stored = {layer.name: layer for layer in weights.layers}  # the last of a name is the one copied last
+    first: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        first.setdefault(layer.name, index)
+    merged: list[CaffeLayer] = []
+    unfilled: set[int] = set()
+    for index, layer in enumerate(layers):
+        if first[layer.name] != index:
+            unfilled.add(index)
+            merged.append(replace(layer, blobs=[]))
+        elif layer.name in stored and (weights is not definition or stored[layer.name] is not layer):
+            merged.append(replace(layer, blobs=stored[layer.name].blobs))
+        else:
+            merged.append(layer)
     unmatched = [layer.name for layer in layers if OP_KINDS.get(layer.type) == "batchnorm" and layer.name not in stored]
-    if unmatched:
+    if unmatched and weights is not definition:
         notes.append(f"{len(unmatched)} BatchNorm layer(s) of the prototxt have no blobs in the caffemodel: "
                      f"{', '.join(unmatched[:5])}")
-    return merged, notes
+    return merged, notes, unfilled
 
 
 def _disagreement(layer: CaffeLayer, weights: CaffeNet | None, definition_file: str, weights_file: str) -> str | None:
@@ -247,7 +266,7 @@ def load_caffe(path: Path, companion: Path | None = None) -> ModelInfo:
     definition = read_prototxt(text_file) if text_file is not None else weights
     if definition is None:
         raise InputError(str(path), "not a Caffe model")
-    layers, notes = _merged(definition, weights)
+    layers, notes, unfilled = _merged(definition, weights)
     graph = _Graph(layers)
     where = (text_file or model_file or Path(path)).name
     info = ModelInfo(path=str(path), format="caffe", framework="caffe", exported=True,
@@ -265,6 +284,11 @@ def load_caffe(path: Path, companion: Path | None = None) -> ModelInfo:
             notes.append(f"layer '{layer.name}' is a fork's 'BN' layer (fused BatchNorm + Scale): recognised, not read")
             continue
         bn = _bn_layer(index, layer, graph, len(info.layers), where)
+        if index in unfilled:  # BatchNormLayer::LayerSetUp zero-fills its blobs: factor 0, never updated
+            bn.stats_updated = False
+            bn.stats_note = (f"a layer named '{layer.name}' comes earlier in the net, and Caffe copies the stored "
+                             "blobs into the first layer of a name only: this one keeps its zero initialisation, "
+                             "scale factor 0")
         if model_file is not None and text_file is not None:
             bn.mode_disagreement = _disagreement(layer, weights, text_file.name, model_file.name)
         info.layers.append(bn)

@@ -25,6 +25,7 @@ import numpy as np
 from bnlint import protowire as pw
 from bnlint.errors import InputError
 
+_CHUNK = 16 << 20  # read size for files whose size the OS does not report (pipes)
 MAX_MODEL_BYTES = (1 << 31) - 1  # Caffe's own read limit (kProtoReadBytesLimit = INT_MAX)
 MAX_TEXT_BYTES = 8 << 20  # a network definition is kilobytes; parsing 8 MiB of tiny tokens takes ~5 s
 MAX_TEXT_DEPTH = 64
@@ -238,12 +239,26 @@ def _decode(view: pw.MessageView, message: str, budget: list[int]) -> Node:
 
 
 def _read(name: str, limit: int, why: str, text: bool) -> bytes:
-    """The whole file in one read of at most `limit` bytes (never more memory than that)."""
+    """The whole file, never more than `limit` bytes and never a buffer larger than what the file
+    holds: `handle.read(limit + 1)` would ask for a 2 GiB buffer up front, which fails under a
+    2 GiB address-space limit (`ulimit -v`, common in CI containers) whatever the file's size."""
     try:
         with open(name, "rb") as handle:
-            data = handle.read(limit + 1)
+            size = os.fstat(handle.fileno()).st_size
+            if size > limit:
+                raise InputError(name, f"larger than {limit >> 20} MiB, {why}")
+            chunks = [handle.read(size + 1)] if size else []
+            total = sum(len(chunk) for chunk in chunks)
+            ended = bool(size) and total <= size  # a short read of size + 1 bytes: the end of the file
+            while not ended and total <= limit:  # a pipe or a file that grew: read on, in bounded chunks
+                chunk = handle.read(min(_CHUNK, limit + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
     except OSError as exc:
         raise InputError(name, f"cannot read: {exc.strerror or exc}") from None
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(data) > limit:
         raise InputError(name, f"larger than {limit >> 20} MiB, {why}")
     if not data.strip(b" \t\r\n" if text else b""):

@@ -10,16 +10,22 @@ says what it means for the rules:
   correct freeze (it then runs in inference mode even inside fit()); a trainable BN layer next to
   frozen layers is the classic trap (BN408), judged from each layer's `trainable` and the
   enclosing models'.
+- Statistics are the ones Keras itself would load (`keras_weights`: `.keras` by group path as
+  saving_lib reads it, legacy `.h5` by position in `weight_names` as legacy_h5_format reads it);
+  what Keras could not load or bnlint cannot read as a vector of the layer's channels is listed in
+  `BNLayer.unchecked` (BN110), never dropped silently.
 - The producer of each BN's input (previous layer of a Sequential, or the layer named in a
   Functional config's inbound nodes), for the conv-bias rule (BN506).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from bnlint.loaders.keras_archive import KerasFile, KerasLayer, read_keras
+from bnlint.loaders.keras_h5 import UnreadableTensor
 from bnlint.model import BNLayer, GraphInput, ModelInfo, ModuleRecord, OpKind, Producer, TensorRef
 from bnlint.norms import is_stochastic
 
@@ -96,12 +102,36 @@ def _inbound(layer: KerasLayer) -> str | None:
     return None
 
 
+def _statistics(layer: KerasLayer) -> tuple[dict[str, TensorRef], list[str]]:
+    """The layer's four tensors that can be judged, and why the others cannot: Keras assigns only
+    a 1-D array of the layer's channel count (`Variable.assign` checks the shape), so anything
+    else (not numbers, a scalar, 2-D, empty, another length) is unchecked, not silently absent."""
+    unchecked = [ref.reason for ref in layer.weights.values() if isinstance(ref, UnreadableTensor)]
+    tensors: dict[str, TensorRef] = {}
+    for role, keras in ROLES.items():
+        ref = layer.weights.get(keras)
+        if ref is None or isinstance(ref, UnreadableTensor):
+            continue
+        if len(ref.shape) != 1 or ref.shape[0] == 0:
+            unchecked.append(f"{keras}: shape {list(ref.shape)}, not a vector of per-channel values")
+            continue
+        tensors[role] = ref
+    lengths = Counter(ref.shape[0] for ref in tensors.values())
+    if len(lengths) > 1:
+        anchor = tensors.get("running_var") or tensors.get("running_mean")
+        channels = anchor.shape[0] if anchor is not None else lengths.most_common(1)[0][0]
+        for role in [r for r, ref in tensors.items() if ref.shape[0] != channels]:
+            unchecked.append(f"{ROLES[role]}: {tensors.pop(role).shape[0]} values where the layer has {channels} channels")
+    return tensors, unchecked
+
+
 def _bn_layer(layer: KerasLayer, order: int, channels_first: bool) -> BNLayer:
     config = layer.config
     bn = BNLayer(name=layer.path, kind=layer.class_name or "BatchNormalization", framework="keras", order=order)
-    bn.tensors = {role: layer.weights[keras] for role, keras in ROLES.items() if keras in layer.weights}
+    bn.tensors, bn.unchecked = _statistics(layer)
     ref = bn.tensors.get("running_mean") or bn.tensors.get("running_var")
     bn.channels = int(ref.shape[0]) if ref is not None and len(ref.shape) == 1 else None
+    # NaN and Inf pass through (json.loads accepts NaN/Infinity): the rules judge them (BN202, BN304).
     eps, momentum = config.get("epsilon", 1e-3), config.get("momentum", 0.99)
     if isinstance(eps, (int, float)) and not isinstance(eps, bool):
         bn.eps = float(eps)

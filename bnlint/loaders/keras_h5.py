@@ -178,21 +178,70 @@ def child(owner: H5Owner, group: Any, name: str) -> Any | None:
     return current
 
 
-def dataset_ref(owner: H5Owner, group: Any, name: str) -> H5Tensor | None:
-    """A lazy tensor for the dataset group/name; None if absent or not numeric data."""
+class UnreadableTensor:
+    """A variable Keras would read but bnlint cannot judge as numbers: why, in one line. Loaders put
+    it where the tensor would be so that the layer records the reason (`BNLayer.unchecked`) instead
+    of silently missing a statistic; `numpy()` is never meant to be called."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def dtype(self) -> str:
+        return "unreadable"
+
+    def numpy(self) -> np.ndarray:
+        raise ValueError(self.reason)
+
+
+def _dtype_problem(dtype: Any) -> str | None:
+    """What an HDF5 dataset's type is when it is not plain numbers (None when it is)."""
+    import h5py
+
+    if dtype.fields is not None:
+        return "a compound (record) dataset"
+    if h5py.check_string_dtype(dtype) is not None or dtype.kind in "SU":
+        return "a string dataset"
+    if h5py.check_ref_dtype(dtype) is not None:
+        return "an object-reference dataset"
+    if h5py.check_vlen_dtype(dtype) is not None or dtype.kind == "O":
+        return "a variable-length dataset"
+    if dtype.kind == "c":
+        return "a complex-number dataset"
+    if dtype.kind in "fiub" or (dtype.kind == "V" and dtype.itemsize == 2):
+        return None
+    return f"a dataset of type {dtype.str!r}"
+
+
+def tensor_or_problem(owner: H5Owner, group: Any, name: str) -> H5Tensor | str:
+    """A lazy tensor for the dataset group/name, or why there is none (absent, a group, not numbers)."""
     import h5py
 
     node = child(owner, group, name)
+    if node is None:
+        return f"{name!r}: no such dataset"
     if not isinstance(node, h5py.Dataset):
-        return None
+        return f"{node.name}: a group, not a dataset"
     if node.external:
         raise InputError(owner.path, f"{node.name} is an external dataset (data in another file): refused")
     if node.is_virtual:
         raise InputError(owner.path, f"{node.name} is a virtual dataset (data in other files): refused")
-    kind = node.dtype.kind
-    if kind not in "fiub" and not (kind == "V" and node.dtype.itemsize == 2):
-        return None
+    problem = _dtype_problem(node.dtype)
+    if problem is not None:
+        return f"{node.name}: {problem}, not numbers"
     return H5Tensor(owner, node, str(node.name))
+
+
+def dataset_ref(owner: H5Owner, group: Any, name: str) -> H5Tensor | None:
+    """A lazy tensor for the dataset group/name; None if absent or not numeric data."""
+    found = tensor_or_problem(owner, group, name)
+    return found if isinstance(found, H5Tensor) else None
 
 
 def read_text_attr(owner: H5Owner, obj: Any, name: str) -> str | None:
@@ -269,10 +318,10 @@ def read_name_list(owner: H5Owner, obj: Any, name: str) -> list[str] | None:
     return names
 
 
-def v3_vars(owner: H5Owner, group_path: str) -> tuple[list[H5Tensor], str | None, bool] | None:
-    """The variables saved for one Keras 3 saveable: (tensors in index order, the `name`
-    attribute of its vars group or None, whether the indices were exactly 0..n-1).
-    None when there is no `<group_path>/vars` group."""
+def v3_vars(owner: H5Owner, group_path: str) -> tuple[list[H5Tensor | str], str | None, bool] | None:
+    """The variables saved for one Keras 3 saveable: (tensors in index order, or why one is not
+    numbers; the `name` attribute of its vars group or None; whether the indices were exactly
+    0..n-1). None when there is no `<group_path>/vars` group."""
     import h5py
 
     vars_group = child(owner, owner.file, f"{group_path}/vars" if group_path else "vars")
@@ -281,12 +330,7 @@ def v3_vars(owner: H5Owner, group_path: str) -> tuple[list[H5Tensor], str | None
     name = read_text_attr(owner, vars_group, "name") if "name" in vars_group.attrs else None
     keys = list(vars_group.keys())
     numeric = sorted(int(k) for k in keys if k.isdigit() and len(k) < 8)
-    tensors = []
-    for index in numeric:
-        ref = dataset_ref(owner, vars_group, str(index))
-        if ref is None:
-            return [], name, False
-        tensors.append(ref)
+    tensors = [tensor_or_problem(owner, vars_group, str(index)) for index in numeric]
     return tensors, name, numeric == list(range(len(keys)))
 
 
@@ -356,22 +400,23 @@ def v3_groups(owner: H5Owner, root: str = "", root_name: str = "",
     return found
 
 
-def legacy_groups(owner: H5Owner, root: Any) -> list[tuple[str, list[tuple[str, H5Tensor | None]]]]:
-    """Legacy weights: [(top-level layer name, [(weight name, tensor or None), ...]), ...] in
-    `layer_names` order (model.layers order when saved)."""
+def legacy_groups(owner: H5Owner, root: Any) -> list[tuple[str, list[tuple[str, H5Tensor | str]]]]:
+    """Legacy weights: [(top-level layer name, [(weight name, tensor or why not), ...]), ...] in
+    `layer_names` order (model.layers order when saved), each layer's weights in `weight_names`
+    order: the order Keras assigns them in (legacy_h5_format.load_weights_from_hdf5_group)."""
     import h5py
 
     layer_names = read_name_list(owner, root, "layer_names")
     if layer_names is None:
         raise InputError(owner.path, "legacy Keras weights without a layer_names attribute")
-    result: list[tuple[str, list[tuple[str, H5Tensor | None]]]] = []
+    result: list[tuple[str, list[tuple[str, H5Tensor | str]]]] = []
     for layer_name in layer_names:
         group = child(owner, root, layer_name)
         if not isinstance(group, h5py.Group):
             result.append((layer_name, []))
             continue
         names = read_name_list(owner, group, "weight_names") or []
-        result.append((layer_name, [(name, dataset_ref(owner, group, name)) for name in names]))
+        result.append((layer_name, [(name, tensor_or_problem(owner, group, name)) for name in names]))
     return result
 
 

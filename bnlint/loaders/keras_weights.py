@@ -6,14 +6,24 @@ name>`, with `_1`, `_2`, ... for the second, third, ... layer of the same class 
 (`_save_container_state` + `_get_unique_name`; `naming.to_snake_case` of the class name, never
 `config.name`); a nested model's group nests the same way; a Sequential's leading InputLayer is
 not in `Sequential.layers` and takes no slot. Variables are `vars/0..n-1` in
-`save_own_variables` order. Recent Keras 3 also stores the layer's name on each `vars` group:
-where present it confirms the predicted group, or finds the right one if the prediction is off.
+`save_own_variables` order. Keras loads BY PATH (`saving_lib._load_container_state` ->
+`H5IOStore.get(path)`; a missing group gives an empty store and `Layer._check_load_own_variables`
+refuses the count): the `name` attribute recent Keras 3 writes on each `vars` group is metadata
+that loading never reads, so bnlint reads the path too and only notes a disagreeing label.
 
-Legacy files: a layer's datasets are listed by name (`weight_names`); nested models keep all
-their layers' weights in the top-level layer's group, trainable ones first, so matching is by
-name (`<layer>/<variable>[:0]`, Keras 1: `<layer>_<variable>`), never by position.
+Legacy files (keras/src/legacy/saving/legacy_h5_format.py, `load_weights_from_hdf5_group`): the
+datasets of a top-level layer's group are read in `weight_names` order and assigned BY POSITION
+to `layer.trainable_weights + layer.non_trainable_weights` (BatchNormalization: gamma, beta,
+moving_mean, moving_variance; no gamma with scale=False, no beta with center=False); the names
+themselves are never compared. bnlint assigns a BatchNormalization layer's roles the same way,
+by position among the names that belong to it (for a top-level BN layer: every name in its
+group). A nested model keeps all its layers' weights in the top-level group, trainable ones
+first; which names belong to which inner layer is decided by name (`<layer>/<variable>[:0]`,
+Keras 1: `<layer>_<variable>`), then roles by position within the layer.
 
-Whatever cannot be matched is left out, with a note saying why.
+What Keras would refuse to load or bnlint cannot read as numbers (a missing or non-numeric
+dataset, a wrong count, a name listed twice) is recorded on the BatchNorm layer as an
+`UnreadableTensor` with its reason (BNLayer.unchecked, BN110), never dropped silently.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from bnlint.loaders.keras_config import (
 )
 from bnlint.model import TensorRef
 
+UNCHECKED = "!unchecked"  # Weights keys starting so hold an UnreadableTensor: a reason, not a variable
+
 Weights = dict[str, TensorRef]
 
 # Snake-case group names of weights-only Keras 3 files -> class names we can name with certainty.
@@ -47,36 +59,36 @@ _TF_SUFFIX = re.compile(r":\d+$")
 
 
 # ----------------------------------------------------------------------------- Keras 3
-def _name_index(owner: kh.H5Owner, base: str, cache: dict[str, dict[str, str]]) -> dict[str, str]:
-    """{layer name: group path} for the groups under `base`, from their vars `name` attributes."""
-    if base not in cache:
-        index: dict[str, str] = {}
-        container = kh.child(owner, owner.file, base)
-        for key in (container.keys() if container is not None and hasattr(container, "keys") else []):
-            found = kh.v3_vars(owner, f"{base}/{key}")
-            if found is not None and found[1] is not None:
-                index.setdefault(found[1], f"{base}/{key}")
-        cache[base] = index
-    return cache[base]
+def mark_unchecked(weights: Weights, reason: str) -> None:
+    """Record why a BatchNorm layer's statistics cannot be checked as Keras would load them."""
+    weights[f"{UNCHECKED}{len([k for k in weights if k.startswith(UNCHECKED)])}"] = kh.UnreadableTensor(reason)
 
 
-def _v3_map(node: ConfigLayer, tensors: list[kh.H5Tensor], contiguous: bool, notes: list[str]) -> Weights:
-    """Keys for a layer's vars: BN roles from center/scale(/renorm); other layers by index."""
+def _bn_slot(role: str, found: kh.H5Tensor | str) -> TensorRef:
+    return found if isinstance(found, kh.H5Tensor) else kh.UnreadableTensor(f"{role}: {found}")
+
+
+def _numeric(tensors: list[kh.H5Tensor | str]) -> Weights:
+    return {str(i): t for i, t in enumerate(tensors) if isinstance(t, kh.H5Tensor)}
+
+
+def _v3_map(node: ConfigLayer, group: str, tensors: list[kh.H5Tensor | str], contiguous: bool) -> Weights:
+    """Keys for a layer's vars: BN roles by index from center/scale(/renorm), as
+    `Layer.load_own_variables` assigns them; other layers by index."""
     if norm_kind(node.class_name) != "bn":
-        return {str(i): t for i, t in enumerate(tensors)}
+        return _numeric(tensors)
     roles = bn_roles_by_index(node.config)
-    shapes = {t.shape for t in tensors}
-    if not contiguous or len(tensors) != len(roles) or len(shapes) > 1:
-        notes.append(f"{node.path}: {len(tensors)} saved variables {sorted(shapes)} do not fit a BatchNormalization "
-                     f"with scale={node.config.get('scale', True)}, center={node.config.get('center', True)}, "
-                     f"renorm={node.config.get('renorm', False)} (expected {len(roles)}); weights left unmapped")
-        return {}
-    return dict(zip(roles, tensors))
+    weights: Weights = {}
+    if not contiguous or len(tensors) != len(roles):
+        mark_unchecked(weights, f"{group}/vars holds {len(tensors)} variables{'' if contiguous else ' (indices not 0..n-1)'} "
+                       f"where Keras expects {len(roles)} (scale={node.config.get('scale', True)}, "
+                       f"center={node.config.get('center', True)}): Keras refuses to load this layer")
+        return weights
+    return {role: _bn_slot(role, found) for role, found in zip(roles, tensors)}
 
 
 def attach_v3(owner: kh.H5Owner, nodes: list[ConfigLayer], notes: list[str]) -> list[tuple[ConfigLayer, Weights]]:
-    """Weights of a Keras 3 file, matched to the layers of its config."""
-    cache: dict[str, dict[str, str]] = {}
+    """Weights of a Keras 3 file, matched to the layers of its config by group path, as Keras loads them."""
     result: list[tuple[ConfigLayer, Weights]] = []
     used: dict[int, str] = {}  # id(node) -> the group its weights came from
     for node in nodes:
@@ -87,21 +99,19 @@ def attach_v3(owner: kh.H5Owner, nodes: list[ConfigLayer], notes: list[str]) -> 
             group = group.replace("layers", "_layer_checkpoint_dependencies")
             found = kh.v3_vars(owner, group)
         name_attr = found[1] if found else None
-        if group and (found is None or (name_attr is not None and name_attr != node.name)):
-            base = group.rsplit("/", 1)[0]
-            moved = _name_index(owner, base, cache).get(node.name)
-            if moved is not None:
-                notes.append(f"{node.path}: weights found by layer name at {moved}, not at {group} as the saving rule predicts")
-                group, found = moved, kh.v3_vars(owner, moved)
-            elif found is not None:
-                notes.append(f"{node.path}: the weights group {group} belongs to layer {name_attr!r}; weights left unmapped")
-                found = None
+        if found is not None and name_attr is not None and name_attr != node.name:
+            notes.append(f"{node.path}: the weights group {group} is labelled {name_attr!r}; Keras loads by path and "
+                         "ignores the label, and so does bnlint")
         if found is None or group is None:
-            if norm_kind(node.class_name) != "other" and not node.is_container:
+            weights: Weights = {}
+            if norm_kind(node.class_name) == "bn" and not node.is_container:
+                mark_unchecked(weights, f"no weights group at {group or '(none predicted)'}, where Keras looks for "
+                               "this layer's variables: Keras refuses to load it")
+            elif norm_kind(node.class_name) != "other" and not node.is_container:
                 notes.append(f"{node.path}: no weights group for this {node.class_name} layer (expected {group})")
-            result.append((node, {}))
+            result.append((node, weights))
             continue
-        result.append((node, _v3_map(node, found[0], found[2], notes)))
+        result.append((node, _v3_map(node, group, found[0], found[2])))
         used[id(node)] = group
     return _with_inner_layers(owner, result, used, notes)
 
@@ -126,20 +136,21 @@ def _with_inner_layers(owner: kh.H5Owner, pairs: list[tuple[ConfigLayer, Weights
     return result
 
 
-def _bn_by_count(tensors: list[kh.H5Tensor], path: str, notes: list[str]) -> Weights:
+def _bn_by_count(tensors: list[kh.H5Tensor | str], path: str, notes: list[str]) -> Weights:
     """A BatchNormalization group with no config: the roles follow from the number of variables
     except for the first one when there are 3 or 6 (gamma or beta, which one is unknowable)."""
     tails: dict[int, list[str | None]] = {2: [], 3: [None], 4: ["gamma", "beta"], 5: [], 6: [None], 7: ["gamma", "beta"]}
-    if len(tensors) not in tails or len({t.shape for t in tensors}) > 1:
-        notes.append(f"{path}: {len(tensors)} variables do not fit a BatchNormalization; weights left unmapped")
-        return {str(i): t for i, t in enumerate(tensors)}
+    if len(tensors) not in tails:
+        weights = _numeric(tensors)
+        mark_unchecked(weights, f"{len(tensors)} variables do not fit a BatchNormalization (2 to 7)")
+        return weights
     roles: list[str | None] = tails[len(tensors)] + ["moving_mean", "moving_variance"]
     if len(tensors) >= 5:
         roles += list(RENORM_ROLES)
     if None in roles:
         notes.append(f"{path}: without a config the first of its {len(tensors)} variables may be gamma or beta; "
                      "left under key '0'")
-    return {role or str(i): t for i, (role, t) in enumerate(zip(roles, tensors))}
+    return {role or str(i): _bn_slot(role or str(i), t) for i, (role, t) in enumerate(zip(roles, tensors))}
 
 
 def discover_v3(owner: kh.H5Owner, notes: list[str], root: str = "", root_name: str = "",
@@ -164,9 +175,9 @@ def discover_v3(owner: kh.H5Owner, notes: list[str], root: str = "", root_name: 
         if norm_kind(class_name) == "bn":
             weights = _bn_by_count(tensors, name_path, notes)
         else:
-            weights = {str(i): t for i, t in enumerate(tensors)}
-            if not class_name and 2 <= len(tensors) <= 7 and len({t.shape for t in tensors}) == 1 \
-                    and len(tensors[0].shape) == 1:
+            weights = _numeric(tensors)
+            shapes = {t.shape for t in weights.values()}
+            if not class_name and 2 <= len(weights) <= 7 and len(shapes) == 1 and len(next(iter(shapes))) == 1:
                 notes.append(f"{name_path}: {len(tensors)} vectors of one shape, like a BatchNormalization's, but "
                              "the file does not record its class: not treated as BatchNorm")
         result.append((node, weights))
@@ -229,8 +240,36 @@ def _suffix_score(path: list[str], parts: list[str]) -> int:
     return score
 
 
+def _legacy_bn(node: ConfigLayer, items: list[tuple[str, str, kh.H5Tensor | str]], notes: list[str]) -> Weights:
+    """A BatchNormalization layer's legacy weights, BY POSITION in `weight_names` order as Keras's
+    `load_weights_from_hdf5_group` assigns them (names are never compared); `items` are
+    (weight name, variable name, tensor or why not) in that order."""
+    roles = bn_roles_by_index({**node.config, "renorm": False})
+    weights: Weights = {}
+    names = [name for name, _, _ in items]
+    for twice in sorted({name for name in names if names.count(name) > 1}):
+        mark_unchecked(weights, f"weight_names lists {twice!r} {names.count(twice)} times")
+    renorm = node.config.get("renorm") is True
+    if len(items) < len(roles) or (len(items) > len(roles) and not renorm):
+        mark_unchecked(weights, f"weight_names lists {len(items)} weights where Keras expects {len(roles)} "
+                       f"(scale={node.config.get('scale', True)}, center={node.config.get('center', True)}): "
+                       "Keras refuses to load this layer")
+        return weights
+    for index, (role, (name, var, found)) in enumerate(zip(roles, items)):
+        _note_keras1(var, notes)
+        named = _role(var, True)
+        if named != role and named in NAME_ROLES.values():
+            notes.append(f"{node.path}: weight_names[{index}] is {name!r}, but Keras assigns by position: it is loaded as {role}")
+        weights[role] = _bn_slot(role, found)
+    for _name, var, found in items[len(roles):]:  # tf.keras 2 renorm's extra variables, after the four
+        if isinstance(found, kh.H5Tensor):
+            weights.setdefault(_role(var, True), found)
+    return weights
+
+
 def attach_legacy(owner: kh.H5Owner, root: Any, nodes: list[ConfigLayer], notes: list[str]) -> list[tuple[ConfigLayer, Weights]]:
-    """Weights of a legacy full-model .h5, matched by name to the layers of its model_config."""
+    """Weights of a legacy full-model .h5, matched to the layers of its model_config: to a
+    top-level layer by its group, inside a nested model by name, BN roles by position."""
     weights: dict[int, Weights] = {id(n): {} for n in nodes}
     tops = {n.name: n for n in nodes if n.parent == ""}
     for top_name, entries in kh.legacy_groups(owner, root):
@@ -240,29 +279,39 @@ def attach_legacy(owner: kh.H5Owner, root: Any, nodes: list[ConfigLayer], notes:
                 notes.append(f"weights group {top_name!r} matches no top-level layer of the config; ignored")
             continue
         subtree = [n for n in nodes if n.top_name == top_name]
-        for weight_name, ref in entries:
+        owned: dict[int, tuple[ConfigLayer, list[tuple[str, str, kh.H5Tensor | str]]]] = {}
+        for weight_name, found in entries:
             node, var = _owner_node(top, subtree, weight_name)
-            if node is None or ref is None:
-                notes.append(f"{top_name}: weight {weight_name!r} " + ("has no numeric dataset" if node else "matches no single layer")
-                             + "; ignored")
+            if node is None:
+                notes.append(f"{top_name}: weight {weight_name!r} matches no single layer; ignored")
                 continue
-            key = _role(var, norm_kind(node.class_name) == "bn")
-            _note_keras1(var, notes)
-            if key in weights[id(node)]:
-                notes.append(f"{node.path}: two weights map to {key!r}; kept the first")
+            owned.setdefault(id(node), (node, []))[1].append((weight_name, var, found))
+        for node, items in owned.values():
+            if norm_kind(node.class_name) == "bn":
+                weights[id(node)] = _legacy_bn(node, items, notes)
                 continue
-            weights[id(node)][key] = ref
+            for weight_name, var, found in items:
+                if not isinstance(found, kh.H5Tensor):
+                    notes.append(f"{top_name}: weight {weight_name!r} has no numeric dataset ({found}); ignored")
+                    continue
+                _note_keras1(var, notes)
+                if var in weights[id(node)]:
+                    notes.append(f"{node.path}: two weights map to {var!r}; kept the first")
+                    continue
+                weights[id(node)][var] = found
     return [(n, weights[id(n)]) for n in nodes]
 
 
 def discover_legacy(owner: kh.H5Owner, root: Any, notes: list[str]) -> list[tuple[ConfigLayer, Weights]]:
     """Legacy weights-only file: layers found from weight names alone (like a bare state dict).
     A layer is BatchNorm when it has both moving statistics (`moving_mean` and `moving_variance`,
-    or Keras 1's `running_mean` and `running_std`)."""
-    clusters: dict[str, dict[str, kh.H5Tensor]] = {}
+    or Keras 1's `running_mean` and `running_std`). Without a config there is no model to assign
+    positions to, so roles come from the names; a statistic that is not numbers or is listed
+    twice still leaves the layer unchecked."""
+    clusters: dict[str, list[tuple[str, str, kh.H5Tensor | str]]] = {}
     for top, entries in kh.legacy_groups(owner, root):
         scopes = {tuple(split_weight_name(name)[0]) for name, _ in entries}
-        for name, ref in entries:
+        for name, found in entries:
             parts, var = split_weight_name(name)
             if len(scopes) <= 1:
                 path = top  # one layer; its variable scope may differ from the group name (TF renames)
@@ -270,19 +319,29 @@ def discover_legacy(owner: kh.H5Owner, root: Any, notes: list[str]) -> list[tupl
                     var = var[len(top) + 1:]
             else:
                 path = "/".join(parts if parts[:1] == [top] else [top, *parts])
-            if ref is None:
-                notes.append(f"{path}: weight {name!r} has no numeric dataset; ignored")
-                continue
-            clusters.setdefault(path, {}).setdefault(var, ref)
+            clusters.setdefault(path, []).append((name, var, found))
             _note_keras1(var, notes)
     result: list[tuple[ConfigLayer, Weights]] = []
     for order, (path, variables) in enumerate(clusters.items()):
-        names = set(variables)
+        names = {var for _, var, _ in variables}
         is_bn = {"moving_mean", "moving_variance"} <= names or {"running_mean", "running_std"} <= names
-        parent, _, name = path.rpartition("/")
-        node = ConfigLayer(path, name, "BatchNormalization" if is_bn else "", None, {}, None, parent, order, [], None,
+        parent, _, layer_name = path.rpartition("/")
+        node = ConfigLayer(path, layer_name, "BatchNormalization" if is_bn else "", None, {}, None, parent, order, [], None,
                            path.split("/")[0])
-        result.append((node, {_role(var, is_bn): ref for var, ref in variables.items()}))
+        weights: Weights = {}
+        for name, var, found in variables:
+            role = _role(var, is_bn)
+            if not isinstance(found, kh.H5Tensor):
+                if is_bn and role in NAME_ROLES.values():
+                    mark_unchecked(weights, f"{role}: {found}")
+                else:
+                    notes.append(f"{path}: weight {name!r} has no numeric dataset; ignored")
+            elif role in weights:
+                if is_bn:
+                    mark_unchecked(weights, f"two weights map to {role} ({name!r} and an earlier one)")
+            else:
+                weights[role] = found
+        result.append((node, weights))
     if any(node.class_name for node, _ in result):
         notes.append("weights-only file: BatchNormalization layers identified by their variable names; "
                      "epsilon, momentum, axis and trainable are not recorded")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Iterator
 
@@ -13,6 +14,11 @@ from bnlint.findings import Severity
 from bnlint.model import BNLayer, ModelInfo
 from bnlint.rules._util import num
 from bnlint.rules.registry import Hit, rule
+
+
+def _finite(value: float) -> bool:
+    """NaN compares False with everything, so `eps <= 0` alone would pass a NaN eps as healthy."""
+    return math.isfinite(value)
 
 
 def _has_buffers(layer: BNLayer) -> bool:
@@ -143,7 +149,7 @@ def cumulative_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     code="BN304",
     name="unusual-momentum",
     severity=Severity.WARNING,
-    summary="momentum looks like the other framework's convention (PyTorch 0.1 and Keras 0.9 mean the same).",
+    summary="momentum looks like the other framework's convention (PyTorch 0.1 and Keras 0.9 mean the same), or is NaN/Inf.",
     fix="PyTorch momentum = 1 - Keras/ONNX/Caffe momentum: Keras 0.99 is PyTorch 0.01, PyTorch 0.1 is Keras 0.9.",
 )
 def unusual_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
@@ -159,7 +165,8 @@ def unusual_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     (defaults 0.99, 0.9, 0.999). Copying Keras' 0.99 into PyTorch, or PyTorch's 0.1 into Keras,
     makes the statistics follow the last batch almost entirely, so they are as noisy as a single
     batch. A momentum that freezes the statistics in training is common in converted models and
-    harmless until someone fine-tunes.
+    harmless until someone fine-tunes. A NaN or infinite momentum (an error) turns the statistics
+    into NaN at the first training step.
 
     ## Example
     `nn.BatchNorm2d(64, momentum=0.99)` (seen in a shipped torchvision model, pytorch/vision#8250),
@@ -178,6 +185,16 @@ def unusual_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
         return
     momentum = float(layer.momentum)
     own = conventions(layer.framework)
+    if not _finite(momentum) or (layer.raw_momentum is not None and not _finite(float(layer.raw_momentum))):
+        raw_text = num(layer.raw_momentum if layer.raw_momentum is not None else momentum)
+        yield Hit(
+            message=f"{own.display} {own.momentum_name} is {raw_text}: the first training step makes every stored "
+            "statistic NaN",
+            layer=layer.name,
+            values={"momentum": momentum, "raw_momentum": layer.raw_momentum, "framework": layer.framework},
+            severity=Severity.ERROR,
+        )
+        return
     raw = layer.raw_momentum if layer.raw_momentum is not None else own.own_momentum(momentum)
     shown = own.describe_momentum(raw)
     if momentum >= ctx.config.threshold("unusual_momentum"):
@@ -199,7 +216,8 @@ def unusual_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
 
 def _known_eps(model: ModelInfo) -> list[tuple[BNLayer, float]]:
-    return [(layer, float(layer.eps)) for layer in model.layers if layer.is_known("eps") and layer.eps is not None and layer.eps > 0]
+    return [(layer, float(layer.eps)) for layer in model.layers
+            if layer.is_known("eps") and layer.eps is not None and _finite(float(layer.eps)) and layer.eps > 0]
 
 
 def _scale_change(layer: BNLayer, eps: float, other: float) -> float | None:

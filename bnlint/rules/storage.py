@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 from bnlint.context import RuleContext
 from bnlint.findings import Severity
 from bnlint.model import BN_TENSORS, BNLayer, ModelInfo
+from bnlint.rules._util import num
 from bnlint.rules.registry import Hit, rule
 
 HALF_DTYPES = ("float16", "bfloat16")
@@ -51,17 +53,19 @@ def half_precision_buffers(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     code="BN202",
     name="zero-eps",
     severity=Severity.ERROR,
-    summary="eps is 0 (or negative): a zero variance divides by zero.",
+    summary="eps is 0, negative, NaN or infinite: zero variances divide by zero, or every output is NaN/constant.",
     fix="Set eps to the value the model was trained with, PyTorch's default 1e-5 if unsure.",
 )
 def zero_eps(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Reports BatchNorm layers constructed with `eps <= 0`.
+    Reports BatchNorm layers constructed with `eps <= 0`, or with an eps that is NaN or infinite
+    (a comparison with NaN is always false, so `eps <= 0` alone would pass it).
 
     ## Why is this bad?
     eps keeps `1/sqrt(running_var + eps)` finite. Variances of exactly zero are common (a
     channel after a dead ReLU, padding-only inputs), and with `eps=0` they give Inf or NaN
-    outputs in eval mode, and in train mode on a constant batch.
+    outputs in eval mode, and in train mode on a constant batch. A NaN eps makes every output
+    NaN; an infinite one divides every channel by infinity (the output is just the bias).
 
     ## Example
     `nn.BatchNorm2d(64, eps=0.0)`.
@@ -72,7 +76,15 @@ def zero_eps(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     ## References
     - pytorch/vision#2599 and PR #1947.
     """
-    if layer.is_known("eps") and layer.eps is not None and layer.eps <= 0:
+    if not layer.is_known("eps") or layer.eps is None:
+        return
+    eps = float(layer.eps)
+    if math.isnan(eps) or eps == -math.inf:
+        yield Hit(message=f"eps is {num(eps)}: every output is NaN", layer=layer.name, values={"eps": eps})
+    elif eps == math.inf:
+        yield Hit(message="eps is inf: every channel is divided by infinity (the output is just the bias)",
+                  layer=layer.name, values={"eps": eps})
+    elif eps <= 0:
         yield Hit(message=f"eps is {layer.eps!r}: channels with zero variance divide by zero", layer=layer.name, values={"eps": layer.eps})
 
 
@@ -156,3 +168,41 @@ def dataparallel_prefix(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
             "(each device normalised with its own slice of the batch)",
             values={"prefix": prefix, "plain_bn_layers": len(plain)},
         )
+
+
+@rule(
+    code="BN110",
+    name="unchecked-statistics",
+    severity=Severity.WARNING,
+    summary="A BatchNorm statistic exists but could not be read the way the framework reads it, so it was not checked.",
+    fix="Re-save the model with the framework's own saver; if the file was edited by hand or a converter, check it.",
+)
+def unchecked_statistics(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+    """## What it does
+    Reports BatchNorm layers whose loader could not resolve a statistic the way the framework
+    itself does: a stored value that is not a numeric vector of the layer's channels (an HDF5
+    string, variable-length, compound, complex, reference, scalar, 2-D or empty dataset), a
+    name listed twice, a count of variables the framework refuses, or a value behind something
+    the loader cannot follow. The loader records each reason in `BNLayer.unchecked`.
+
+    ## Why is this bad?
+    Every other statistics rule judges the values the framework will use. A value bnlint could
+    not read is a value nobody checked: the framework may refuse the file, or load something
+    else than what a reader of the file expects (NaN, negative variances). Reporting the layer
+    as clean would be a lie, so it is a warning of its own.
+
+    ## Example
+    A legacy Keras `.h5` whose `weight_names` attribute points `moving_variance` at a string
+    dataset, or lists `moving_mean` twice.
+
+    ## Use instead
+    Save the model with the framework's own API (`model.save`, `torch.save(model.state_dict())`,
+    `onnx.save`), which writes every statistic as a numeric array of the layer's shape.
+
+    ## References
+    - Keras `legacy_h5_format.load_weights_from_hdf5_group` (weights assigned by position).
+    - Keras `saving_lib` (`H5IOStore.get`: variables loaded by group path).
+    """
+    if layer.unchecked:
+        shown = "; ".join(layer.unchecked[:5]) + (f"; ... (+{len(layer.unchecked) - 5})" if len(layer.unchecked) > 5 else "")
+        yield Hit(message=f"statistics not checked: {shown}", layer=layer.name, values={"reasons": list(layer.unchecked)})
