@@ -102,6 +102,9 @@ class LayerRecalibration:
     has_counter: bool = True
     before: dict[str, float | None] = field(default_factory=dict)
     after: dict[str, float | None] = field(default_factory=dict)
+    # The merged moments the new statistics came from: the input of this layer in the fixed
+    # network, over all the data. `bnlint fix` judges the output from them instead of a second pass.
+    moments: LayerMoments | None = field(default=None, repr=False, compare=False)
 
     @property
     def channels(self) -> int:
@@ -218,7 +221,7 @@ def finish_layer(name: str, module: str, order: int, moments: LayerMoments, call
     return LayerRecalibration(
         name=name, module=module, order=order, eps=eps, samples=moments.samples, count=int(round(count)),
         calls=calls, mean=mean, var=var, old_mean=old_mean, old_var=old_var, old_num_batches_tracked=old_counter,
-        has_counter=has_counter, before=before, after=_summary(drift(mean, biased, mean, var, eps)),
+        has_counter=has_counter, before=before, after=_summary(drift(mean, biased, mean, var, eps)), moments=moments,
     )
 
 

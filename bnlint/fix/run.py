@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from bnlint.config import Config
 from bnlint.errors import TrustRequired, UsageError
 from bnlint.findings import Report
@@ -57,6 +59,10 @@ class FixOutcome:
     details: dict[str, Any] = field(default_factory=dict)  # method, passes, fold max abs difference, ...
     before: Report | None = None
     after: Report | None = None
+    # Set in the isolated child: the engines' per-layer results (LayerRecalibration), and whether
+    # the repair changed more than statistics (an ONNX rewrite or fold), which needs a full re-run.
+    recalibrated: list[Any] = field(default_factory=list, repr=False)
+    restructured: bool = False
 
     def record(self) -> dict[str, Any]:
         return {"model": self.model, "output": self.output, "framework": self.framework, "actions": self.actions,
@@ -231,10 +237,52 @@ def fix_in_child(options: FixOptions, config: Config, staged_name: str | None, o
     _repair(info, local, outcome, staged)
     after = None
     if staged is not None and options.data is not None:
-        events.stage("measuring the output")
-        fixed = load_model(staged)
-        after = measure(fixed, _dynamic_options(options), config)
+        after = _judged_by_recalibration(before, outcome, info) if not outcome.restructured else None
+        if after is None:
+            events.stage("measuring the output")
+            after = measure(load_model(staged), _dynamic_options(options), config)
     return {"record": outcome.record(), "before": before, "after": after}
+
+
+def _stored_dtype(layer: Any) -> Any:
+    name = layer.dtype("running_var") if layer is not None else None
+    return np.float64 if name == "float64" else np.float16 if name == "float16" else np.float32
+
+
+def _judged_by_recalibration(before: Any, outcome: FixOutcome, info: Any) -> Any:
+    """The output's measurements from the recalibration's own pass, or None when they cannot stand in.
+
+    Exact recalibration measures every layer's input in the fixed network over all the data (its
+    upstream layers already fixed, eval mode): the very moments a second `measure` of the output
+    would collect. So when every measured layer was recalibrated and the repair changed nothing
+    but statistics, the output is judged from those moments against the new statistics, without
+    running the model again. What recalibration does not change is carried over from the input's
+    run: the batch dependence check (modes are untouched) and the training-batch noise (a
+    property of the training batch size, not of the stored statistics).
+    """
+    import dataclasses
+
+    from bnlint.dynamic.metrics import analyse_layer, layer_record
+
+    if before is None or not before.layers:
+        return None
+    by_name = {layer.name: layer for layer in outcome.recalibrated}
+    if any(layer.name not in by_name or by_name[layer.name].moments is None for layer in before.layers):
+        return None
+    layers = []
+    for old in before.layers:
+        fixed = by_name[old.name]
+        moments = dataclasses.replace(fixed.moments, samples=fixed.moments.samples // max(old.calls_per_forward, 1))
+        static = info.layer(old.name)
+        weight = static.array("weight") if static is not None else None
+        stored = _stored_dtype(static)  # the statistics as the file holds them after writing
+        mean, var = (np.asarray(np.asarray(v, dtype=stored), dtype=np.float64) for v in (fixed.mean, fixed.var))
+        new = analyse_layer(old.name, old.order, moments, old.eps, mean, var, weight)
+        new.calls_per_forward, new.batch_size, new.batch_noise = old.calls_per_forward, old.batch_size, old.batch_noise
+        layers.append(new)
+    return dataclasses.replace(
+        before, layers=layers, layer_stats=[layer_record(layer, before.settings) for layer in layers],
+        notes=[*before.notes, "the output was judged from the exact recalibration's own measurements (no second run)"])
 
 
 def _repair(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
@@ -305,6 +353,7 @@ def _fix_torch(info: Any, options: FixOptions, outcome: FixOutcome, target: str 
     outcome.refused.update(result.skipped)
     outcome.notes.extend(result.notes)
     outcome.details.update(method=result.method, passes=result.passes, recalibrated=result.records())
+    outcome.recalibrated = list(result.layers)
     if target is not None and (options.process_group is None or _rank(options.process_group) == 0):
         report = write_torch_fix(options.model, target, result.new_stats(), in_place=options.in_place)
         outcome.details["patched_tensors"] = len(report.tensors)
@@ -322,6 +371,7 @@ def _fix_keras(info: Any, options: FixOptions, outcome: FixOutcome, target: str 
     outcome.actions.append(f"recalibrated {len(result.layers)} layer(s) ({result.passes} truncated pass(es))")
     outcome.notes.extend(result.notes)
     outcome.details.update(method=result.method, passes=result.passes, recalibrated=result.records())
+    outcome.recalibrated = list(result.layers)
     if target is not None:
         write_keras_fix(info, target, result, in_place=options.in_place)
 
@@ -337,18 +387,21 @@ def _fix_onnx(info: Any, options: FixOptions, outcome: FixOutcome, target: str |
     if any(layer.training_reasons or layer.stats_source == "computed" for layer in info.layers):
         fix = rewrite_training_mode(fix, options.data, batch_size=options.batch_size, inputs=inputs, engine=engine)
         outcome.actions.append(f"rewrote {len(fix.rewritten)} layer(s) to inference form")
+        outcome.restructured = True
     if options.data is not None:
         fix = recalibrate_onnx(fix, options.data, layers=options.layers, batch_size=options.batch_size, inputs=inputs, engine=engine)
         outcome.actions.append(f"recalibrated {len(fix.layers)} layer(s)")
     if options.fold:
         fix = fold(fix, options.data, layers=options.layers, inputs=inputs, engine=engine)
         outcome.actions.append(f"folded {len(fix.folded)} layer(s) into the op before them")
+        outcome.restructured = True
     if not outcome.actions:
         raise UsageError(f"{options.model}: nothing to do without --data (no training-mode BatchNorm to rewrite); "
                          "give --data to recalibrate or --fold to fold")
     outcome.refused.update(fix.refused)
     outcome.notes.extend(fix.notes)
     outcome.details.update({k: v for k, v in fix.metrics.items()}, recalibrated=[layer.record() for layer in fix.layers])
+    outcome.recalibrated = list(fix.layers)
     if target is not None:
         fix.write(target, in_place=options.in_place)
 
