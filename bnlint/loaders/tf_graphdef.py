@@ -1,0 +1,203 @@
+"""Frozen TensorFlow GraphDef `.pb` files read as data, without TensorFlow.
+
+A frozen graph (convert_variables_to_constants_v2, freeze_graph) holds every variable as a Const
+node, so a FusedBatchNorm/V2/V3 node's scale, offset, mean and variance are Const tensors behind
+Identity nodes. Attributes equal to the op's default are often stripped (is_training defaults to
+TRUE). When BatchNorm was written unfused (tf.nn.batch_normalization, Keras's fused=False), only
+its arithmetic is left: Rsqrt(variance + eps) [* gamma], then x * that + (beta - mean * that). That
+pattern is recognised by structure and reported as an inferred layer with a note.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from bnlint.errors import InputError
+from bnlint.loaders.tf_proto import ConstTensor, Graph, Msg, Node, read_graph
+from bnlint.loaders.tf_savedmodel import BN_OPS, MAX_PB_BYTES, ROLES, op_attr
+from bnlint.model import BNLayer, ModelInfo, OpKind, Producer
+from bnlint.protowire import WireError
+
+PASS_OPS = frozenset({"Identity", "ReadVariableOp", "Snapshot", "StopGradient"})
+OP_KINDS: dict[str, OpKind] = {"Conv2D": "conv", "Conv3D": "conv", "DepthwiseConv2dNative": "conv", "Conv2DBackpropInput": "conv_transpose",
+                               "Conv3DBackpropInputV2": "conv_transpose", "MatMul": "dense", "BatchMatMulV2": "matmul"}
+MAX_HOPS = 64
+
+
+class _Scope:
+    """The nodes of the graph or of one library function, by name, with their consumers."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = {n.name: n for n in nodes}
+        self.consumers: dict[str, list[Node]] = {}
+        for node in nodes:
+            for tensor in node.inputs:
+                if not tensor.startswith("^"):
+                    self.consumers.setdefault(_name(tensor), []).append(node)
+
+    def source(self, tensor: str) -> Node | None:
+        """The node behind pass-through ops (Identity chains)."""
+        node = self.nodes.get(_name(tensor))
+        hops = 0
+        while node is not None and node.op in PASS_OPS and node.inputs and hops < MAX_HOPS:
+            node = self.nodes.get(_name(node.inputs[0]))
+            hops += 1
+        return node
+
+    def const(self, tensor: str, origin: str) -> ConstTensor | None:
+        node = self.source(tensor)
+        if node is None or node.op != "Const" or "value" not in node.attrs:
+            return None
+        value = node.attr("value")
+        return replace(value, path=origin) if isinstance(value, ConstTensor) else None
+
+
+def _name(tensor: str) -> str:
+    """A node name from an input string: graph form 'node:1', function form 'node:output:0', '^node'."""
+    return tensor.lstrip("^").split(":")[0]
+
+
+def _producer(scope: _Scope, bn: Node) -> Producer | None:
+    node = scope.source(bn.inputs[0]) if bn.inputs else None
+    if node is None:
+        return None
+    has_bias = False
+    if node.op in ("BiasAdd", "Add", "AddV2") and node.inputs:
+        inner = scope.source(node.inputs[0])
+        if inner is not None and inner.op in OP_KINDS:
+            node, has_bias = inner, True
+    exclusive = len(scope.consumers.get(node.name, ())) == 1
+    return Producer(node.name, node.op, OP_KINDS.get(node.op, "other"), has_bias=has_bias, exclusive=exclusive)
+
+
+def fused_layers(scope: _Scope, where: str, prefix: str, order: int, notes: list[str]) -> list[BNLayer]:
+    layers: list[BNLayer] = []
+    for node in scope.nodes.values():
+        if node.op not in BN_OPS:
+            continue
+        name = node.name.removesuffix("/" + node.op)
+        bn = BNLayer(name=f"{prefix}{name}", kind=node.op, framework="tensorflow", order=order + len(layers))
+        if name != node.name:
+            bn.aliases = (f"{prefix}{node.name}",)
+        for role, tensor in zip(ROLES, node.inputs[1:5]):
+            ref = scope.const(tensor, where)
+            if ref is not None:
+                bn.tensors[role] = ref
+            else:
+                source = scope.source(tensor)
+                bn.unchecked.append(f"{role}: read from {source.op if source is not None else 'a missing node'} "
+                                    f"'{_name(tensor)}', not a constant in the file")
+        if not bn.tensors and bn.unchecked:
+            bn.stats_source = "input"
+        anchor = bn.tensors.get("running_var") or bn.tensors.get("running_mean")
+        bn.channels = anchor.shape[0] if anchor is not None and len(anchor.shape) == 1 else None
+        bn.eps = float(op_attr(node, "epsilon"))
+        training = op_attr(node, "is_training") is True
+        bn.training = training
+        bn.known.update({"eps", "training"})
+        if training:
+            bn.training_reasons = [f"{node.op} node '{node.name}' has is_training=true (the default when the attribute "
+                                   "is absent): it normalises with batch statistics at inference"]
+        if "exponential_avg_factor" in node.attrs:
+            bn.raw_momentum = bn.momentum = float(op_attr(node, "exponential_avg_factor"))
+            bn.known.add("momentum")
+        bn.axis = -1 if op_attr(node, "data_format") in ("NHWC", "NDHWC") else 1
+        bn.channel_axis = True
+        bn.producer = _producer(scope, node)
+        layers.append(bn)
+    return layers
+
+
+def _scalar(ref: ConstTensor | None) -> float | None:
+    if ref is None or int(np.prod(ref.shape)) != 1:
+        return None
+    return float(np.asarray(ref.numpy(), dtype=np.float64).reshape(-1)[0])
+
+
+def _other(scope: _Scope, node: Node, known: Node) -> str | None:
+    rest = [t for t in node.inputs if not t.startswith("^") and _name(t) != known.name]
+    return rest[0] if len(rest) == 1 else None
+
+
+def unfused_layers(scope: _Scope, where: str, order: int) -> list[BNLayer]:
+    """Rsqrt(variance + eps) [* gamma] -> x * s + (beta - mean * s): tf.nn.batch_normalization's arithmetic."""
+    layers: list[BNLayer] = []
+    for rsqrt in [n for n in scope.nodes.values() if n.op == "Rsqrt" and n.inputs]:
+        add = scope.source(rsqrt.inputs[0])
+        if add is None or add.op not in ("Add", "AddV2") or len(add.inputs) < 2:
+            continue
+        first, second = (scope.const(t, where) for t in add.inputs[:2])
+        if first is None or second is None:
+            continue
+        eps_ref, var_ref = (first, second) if _scalar(first) is not None and _scalar(second) is None else (second, first)
+        eps = _scalar(eps_ref)
+        if eps is None:
+            continue
+        factor, gamma = rsqrt, None
+        for consumer in scope.consumers.get(rsqrt.name, ()):
+            other = _other(scope, consumer, rsqrt) if consumer.op == "Mul" else None
+            if other is not None and scope.const(other, where) is not None:
+                factor, gamma = consumer, scope.const(other, where)
+        mean = beta = None
+        for consumer in scope.consumers.get(factor.name, ()):
+            other = _other(scope, consumer, factor) if consumer.op == "Mul" else None
+            if other is None or scope.const(other, where) is None:
+                continue
+            mean = scope.const(other, where)
+            for sub in scope.consumers.get(consumer.name, ()):
+                if sub.op == "Sub" and sub.inputs and _name(sub.inputs[0]) != consumer.name:
+                    beta = scope.const(sub.inputs[0], where)
+        if mean is None:
+            continue
+        name = rsqrt.name.rpartition("/")[0] or rsqrt.name
+        bn = BNLayer(name=name, kind="batch_normalization (unfused)", framework="tensorflow", certainty="inferred",
+                     order=order + len(layers), eps=eps, training=False)
+        bn.known.update({"eps", "training"})
+        bn.tensors = {role: ref for role, ref in zip(ROLES, (gamma, beta, mean, var_ref)) if ref is not None}
+        bn.channels = var_ref.shape[0] if len(var_ref.shape) == 1 else None
+        layers.append(bn)
+    return layers
+
+
+def graph_model(graph: Graph, where: str, info: ModelInfo) -> None:
+    """Fill `info` with the graph's BatchNorm layers (fused first, then unfused patterns)."""
+    scopes = [("", _Scope(graph.nodes))] + [(f"{f.name}/", _Scope(f.nodes)) for f in graph.functions]
+    for prefix, scope in scopes:
+        info.layers += fused_layers(scope, where, prefix, len(info.layers), info.notes)
+    fused = bool(info.layers)
+    for _, scope in scopes:
+        info.layers += unfused_layers(scope, where, len(info.layers))
+    if info.layers and not fused:
+        info.notes.append("no FusedBatchNorm node: BatchNorm survives only as unfused arithmetic (Rsqrt, Mul, Sub, "
+                          "Add), recognised by pattern; layer names are the ops' name scopes")
+    if not info.layers:
+        info.folded_bn = any(n.op in OP_KINDS for _, s in scopes for n in s.nodes.values())
+        info.notes.append("no BatchNorm in the graph (neither FusedBatchNorm nodes nor the unfused pattern)")
+
+
+def load_tf_graphdef(path: Path, companion: Path | None = None) -> ModelInfo:
+    """A (frozen) GraphDef .pb as ModelInfo; InputError (one line) if unreadable."""
+    where = str(path)
+    try:
+        if Path(path).stat().st_size > MAX_PB_BYTES:
+            raise InputError(where, f"larger than protobuf's {MAX_PB_BYTES}-byte limit")
+        buf = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(where, f"cannot read: {exc.strerror or exc}") from None
+    info = ModelInfo(path=where, format="tf-graphdef", framework="tensorflow", exported=True)
+    try:
+        graph = read_graph(Msg(buf))
+        if not graph.nodes and not graph.functions:
+            raise WireError("no nodes")
+        graph_model(graph, where, info)
+        for layer in info.layers:  # decode every header now, so a malformed tensor is found at load time
+            for ref in layer.tensors.values():
+                _ = ref.shape, ref.dtype
+    except (WireError, RecursionError) as exc:
+        raise InputError(where, f"not a valid TensorFlow GraphDef ({exc})") from None
+    if graph.producer is not None:
+        info.format_version = f"GraphDef producer {graph.producer}"
+    return info

@@ -1,0 +1,391 @@
+"""TensorFlow SavedModel directories (or their saved_model.pb) read as data, without TensorFlow.
+
+What is read: every FusedBatchNorm/V2/V3 node of the MetaGraph's graph and of its function
+library, with the op's attributes (defaults applied: the writer strips attributes equal to the op's
+default, and FusedBatchNormV3's default is_training is TRUE), traced back to the variables it
+reads: ReadVariableOp <- a function argument, which is either captured (the last arguments of a
+saved concrete function are its `bound_inputs`, object-graph node ids) or passed by a caller's
+(Stateful)PartitionedCall; at graph level ReadVariableOp <- VarHandleOp (shared_name) or a TF1
+VariableV2. The values come lazily from `variables/variables.index` + data (tf_bundle), by the
+checkpoint key the checkpoint's object graph gives the same node id, or by variable name (TF1).
+
+Training mode: Keras 2 SavedModels keep training=True traces of every layer next to the serving
+ones, so a node counts only if it is reachable from a signature's outputs (through call ops and
+function-valued attributes). is_training=true there is a serving graph normalising with batch
+statistics. Keras 2 layer settings (momentum, epsilon, axis, trainable) come from
+keras_metadata.pb (SavedMetadata: nodes 1 {node_id 2, node_path 3, identifier 4, metadata 5 (JSON)}),
+whose node ids are the object graph's; they also give layers their Keras names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bnlint.errors import InputError
+from bnlint.loaders.keras_config import effective_trainable
+from bnlint.loaders.tf_bundle import Bundle, BundleTensor, read_bundle
+from bnlint.loaders.tf_proto import ConstTensor, FuncRef, MetaGraph, Msg, Node, read_object, read_saved_model
+from bnlint.model import BNLayer, ModelInfo, ModuleRecord, TensorRef
+from bnlint.protowire import WireError
+
+BN_OPS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
+# The ops' defaults (tensorflow/core/ops/nn_ops.cc): an attribute equal to its default is stripped.
+OP_DEFAULTS: dict[str, Any] = {"epsilon": 1e-4, "exponential_avg_factor": 1.0, "data_format": "NHWC", "is_training": True}
+ROLES = ("weight", "bias", "running_mean", "running_var")  # FusedBatchNorm inputs 1..4: scale, offset, mean, variance
+KERAS_ROLES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+PASS_OPS = frozenset({"ReadVariableOp", "Identity", "IdentityN", "Enter", "Snapshot"})
+MAX_PB_BYTES = (1 << 31) - 1  # protobuf's own limit for one message
+MAX_TRACE = 64  # call levels followed back to a variable
+# keras_metadata.pb exists from tf.keras 2.5 on: what keras_config.effective_trainable needs to know
+KERAS2_VERSION = (2, 5)
+
+Var = tuple[str, Any]  # ("object", node id) | ("name", variable name) | ("const", Node)
+
+
+def op_attr(node: Node, name: str) -> Any:
+    """A BatchNorm attribute, its op default when absent; WireError when it has another type."""
+    value = node.attr(name)
+    if value is None:
+        return OP_DEFAULTS[name]
+    if type(value) is not type(OP_DEFAULTS[name]):
+        raise WireError(f"attribute {name} of node '{node.name}' is a {type(value).__name__}, "
+                        f"not a {type(OP_DEFAULTS[name]).__name__}")
+    return value
+
+
+@dataclass
+class Site:
+    """One BatchNorm node: where it is, whether a signature reaches it, what it reads."""
+
+    scope: str  # function name, "" for the graph
+    node: Node
+    serving: bool
+    variables: tuple[Var | None, ...]
+
+
+class _Tracer:
+    """Follows a tensor back through pass-through ops and call boundaries to a variable."""
+
+    def __init__(self, meta: MetaGraph) -> None:
+        self.meta = meta
+        self.functions = {f.name: f for f in meta.graph.functions}
+        self.scopes: dict[str, dict[str, Node]] = {"": {n.name: n for n in meta.graph.nodes}}
+        self.scopes.update({f.name: {n.name: n for n in f.nodes} for f in meta.graph.functions})
+        self.callers: dict[str, list[tuple[str, Node]]] = {}
+        self.calls: dict[str, set[str]] = {}
+        for scope, nodes in self.scopes.items():
+            for node in nodes.values():
+                for callee in self.callees(node):
+                    self.calls.setdefault(scope, set()).add(callee)
+                    if node.op in CALL_OPS or node.op == callee:
+                        self.callers.setdefault(callee, []).append((scope, node))
+        self.memo: dict[tuple[str, str], Var | None] = {}
+
+    def callees(self, node: Node) -> list[str]:
+        names = [node.op] if node.op in self.functions else []
+        for key, value in node.attrs.items():
+            if value.has(10) or value.has(1):  # func, or a list that may hold funcs
+                found = node.attr(key)
+                for ref in found if isinstance(found, list) else [found]:
+                    if isinstance(ref, FuncRef) and ref.name in self.functions:
+                        names.append(ref.name)
+        return names
+
+    def reachable(self, roots: list[str]) -> set[str]:
+        """Functions called, directly or not, by the graph nodes `roots` (and the nodes they read)."""
+        seen: set[str] = set()
+        graph = self.scopes[""]
+        stack = [name for name in roots if name in graph]
+        visited_nodes: set[str] = set()
+        while stack:  # graph level: the output nodes and everything they read
+            name = stack.pop()
+            if name in visited_nodes or name not in graph:
+                continue
+            visited_nodes.add(name)
+            node = graph[name]
+            stack.extend(i.lstrip("^").split(":")[0] for i in node.inputs)
+            pending = self.callees(node)
+            while pending:
+                function = pending.pop()
+                if function not in seen:
+                    seen.add(function)
+                    pending.extend(self.calls.get(function, ()))
+        return seen
+
+    def resolve(self, scope: str, tensor: str, depth: int = 0) -> Var | None:
+        key = (scope, tensor)
+        if key not in self.memo:
+            self.memo[key] = None  # breaks cycles
+            self.memo[key] = self._resolve(scope, tensor, depth) if depth < MAX_TRACE else None
+        return self.memo[key]
+
+    def _resolve(self, scope: str, tensor: str, depth: int) -> Var | None:
+        name = tensor.lstrip("^").split(":")[0]
+        function = self.functions.get(scope)
+        if function is not None and ":" not in tensor and name in function.inputs:
+            index = function.inputs.index(name)
+            bound = self.meta.bound_inputs.get(scope, [])
+            captured = index - (len(function.inputs) - len(bound))
+            if bound and captured >= 0:
+                return ("object", bound[captured])
+            for caller_scope, call in self.callers.get(scope, ()):
+                args = [i for i in call.inputs if not i.startswith("^")]
+                if index < len(args):
+                    found = self.resolve(caller_scope, args[index], depth + 1)
+                    if found is not None:
+                        return found
+            return None
+        node = self.scopes.get(scope, {}).get(name)
+        if node is None:
+            return None
+        if node.op in PASS_OPS and node.inputs:
+            return self.resolve(scope, node.inputs[0], depth + 1)
+        if node.op == "VarHandleOp":
+            return ("name", node.attr("shared_name") or node.name)
+        if node.op in ("VariableV2", "Variable"):
+            return ("name", node.name)
+        if node.op == "Const":
+            return ("const", node)
+        return None
+
+
+def bn_sites(meta: MetaGraph, signature_outputs: list[str]) -> list[Site]:
+    """Every BatchNorm node of the graph and its functions, with the variables it reads."""
+    tracer = _Tracer(meta)
+    serving = tracer.reachable([t.lstrip("^").split(":")[0] for t in signature_outputs])
+    sites = []
+    for scope, nodes in tracer.scopes.items():
+        for node in nodes.values():
+            if node.op not in BN_OPS:
+                continue
+            operands = list(node.inputs[1:5])
+            variables = tuple(tracer.resolve(scope, operands[k]) if k < len(operands) else None for k in range(4))
+            sites.append(Site(scope, node, scope in serving or (scope == "" and node.name in serving), variables))
+    return sites
+
+
+def _signature_outputs(buf: bytes) -> list[str]:
+    """Tensor names of every SignatureDef output (MetaGraphDef signature_def 5: outputs 2, TensorInfo name 1)."""
+    names = []
+    for meta in Msg(buf).msgs(2):
+        for signature in meta.map(5).values():
+            names += [info.text(1) for info in signature.map(2).values()]
+    return names
+
+
+def _keras_metadata(folder: Path, path: str) -> dict[int, dict[str, Any]]:
+    """node id -> {"path", "identifier", "config": metadata JSON} from keras_metadata.pb (absent: {})."""
+    file = folder / "keras_metadata.pb"
+    if not file.is_file():
+        return {}
+    try:
+        out = {}
+        for node in Msg(file.read_bytes()).msgs(1):
+            raw = node.text(5)
+            try:
+                config = json.loads(raw) if raw else {}
+            except ValueError:
+                config = {}
+            out[node.num(2)] = {"path": node.text(3), "identifier": node.text(4),
+                                "config": config if isinstance(config, dict) else {}}
+        return out
+    except (OSError, WireError, RecursionError) as exc:
+        raise InputError(path, f"keras_metadata.pb is not readable ({exc})") from None
+
+
+def _checkpoint_keys(bundle: Bundle) -> dict[int, str]:
+    """Object-graph node id -> checkpoint key of its VARIABLE_VALUE (TrackableObjectGraph nodes 1)."""
+    if "_CHECKPOINTABLE_OBJECT_GRAPH" not in bundle.entries:
+        return {}
+    try:
+        nodes = Msg(bundle.string("_CHECKPOINTABLE_OBJECT_GRAPH")).msgs(1)
+        keys = {}
+        for index, node in enumerate(nodes):
+            attribute = read_object(node).attributes.get("VARIABLE_VALUE")
+            if attribute is not None:
+                keys[index] = attribute[1]
+        return keys
+    except (WireError, RecursionError) as exc:
+        raise InputError(bundle.prefix, f"the checkpoint's object graph is not readable ({exc})") from None
+
+
+def _layer_paths(meta: MetaGraph, keras: dict[int, dict[str, Any]]) -> dict[int, tuple[str, str, int | None]]:
+    """variable node id -> (layer name, variable's own name, owning layer node id)."""
+    by_path = {entry["path"]: entry for entry in keras.values()}
+    out: dict[int, tuple[str, str, int | None]] = {}
+    for owner, obj in enumerate(meta.objects):
+        for child in obj.children:
+            if 0 <= child.node_id < len(meta.objects) and meta.objects[child.node_id].kind == "variable" \
+                    and child.local_name in KERAS_ROLES and owner in keras:
+                parts = keras[owner]["path"].split(".")
+                names = [str(by_path.get(".".join(parts[:k + 1]), {}).get("config", {}).get("name", parts[k]))
+                         for k in range(1, len(parts))]
+                out[child.node_id] = ("/".join(names), child.local_name, owner)
+    for index, obj in enumerate(meta.objects):
+        if obj.kind == "variable" and index not in out:
+            layer, _, own = obj.variable_name.rpartition("/")
+            out[index] = (layer, own.split(":")[0], None)
+    return out
+
+
+def _open(path: Path) -> tuple[Path, bytes]:
+    file = path / "saved_model.pb" if path.is_dir() else path
+    if path.is_dir() and not file.is_file():
+        other = "saved_model.pbtxt (text format, not read)" if (path / "saved_model.pbtxt").is_file() else "no saved_model.pb"
+        raise InputError(str(path), f"not a SavedModel directory: {other}")
+    try:
+        if file.stat().st_size > MAX_PB_BYTES:
+            raise InputError(str(file), f"larger than protobuf's {MAX_PB_BYTES}-byte limit")
+        return file.parent, file.read_bytes()
+    except OSError as exc:
+        raise InputError(str(file), f"cannot read: {exc.strerror or exc}") from None
+
+
+def load_tf_savedmodel(path: Path, companion: Path | None = None) -> ModelInfo:
+    """A SavedModel directory or its saved_model.pb as ModelInfo; InputError (one line) if unreadable."""
+    folder, buf = _open(Path(path))
+    where = str(path)
+    try:
+        metas = read_saved_model(buf)
+        outputs = _signature_outputs(buf)
+        if not metas:
+            raise WireError("no MetaGraphDef")
+        meta = next((m for m in metas if "serve" in m.tags), metas[0])
+        sites = bn_sites(meta, outputs)
+    except (WireError, RecursionError) as exc:
+        raise InputError(where, f"not a valid SavedModel ({exc})") from None
+    keras = _keras_metadata(folder, where)
+    info = ModelInfo(path=where, format="tf-savedmodel", framework="tensorflow", exported=True,
+                     format_version=f"TensorFlow {meta.tf_version}" if meta.tf_version else None)
+    info.metadata.update(tags=meta.tags, signatures=meta.signatures, meta_graphs=len(metas), keras_metadata=bool(keras))
+    bundle: Bundle | None = None
+    keys: dict[int, str] = {}
+    if (folder / "variables" / "variables.index").is_file():
+        bundle = read_bundle(folder / "variables" / "variables.index")
+        keys = _checkpoint_keys(bundle)
+    elif any(v is not None and v[0] != "const" for s in sites for v in s.variables):
+        info.notes.append("no variables/variables.index: the BatchNorm statistics were not read")
+    names = _layer_paths(meta, keras)
+    _add_modules(info, keras)
+    groups: dict[object, list[Site]] = {}
+    for site in sites:
+        ident = site.variables[2] or site.variables[3]
+        key: object = ident[1] if ident is not None and ident[0] != "const" else (site.scope, site.node.name)
+        groups.setdefault(key, []).append(site)
+    try:
+        for group in groups.values():
+            info.layers.append(_layer(group, len(info.layers), meta, names, keras, bundle, keys, info.notes, where))
+    except (WireError, RecursionError) as exc:
+        raise InputError(where, f"not a valid SavedModel ({exc})") from None
+    if not sites:
+        info.notes.append("no FusedBatchNorm node in the graph or its functions")
+    return info
+
+
+def _add_modules(info: ModelInfo, keras: dict[int, dict[str, Any]]) -> None:
+    by_path = {entry["path"]: entry for entry in keras.values()}
+    for order, entry in enumerate(sorted(keras.values(), key=lambda e: e["path"])):
+        parts = entry["path"].split(".")
+        if len(parts) < 2:
+            continue
+        names = [str(by_path.get(".".join(parts[:k + 1]), {}).get("config", {}).get("name", parts[k])) for k in range(1, len(parts))]
+        config = entry["config"]
+        own = config.get("trainable") if isinstance(config.get("trainable"), bool) else None
+        enclosing = [by_path.get(".".join(parts[:k + 1]), {}).get("config", {}).get("trainable") for k in range(0, len(parts) - 1)]
+        is_bn = config.get("class_name") == "BatchNormalization"
+        info.modules["/".join(names)] = ModuleRecord(
+            name="/".join(names), class_name=str(config.get("class_name", entry["identifier"])), trainable=own,
+            effective_trainable=effective_trainable(own, enclosing, is_bn, KERAS2_VERSION), parent="/".join(names[:-1]), order=order)
+
+
+def _tensor(var: Var | None, meta: MetaGraph, bundle: Bundle | None, keys: dict[int, str], where: str) -> TensorRef | None:
+    if var is None:
+        return None
+    kind, value = var
+    if kind == "const":
+        found = value.attr("value")
+        return replace(found, path=where) if isinstance(found, ConstTensor) else None
+    if bundle is None:
+        return None
+    key = keys.get(value) if kind == "object" else value
+    if key is None and kind == "object" and 0 <= value < len(meta.objects):
+        key = meta.objects[value].variable_name  # a TF1-style bundle keyed by variable name
+    if key is None or key not in bundle.entries:
+        return None
+    return BundleTensor(bundle, bundle.entries[key])
+
+
+def _layer(group: list[Site], order: int, meta: MetaGraph, names: dict[int, tuple[str, str, int | None]],
+           keras: dict[int, dict[str, Any]], bundle: Bundle | None, keys: dict[int, str], notes: list[str], where: str) -> BNLayer:
+    serving = [s for s in group if s.serving]
+    site = serving[0] if serving else group[0]
+    ident = site.variables[2] or site.variables[3]
+    owner: int | None = None
+    if ident is not None and ident[0] == "object" and ident[1] in names:
+        name, _, owner = names[ident[1]]
+    elif ident is not None and ident[0] == "name":
+        name = ident[1].rpartition("/")[0] or ident[1]
+    else:
+        name = site.node.name.removesuffix("/" + site.node.op)
+    bn = BNLayer(name=name or site.node.name, kind=site.node.op, framework="tensorflow", order=order)
+    bn.aliases = tuple(sorted({s.node.name for s in group if '/' in s.node.name} - {bn.name}))[:4]
+    for role, var in zip(ROLES, site.variables):
+        ref = _tensor(var, meta, bundle, keys, where)
+        if ref is not None:
+            bn.tensors[role] = ref
+        elif var is not None and var[0] != "const" and bundle is not None:
+            bn.unchecked.append(f"{role}: variable {var[1]} not found in variables/variables.index")
+    anchor = bn.tensors.get("running_var") or bn.tensors.get("running_mean")
+    bn.channels = anchor.shape[0] if anchor is not None and len(anchor.shape) == 1 else None
+    bn.eps = float(op_attr(site.node, "epsilon"))
+    bn.known.add("eps")
+    training_sites = [s for s in serving if op_attr(s.node, "is_training") is True]
+    if serving:
+        bn.training = bool(training_sites)
+        bn.known.add("training")
+        bn.training_reasons = [f"{s.node.op} node '{s.node.name}'" + (f" in function {s.scope}" if s.scope else "")
+                               + " has is_training=true in a serving signature's graph (batch statistics at inference)"
+                               for s in training_sites[:3]]
+    factors = [float(op_attr(s.node, "exponential_avg_factor")) for s in group if "exponential_avg_factor" in s.node.attrs]
+    if factors:
+        bn.raw_momentum = bn.momentum = factors[0]
+        bn.known.add("momentum")
+    bn.axis = -1 if op_attr(site.node, "data_format") in ("NHWC", "NDHWC") else 1
+    bn.channel_axis = True
+    entry = keras.get(owner) if owner is not None else None
+    if entry is not None:
+        _apply_keras(bn, entry, keras)
+    return bn
+
+
+def _apply_keras(bn: BNLayer, entry: dict[str, Any], keras: dict[int, dict[str, Any]]) -> None:
+    """Settings a Keras 2 layer recorded in keras_metadata.pb (momentum in Keras's own convention)."""
+    config = entry["config"]
+    layer = config.get("config") if isinstance(config.get("config"), dict) else {}
+    bn.kind = str(config.get("class_name") or bn.kind)
+    momentum = layer.get("momentum")
+    if isinstance(momentum, (int, float)) and not isinstance(momentum, bool):
+        bn.raw_momentum = bn.momentum = 1.0 - float(momentum)  # exponential_avg_factor = 1 - Keras momentum
+        bn.known.add("momentum")
+    axis = layer.get("axis")
+    axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+    if isinstance(axis, int) and not isinstance(axis, bool):
+        bn.axis = axis
+    own = config.get("trainable") if isinstance(config.get("trainable"), bool) else None
+    by_path = {e["path"]: e for e in keras.values()}
+    parts = entry["path"].split(".")
+    enclosing = [by_path.get(".".join(parts[:k + 1]), {}).get("config", {}).get("trainable") for k in range(len(parts) - 1)]
+    bn.trainable, bn.effective_trainable = own, effective_trainable(own, enclosing, True, KERAS2_VERSION)
+    options = {key: layer[key] for key in ("renorm", "synchronized") if layer.get(key)}
+    if isinstance(layer.get("virtual_batch_size"), int):
+        options["virtual_batch_size"] = layer["virtual_batch_size"]
+    bn.training_options = options
+
+
+def is_savedmodel_dir(path: str | os.PathLike[str]) -> bool:
+    return Path(path, "saved_model.pb").is_file()
