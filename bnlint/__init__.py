@@ -1,19 +1,23 @@
-"""bnlint: a BatchNorm linter for PyTorch and ONNX models.
+"""bnlint: a BatchNorm linter for PyTorch, ONNX, Keras and Caffe model files.
 
 Importing bnlint is cheap: torch, onnx, h5py and keras are imported only by the code that needs them.
+The training-loop guard and `bnlint.testing` are imported on first use (module `__getattr__`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
+    from bnlint import testing
     from bnlint.findings import Report
+    from bnlint.training_guard import BatchNormGuard, BnlintGuardError, BnlintWarning, guard
 
 
-def lint(path_or_module: Any, data: Any = None, config: Any = None, **options: Any) -> "Report":
+def lint(path_or_module: _typing.Any, data: _typing.Any = None, config: _typing.Any = None, **options: _typing.Any) -> "Report":
     """Lint a model file, folder, or live nn.Module; see bnlint.api.lint."""
     from bnlint.api import lint as _lint
 
@@ -21,15 +25,22 @@ def lint(path_or_module: Any, data: Any = None, config: Any = None, **options: A
 
 
 _GUARD_NAMES = ("BatchNormGuard", "BnlintGuardError", "BnlintWarning", "guard")
+# Submodules reachable as attributes after a plain `import bnlint` (bnlint.testing.assert_bn_healthy).
+_LAZY_MODULES = ("testing",)
+
+__all__ = ["BatchNormGuard", "BnlintGuardError", "BnlintWarning", "guard", "lint", "testing", "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    """The training-loop guard, imported on first use (the CLI never needs it)."""
+def __getattr__(name: str) -> _typing.Any:
+    """The training-loop guard and `bnlint.testing`, imported on first use (the CLI never needs them)."""
     if name in _GUARD_NAMES:
-        from bnlint import training_guard
-
-        return getattr(training_guard, name)
+        guard_module = _importlib.import_module("bnlint.training_guard")
+        return getattr(guard_module, name)
+    if name in _LAZY_MODULES:
+        return _importlib.import_module(f"bnlint.{name}")
     raise AttributeError(f"module 'bnlint' has no attribute {name!r}")
 
 
-__all__ = ["BatchNormGuard", "BnlintGuardError", "BnlintWarning", "guard", "lint", "__version__"]
+def __dir__() -> list[str]:
+    """The public API only (not the typing helpers this module happens to import)."""
+    return sorted(__all__)

@@ -28,7 +28,7 @@ class DefaultCheckGroup(click.Group):
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version", "-V"):
             args = ["check", *args]
         return super().parse_args(ctx, args)
 
@@ -114,13 +114,20 @@ def _side_file(flag: str, path: str | None, folder_ok: bool = False) -> None:
         raise UsageError(f"{flag} {path}: not a regular file{' or folder' if folder_ok else ''} ({kind})")
 
 
-def _split_codes(values: Sequence[str]) -> tuple[str, ...] | None:
-    codes = tuple(c.strip().upper() for v in values for c in v.split(",") if c.strip())
+def _split_codes(values: Sequence[str], flag: str = "--select") -> tuple[str, ...] | None:
+    """Comma-separated rule codes, prefixes or rule names (`frozen-bn-in-train-mode`) as codes."""
+    from bnlint.config import rule_codes
+
+    codes = rule_codes([c for v in values for c in v.split(",")], flag)
     return codes or None
 
 
+TRUST_HELP = ("Allow running code from the input file: a pickled nn.Module, TorchScript whose code is not recognised "
+              "as pure tensor computation, a Keras Lambda layer. Only for files you trust.")
+
+
 @click.group(cls=DefaultCheckGroup, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
-@click.version_option(__version__, prog_name="bnlint")
+@click.version_option(__version__, "--version", "-V", prog_name="bnlint")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """bnlint: find BatchNorm problems in PyTorch, ONNX, Keras and Caffe model files.
@@ -154,7 +161,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--train-batch-size", type=click.IntRange(min=1), default=None, help="Batch size used in training (else from a Lightning checkpoint).")
 @click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Architecture for state dicts: package.module:factory or path/to/file.py:factory.")
 @click.option("--arch-kwargs", default=None, metavar="JSON", help='Keyword arguments for the factory, e.g. \'{"num_classes": 10}\'.')
-@click.option("--trust", is_flag=True, help="Allow running code from the input file (needed only to run a pickled nn.Module).")
+@click.option("--trust", is_flag=True, help=TRUST_HELP)
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Where the dynamic analysis runs [default: the config's device, else auto: cuda when available].")
 @click.option("--timeout", type=float, default=None, callback=_timeout, metavar="SECONDS", help=TIMEOUT_HELP)
 @click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default=None, help="How ONNX models run for --data [default: auto, onnxruntime when installed].")
@@ -188,7 +195,7 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
         os.environ["BNLINT_DEBUG"] = "1"
     try:
         config = load_config(config_path).with_overrides(
-            select=_split_codes(select), ignore=_split_codes(ignore), fail_on="never" if exit_zero else fail_on,
+            select=_split_codes(select), ignore=_split_codes(ignore, "--ignore"), fail_on="never" if exit_zero else fail_on,
             deploy_precision=deploy_precision,
         ).validate()
         if exclude:
@@ -351,18 +358,21 @@ def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, qui
 @click.option("--fold", is_flag=True, help="ONNX: fold inference BatchNorm into the Conv/Gemm before it, checked numerically.")
 @click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Architecture for state dicts (as for linting).")
 @click.option("--arch-kwargs", default=None, metavar="JSON", help="Keyword arguments for the factory.")
-@click.option("--trust", is_flag=True, help="Allow running code from the input file (pickled nn.Module, Keras Lambda).")
-@click.option("--input", "inputs", multiple=True, metavar="NAME=KEY", help="Map a model input to an array in --data.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--trust", is_flag=True, help=TRUST_HELP)
+@click.option("--input", "inputs", multiple=True, metavar="NAME=KEY", help="Map a model input to an array in --data (repeatable).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size for the passes over --data [default: the config's, else 32].")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Where the model runs [default: the config's device, else auto: cuda when available].")
 @click.option("--timeout", type=float, default=None, callback=_timeout, metavar="SECONDS", help=TIMEOUT_HELP)
-@click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default="auto", show_default=True)
-@click.option("--format", "--output-format", "fmt", type=click.Choice(["text", "json", "sarif"]), default="text", show_default=True)
+@click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default=None, help="How ONNX models run [default: the config's, else auto: onnxruntime when installed].")
+@click.option("--format", "--output-format", "fmt", type=click.Choice(["text", "json", "sarif"]), default="text", show_default=True, help="Output format.")
+@click.option("--quiet", "-q", is_flag=True, help="Text output: what was done and written only (no per-layer table, no notes).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write an HTML report with before/after plots.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Read settings from this TOML file instead of the nearest pyproject.toml/bnlint.toml.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error instead of one line.")
 def fix_command(model: str, data: str | None, output: str | None, in_place: bool, dry_run: bool, layers: str | None, fold: bool,
-                arch: str | None, arch_kwargs: str | None, trust: bool, inputs: tuple[str, ...], batch_size: int, device: str,
-                timeout: float | None, onnx_engine: str, fmt: str, report_path: str | None, config_path: str | None) -> None:
+                arch: str | None, arch_kwargs: str | None, trust: bool, inputs: tuple[str, ...], batch_size: int | None, device: str | None,
+                timeout: float | None, onnx_engine: str | None, fmt: str, quiet: bool, report_path: str | None, config_path: str | None,
+                debug: bool) -> None:
     """Repair what the linter finds: exact BatchNorm recalibration on --data (layer by layer, in
     execution order), ONNX training-mode BatchNorm rewritten to inference form, --fold.
 
@@ -372,13 +382,20 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
     """
     from bnlint.config import load_config
     from bnlint.dynamic import parse_arch_kwargs, parse_inputs
+    from bnlint.dynamic.options import dynamic_settings
     from bnlint.fix.run import FixOptions, distributed_group, run_fix
 
+    if debug:
+        os.environ["BNLINT_DEBUG"] = "1"
     try:
         config = load_config(config_path)
+        settings = dynamic_settings(config)  # flags win over [tool.bnlint.dynamic], as for linting
+        batch_size = batch_size or settings["batch_size"]
+        onnx_engine = onnx_engine or settings["onnx_engine"]
         _refuse_overwrite({"--report": report_path}, [model, output, data, config_path])
         _side_file("MODEL", model)
         _side_file("--data", data, folder_ok=True)
+        device = _fix_device(device or settings["device"], model)
         group = distributed_group(device)  # torchrun: each process reads its shard; rank 0 writes and reports
         options = FixOptions(model=model, data=data, output=output, in_place=in_place, layers=layers, dry_run=dry_run, fold=fold,
                              arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust=trust, inputs=parse_inputs(inputs),
@@ -393,9 +410,18 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"bnlint: error: cannot write the fixed model: {where}{exc.strerror or exc}", err=True)
         sys.exit(EXIT_ERROR)
+    except (Exception, RecursionError) as exc:  # noqa: BLE001 - a bug: one line, exit 2, as for linting
+        if debug:
+            raise
+        click.echo(f"bnlint: internal error: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]} "
+                   "(--debug shows the traceback)", err=True)
+        sys.exit(EXIT_ERROR)
+    from dataclasses import replace
+
     from bnlint.report.fix import render_fix
 
-    click.echo(render_fix(outcome, fmt, tool_version=__version__), nl=False)
+    shown = replace(outcome, layers=[], notes=[]) if quiet and fmt == "text" else outcome
+    click.echo(render_fix(shown, fmt, tool_version=__version__), nl=False)
     if report_path and outcome.after is not None:
         from bnlint.report.html import FixComparison, write_html
         from bnlint.rules import all_rules
@@ -411,6 +437,30 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
             sys.exit(EXIT_ERROR)
     remaining = outcome.after.findings if outcome.after is not None else []
     sys.exit(EXIT_FINDINGS if any(f.code in ("BN601", "BN602", "BN606") for f in remaining) else EXIT_CLEAN)
+
+
+def _fix_device(requested: str, model: str) -> str:
+    """`auto` as a device torch accepts, for PyTorch files only (cuda when torch sees a GPU, else cpu).
+    ONNX and Keras engines resolve `auto` themselves: onnxruntime picks CUDA only when it has it."""
+    if requested != "auto":
+        return requested
+    import glob
+
+    from bnlint.loaders import detect
+
+    try:
+        kind = detect(Path(model)).kind
+    except BnlintError:
+        return requested  # unreadable: the fix reports it before anything runs
+    if kind not in ("torch-zip", "torch-pickle", "safetensors"):
+        return requested
+    if not glob.glob("/dev/nvidia*"):  # no GPU: no torch import (the sandbox decides the same way)
+        return "cpu"
+    try:
+        import torch
+    except ImportError:
+        return "cpu"  # the fix then says torch is needed
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @main.command("rules")
@@ -438,14 +488,14 @@ def rules_command(fmt: str) -> None:
 
 
 @main.command("rule")
-@click.argument("code")
+@click.argument("code", metavar="CODE_OR_NAME")
 def rule_command(code: str) -> None:
-    """Show one rule's documentation page."""
-    from bnlint.rules import all_rules
+    """Show one rule's documentation page: `bnlint rule BN403` or `bnlint rule frozen-bn-in-train-mode`."""
+    from bnlint.rules import all_rules, code_for, did_you_mean
 
-    spec = all_rules().get(code.strip().upper())
+    spec = all_rules().get(code_for(code) or "")
     if spec is None:
-        click.echo(f"bnlint: error: unknown rule code {code!r} (see `bnlint rules`)", err=True)
+        click.echo(f"bnlint: error: unknown rule code or name {code!r}{did_you_mean(code)} (see `bnlint rules`)", err=True)
         sys.exit(EXIT_ERROR)
     click.echo(f"# {spec.code} {spec.name} ({spec.severity.label})\n\n{spec.summary}\n\nFix: {spec.fix}\n\n{spec.doc}")
 

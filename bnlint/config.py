@@ -97,7 +97,9 @@ class Config:
                                *(("per-layer-ignores", p) for p in self.per_layer_ignores.values())):
             for prefix in prefixes:
                 if not any(code.startswith(prefix) for code in codes):
-                    raise UsageError(f"{where}{kind}: unknown rule code or prefix {prefix!r} (see `bnlint rules`)")
+                    from bnlint.rules import did_you_mean
+
+                    raise UsageError(f"{where}{kind}: unknown rule code or prefix {prefix!r}{did_you_mean(prefix)} (see `bnlint rules`)")
         return self
 
 
@@ -117,7 +119,50 @@ def _codes(value: Any, where: str) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise UsageError(f"{where}: expected a list of rule codes, got {_shown(value)}")
-    return tuple(v.strip().upper() for v in value if v.strip())
+    return rule_codes(value, where)
+
+
+def rule_codes(tokens: Any, where: str) -> tuple[str, ...]:
+    """Rule codes, prefixes or rule names (`frozen-bn-in-train-mode`) as codes; an unknown name is a
+    UsageError with the closest one. The rules are imported only when a token is not spelled as a code."""
+    codes: list[str] = []
+    for raw in tokens:
+        token = raw.strip()
+        if not token:
+            continue
+        if token[:2].upper() == "BN":  # a code or prefix: checked against the rules by validate()
+            codes.append(token.upper())
+            continue
+        from bnlint.rules import code_for, did_you_mean  # the rules import this module
+
+        code = code_for(token)
+        if code is None:
+            raise UsageError(f"{where}: unknown rule name {token!r}{did_you_mean(token)} (see `bnlint rules`)")
+        codes.append(code)
+    return tuple(codes)
+
+
+def _suggest(key: str, known: Any) -> str:
+    """` (did you mean 'fail-on'?)` for a misspelt key, in the documented dash style."""
+    import difflib
+
+    matches = difflib.get_close_matches(key.replace("_", "-"), [k.replace("_", "-") for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def _keys(table: Mapping[str, Any], known: Any, where: str, what: str) -> dict[str, Any]:
+    """`table` with each key spelled as in `known`: `few-updates` and `few_updates` are one key, in
+    every table. A key given in both spellings, or unknown, is a UsageError naming the closest key."""
+    canonical = {k.replace("_", "-"): k for k in known}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = canonical.get(key.replace("_", "-"))
+        if name is None:
+            raise UsageError(f"{where}: unknown {what} {key!r}{_suggest(key, known)} (known: {', '.join(sorted(canonical))})")
+        if name in out:
+            raise UsageError(f"{where}: {what} {name.replace('_', '-')!r} is given twice (as - and as _)")
+        out[name] = value
+    return out
 
 
 def _globs(value: Any, where: str) -> tuple[str, ...]:
@@ -146,9 +191,7 @@ def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
     where = source or "config"
     table = _table(table, where, "a [tool.bnlint] table")
     known = {"select", "ignore", "fail-on", "per-layer-ignores", "thresholds", "dynamic", "extend-exclude", "deploy-precision"}
-    unknown = set(table) - known
-    if unknown:
-        raise UsageError(f"{where}: unknown [tool.bnlint] key(s): {', '.join(sorted(unknown))}")
+    table = _keys(table, known, where, "[tool.bnlint] key")
     fail_on = table.get("fail-on", "warning")
     if not isinstance(fail_on, str) or fail_on.lower() not in ("error", "warning", "info", "never"):
         raise UsageError(f"{where}: fail-on: expected error, warning, info or never, got {_shown(fail_on)}")
@@ -158,16 +201,14 @@ def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
                          f"got {_shown(precision)}")
     per_layer = _table(table.get("per-layer-ignores", {}), f"{where}: per-layer-ignores", "a table of glob = [codes]")
     thresholds = _table(table.get("thresholds", {}), f"{where}: thresholds", "a table of name = number")
-    unknown_thresholds = set(thresholds) - set(DEFAULT_THRESHOLDS)
-    if unknown_thresholds:
-        raise UsageError(f"{where}: unknown threshold(s): {', '.join(sorted(unknown_thresholds))}")
+    thresholds = _keys(thresholds, DEFAULT_THRESHOLDS, where, "threshold")
     config = Config(
         select=_codes(table.get("select", []), f"{where}: select"),
         ignore=_codes(table.get("ignore", []), f"{where}: ignore"),
         fail_on=fail_on.lower(),
         per_layer_ignores={g: _codes(c, f"{where}: per-layer-ignores: {g}") for g, c in per_layer.items()},
         thresholds={k: _threshold(v, f"{where}: thresholds.{k}") for k, v in thresholds.items()},
-        dynamic=dict(_table(table.get("dynamic", {}), f"{where}: dynamic", "a table of [tool.bnlint.dynamic] settings")),
+        dynamic=_dynamic_table(table.get("dynamic", {}), where),
         exclude=_globs(table.get("extend-exclude", []), f"{where}: extend-exclude"),
         deploy_precision=precision.lower(),
         source=source,
@@ -176,6 +217,14 @@ def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
 
     dynamic_settings(config)
     return config
+
+
+def _dynamic_table(value: Any, where: str) -> dict[str, Any]:
+    """[tool.bnlint.dynamic] with its keys in one spelling; its values are checked by dynamic_settings."""
+    from bnlint.dynamic.options import DYNAMIC_DEFAULTS
+
+    return _keys(_table(value, f"{where}: dynamic", "a table of [tool.bnlint.dynamic] settings"), DYNAMIC_DEFAULTS, where,
+                 "[tool.bnlint.dynamic] key")
 
 
 def find_config_file(start: Path) -> Path | None:
