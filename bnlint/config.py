@@ -130,7 +130,7 @@ def rule_codes(tokens: Any, where: str) -> tuple[str, ...]:
         token = raw.strip()
         if not token:
             continue
-        if token[:2].upper() == "BN":  # a code or prefix: checked against the rules by validate()
+        if token[:2].upper() == "BN" and not any(c in token for c in "-_"):  # a code or prefix (names have dashes: bn-folded)
             codes.append(token.upper())
             continue
         from bnlint.rules import code_for, did_you_mean  # the rules import this module

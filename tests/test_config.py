@@ -88,3 +88,34 @@ def test_thresholds_must_be_finite_non_negative_numbers(tmp_path: Path, value: s
     path = write(tmp_path / "bnlint.toml", f"[thresholds]\nmin_var_plus_eps = {value}\n")
     with pytest.raises(UsageError, match=r"thresholds\.min_var_plus_eps: expected a finite number"):
         load_config(path)
+
+
+def test_keys_in_either_spelling_and_rule_names_resolve_to_one_config(tmp_path: Path) -> None:
+    dashes = write(tmp_path / "a.toml", 'fail-on = "error"\nignore = ["frozen-bn-in-train-mode", "bn1"]\n'
+                   '[per-layer-ignores]\n"x.*" = ["dead_channels"]\n[thresholds]\nfew-updates = 3\n[dynamic]\ndrift-kl = 0.1\n')
+    unders = write(tmp_path / "b.toml", 'fail_on = "error"\nignore = ["BN403", "BN1"]\n'
+                   '[per_layer_ignores]\n"x.*" = ["BN108"]\n[thresholds]\nfew_updates = 3\n[dynamic]\ndrift_kl = 0.1\n')
+    a, b = load_config(dashes), load_config(unders)
+    assert (a.fail_on, a.ignore, dict(a.per_layer_ignores), dict(a.thresholds), dict(a.dynamic)) == \
+        (b.fail_on, b.ignore, dict(b.per_layer_ignores), dict(b.thresholds), dict(b.dynamic))
+    assert a.ignore == ("BN403", "BN1") and a.threshold("few_updates") == 3 and a.layer_ignored("x.bn", "BN108")
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('[tool.bnlint]\nfail-on = "error"\nfail_on = "info"\n', "given twice"),
+        ('[tool.bnlint]\nselect = ["no-such-rule"]\n', "unknown rule name 'no-such-rule'"),
+        ('[tool.bnlint]\nignore = ["bn-folde"]\n', "did you mean 'bn-folded'"),
+        ('[tool.bnlint.thresholds]\nmax-scal = 1\n', "did you mean 'max-scale'"),
+    ],
+)
+def test_spelling_errors_name_the_key_and_the_closest_match(tmp_path: Path, text: str, problem: str) -> None:
+    write(tmp_path / "pyproject.toml", text)
+    with pytest.raises(UsageError, match=problem):
+        load_config(tmp_path / "pyproject.toml")
+
+
+def test_validate_suggests_the_closest_code() -> None:
+    with pytest.raises(UsageError, match="did you mean 'BN403'"):
+        Config(ignore=("BN4O3",)).validate()

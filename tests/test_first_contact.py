@@ -244,3 +244,22 @@ def test_dash_capital_v_prints_the_version() -> None:
     for flag in ("-V", "--version"):
         result = run(flag)
         assert result.exit_code == 0 and result.output.strip() == f"bnlint, version {__version__}"
+
+
+def test_names_that_start_with_bn_are_names_not_codes() -> None:
+    """`bn-folded` (BN501) and `unfused-bn` (BN505) are rule names, not the prefix `BN-FOLDED`."""
+    onnx_model = "fixtures/convnet.onnx"  # BN505 x3
+    assert codes(run(onnx_model, "--select", "unfused-bn").output) == {"BN505"}
+    assert codes(run(onnx_model, "--ignore", "unfused-bn,bn-folded").output) == set()
+    typo = run(onnx_model, "--select", "bn-folde")
+    assert typo.exit_code == 2 and "did you mean 'bn-folded'" in typo.output
+
+
+def test_assert_bn_healthy_refuses_a_misspelt_code_like_the_cli() -> None:
+    from bnlint.config import Config
+    from bnlint.errors import UsageError
+    from bnlint.testing import assert_bn_healthy
+
+    with pytest.raises(UsageError, match="did you mean 'BN101'"):
+        assert_bn_healthy("fixtures/fault_nan_stats.pt", config=Config(ignore=("BN1O1",)))
+    assert_bn_healthy("fixtures/fault_nan_stats.pt", config=Config(ignore=("BN101",)))

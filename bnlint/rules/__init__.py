@@ -43,8 +43,11 @@ def code_for(token: str) -> str | None:
 def did_you_mean(token: str) -> str:
     """` (did you mean 'BN403'?)` for a misspelt rule code or name, else ''."""
     specs = all_rules().values()
-    if is_code_prefix(token) or token.strip()[:2].upper() == "BN":
-        matches = difflib.get_close_matches(token.strip().upper(), [s.code for s in specs], n=1, cutoff=0.6)
+    if is_code_prefix(token) or (token.strip()[:2].upper() == "BN" and not any(c in token for c in "-_")):
+        code = token.strip().upper()
+        digits = "BN" + code[2:].replace("O", "0").replace("I", "1").replace("L", "1")  # BN1O1: a letter O for a zero
+        matches = [digits] if digits != code and any(s.code.startswith(digits) for s in specs) else []
+        matches = matches or difflib.get_close_matches(code, [s.code for s in specs], n=1, cutoff=0.6)
     else:
         names = [s.name for s in specs]
         matches = difflib.get_close_matches(_name_key(token), names, n=1, cutoff=0.6)
