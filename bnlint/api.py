@@ -95,7 +95,10 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
         with static_budget(shown):
             model = load_model(path, companion)
             model.path = shown
-            _analyse(result, model, config, reference=reference, dynamic=dynamic, source=(path, companion), measured=measured)
+            try:
+                _analyse(result, model, config, reference=reference, dynamic=dynamic, source=(path, companion), measured=measured)
+            except DynamicNotRun as failed:  # the static findings stand; only the dynamic part did not run
+                result.dynamic_error = _own_problem(failed.cause, path, shown)
     except BnlintError as exc:  # unreadable file, a tensor that cannot be decoded, unusable --data
         if skip_unrecognised and isinstance(exc, NotAModel):
             if notes is not None:
@@ -111,6 +114,14 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
         result.error = FileError(path=shown, message=f"internal error while linting: {type(exc).__name__}: {text} "
                                  "(please report it; BNLINT_DEBUG=1 or --debug shows the traceback)")
     return result
+
+
+class DynamicNotRun(Exception):
+    """Measuring on --data failed after the static rules ran (`_analyse`); `cause` says why."""
+
+    def __init__(self, cause: BnlintError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _pickle_findings(exc: UnsafeInputError, shown: str, config: Config) -> list[Finding]:
@@ -133,12 +144,14 @@ def _analyse(result: FileResult, model: ModelInfo, config: Config, *, reference:
     A model file runs only in the isolated child (bnlint.sandbox); a live module from the Python
     API is the caller's own object and runs where it is. When measuring fails (the model cannot
     be run, its deadline passed, it crashed), the static findings are still reported and the
-    failure is re-raised for the file's error line. `measured`: measurements already made (fix).
+    failure is raised as DynamicNotRun: the file was read, so its line says the dynamic part did
+    not run, not that the file is unreadable. `measured`: measurements already made (fix).
     """
     from bnlint.context import RuleContext
     from bnlint.engine import run_rules
 
     result.format = model.format
+    result.framework = model.framework
     result.layer_count = len(model.layers)
     result.notes.extend(model.notes)
     measurements = measured
@@ -161,7 +174,7 @@ def _analyse(result: FileResult, model: ModelInfo, config: Config, *, reference:
         result.notes.extend(measurements.notes)
     result.findings.extend(run_rules(RuleContext(model=model, config=config, reference=reference, measurements=measurements)))
     if failure is not None:
-        raise failure
+        raise DynamicNotRun(failure)
 
 
 def _problem(exc: BnlintError, path: Path) -> str:
@@ -170,6 +183,16 @@ def _problem(exc: BnlintError, path: Path) -> str:
     if isinstance(exc, InputError) and Path(exc.path) == path:
         return exc.problem
     return str(exc)
+
+
+def _own_problem(exc: BnlintError, path: Path, shown: str) -> str:
+    """`_problem`, also without the file's own name when the error (rebuilt from the isolated
+    child) names it as text: the line already starts with it."""
+    text = _problem(exc, path)
+    for name in (str(path), shown):
+        if text.startswith(f"{name}: "):
+            return text[len(name) + 2:]
+    return text
 
 
 def lint_paths(
@@ -318,5 +341,8 @@ def lint_module(module: Any, config: Config, *, dynamic: Any = None, name: str =
     from bnlint.loaders.live_module import module_to_model
 
     result = FileResult(path=name)
-    _analyse(result, module_to_model(module, name), config, dynamic=dynamic, module=module)
+    try:
+        _analyse(result, module_to_model(module, name), config, dynamic=dynamic, module=module)
+    except DynamicNotRun as failed:
+        result.dynamic_error = str(failed.cause)
     return result

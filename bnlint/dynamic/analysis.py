@@ -17,6 +17,7 @@ from bnlint.dynamic.options import DynamicOptions, dynamic_settings, override, p
 from bnlint.dynamic.runner import Capture, LayerSpec, Progress, Runner
 from bnlint.dynamic.stats import Collector
 from bnlint.errors import UsageError
+from bnlint.findings import DATA_WARNING
 from bnlint.measurements import BatchDependence, Measurements
 from bnlint.model import ModelInfo
 from bnlint.sandbox import events
@@ -245,8 +246,9 @@ def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: 
     notes = [*runner.notes, *dataset.notes]
     for source in sources:
         if source.dtype.kind in "ui" and source.dtype.itemsize <= 2:
-            notes.append(f"array '{source.key}' holds {source.dtype} integers: if these are raw pixels (0-255), normalise "
-                         "them as in training first, or every layer will look drifted")
+            # A warning about the data, not a finding: reporters print it before the findings it explains.
+            notes.append(f"{DATA_WARNING} array '{source.key}' holds {source.dtype} integers: if these are raw pixels "
+                         "(0-255), normalise them as in training first, or every layer will look drifted")
     usable = samples - samples % batch_size if runner.fixed_batch else samples
     if runner.fixed_batch and usable < samples:
         notes.append(f"the model's batch size is fixed at {batch_size}: used {usable} of {samples} samples")

@@ -12,7 +12,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
-from bnlint.findings import Finding, Report, Severity
+from bnlint.findings import FileResult, Finding, Report, Severity, fix_for
 from bnlint.rules.registry import RuleSpec
 
 TOOL_NAME = "bnlint"
@@ -120,6 +120,44 @@ def artifact_uri(path: str) -> str:
         return prefix + quote(posix, safe="/:", errors="surrogateescape")
     # surrogateescape: an undecodable file-name byte is percent-encoded as that byte, which names the real file.
     return quote(str(PurePosixPath(posix)), safe="/", errors="surrogateescape")
+
+
+# What a clean result cannot vouch for, by ModelInfo.format: facts the format does not record.
+# One table, so every reporter says the same; formats absent here record what the rules read.
+NOT_SHOWN: dict[str, str] = {
+    "torch-state-dict": "training modes are not recorded in a state dict: --reference or --data can show drift",
+    "torch-checkpoint": "training modes are not recorded in a checkpoint's state dict: --reference or --data can show drift",
+    "lightning": "training modes are not recorded in a Lightning checkpoint's state dict: --reference or --data can show drift",
+    "safetensors": "training modes, momentum and eps are not recorded in safetensors: --reference or --data can show drift",
+    "keras-weights": "layer settings (momentum, epsilon, trainable) are not recorded in a weights-only file: --data can show drift",
+}
+
+
+def not_shown(result: FileResult) -> str | None:
+    """What a clean lint of `result` cannot show (its format does not record it), or None; none
+    once --data measured the file (the drift the blind spot hides was then looked at)."""
+    if result.error is not None or result.layer_stats or not result.layer_count:
+        return None
+    return NOT_SHOWN.get(result.format or "")
+
+
+# Framework (ModelInfo.framework) from a FileResult's format, for results made before the field existed.
+_FRAMEWORK_OF_FORMAT = {"onnx": "onnx", "caffe": "caffe", "keras": "keras", "keras-h5": "keras", "keras-weights": "keras"}
+
+
+def framework_of(result: FileResult) -> str | None:
+    if result.framework is not None:
+        return result.framework
+    if result.format is None:
+        return None
+    return _FRAMEWORK_OF_FORMAT.get(result.format, "torch")
+
+
+def fix_text(spec: RuleSpec, frameworks: Iterable[str | None] = ()) -> str:
+    """The rule's fix for these frameworks: the framework's own text when the rule has one and
+    every finding is from that framework, else the rule's text for all frameworks."""
+    distinct = {f for f in frameworks if f is not None}
+    return fix_for(spec.fix, distinct.pop() if len(distinct) == 1 else None)
 
 
 def severity_counts(findings: Iterable[Finding]) -> dict[Severity, int]:

@@ -1,4 +1,5 @@
-"""GitHub Actions workflow commands: one annotation per finding, one per unreadable file.
+"""GitHub Actions workflow commands: one annotation per finding, one per unreadable file, one
+per file whose dynamic analysis could not run (an error: the check the user asked for did not happen).
 
     ::error file=PATH,title=BN101 nonfinite-stats::layer: message
     ::warning ...   ::notice ...          (severity warning / info)
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from bnlint.findings import Finding, Report, Severity
+from bnlint.findings import DYNAMIC_NOT_RUN, Finding, Report, Severity
 from bnlint.report._common import printable, rule_name
 from bnlint.rules.registry import RuleSpec
 
@@ -47,5 +48,7 @@ def render(report: Report, rules: Mapping[str, RuleSpec]) -> str:
     for result in report.files:
         if result.error is not None:
             lines.append(_command("error", result.path, "bnlint: unreadable file", result.error.message))
+        elif result.dynamic_error is not None:
+            lines.append(_command("error", result.path, f"bnlint: {DYNAMIC_NOT_RUN}", result.dynamic_error))
         lines.extend(format_finding(finding, rules) for finding in result.findings)
     return "".join(line + "\n" for line in lines)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 
 from bnlint.errors import UsageError
-from bnlint.findings import FileResult, Finding, Report, Severity
+from bnlint.findings import DYNAMIC_NOT_RUN, FileResult, Finding, Report, Severity
 from bnlint.report import plots
 from bnlint.report._common import TOOL_NAME, rule_name, severity_counts
 from bnlint.rules.registry import RuleSpec
@@ -182,9 +182,11 @@ def _summary(report: Report) -> list[str]:
     for result in report.files:
         if result.format:
             formats[result.format] = formats.get(result.format, 0) + 1
-    unreadable = len(report.errors)
+    problems = [f"{len(report.unreadable)} unreadable"] if report.unreadable else []
+    if report.not_run:
+        problems.append(f"{len(report.not_run)} with {DYNAMIC_NOT_RUN}")
     cards = [
-        ("files", _plural(len(report.files), "file") + (f" ({unreadable} unreadable)" if unreadable else "")),
+        ("files", _plural(len(report.files), "file") + (f" ({', '.join(problems)})" if problems else "")),
         ("error", _plural(counts[Severity.ERROR], "error")),
         ("warning", _plural(counts[Severity.WARNING], "warning")),
         ("info", _plural(counts[Severity.INFO], "info")),
@@ -216,7 +218,9 @@ def _file_row(result: FileResult) -> str:
         return f'<tr class="unreadable">{path}<td colspan="6"><span class="badge error">unreadable</span> {_e(result.error.message)}</td></tr>'
     counts = severity_counts(result.findings)
     samples, engine = _samples(result), _engine(result)
-    if samples is not None or engine:
+    if result.dynamic_error is not None:
+        run = f"{DYNAMIC_NOT_RUN}: {result.dynamic_error}"
+    elif samples is not None or engine:
         run = " on ".join(x for x in (f"{samples} samples" if samples is not None else "", engine) if x)
     else:
         run = "static checks only"

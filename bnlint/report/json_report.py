@@ -6,8 +6,9 @@ Shape (keys always present, in this order):
      "tool": {"name": "bnlint", "version": "0.1.0"},
      "files": [{"path": str, "format": str | null, "layers": int, "error": str | null,
                 "findings": [{"code", "name", "severity", "layer", "message", "values"}],
-                "layer_stats": [{...}], "notes": [str]}],
-     "summary": {"error": n, "warning": n, "info": n, "files": n, "unreadable": n}}
+                "layer_stats": [{...}], "notes": [str],
+                "dynamic_error": str | null, "not_shown": str | null}],
+     "summary": {"error": n, "warning": n, "info": n, "files": n, "unreadable": n, "dynamic_not_run": n}}
 
 - `severity` is "error" | "warning" | "info"; `name` is null for a code absent from the rule table.
 - `values` and each `layer_stats` entry are free-form objects with sorted keys. Non-finite numbers
@@ -15,6 +16,9 @@ Shape (keys always present, in this order):
 - `layer_stats` entries (dynamic analysis) use the keys layer, channels, mean_abs_smd,
   max_abs_smd, max_kl, fraction_over_threshold, plus any extra the analysis records.
 - `summary.files` counts every input, readable or not; `unreadable` those with an error.
+- `dynamic_error`: the file was read and checked statically, but --data could not run it (why,
+  and what to give); exit code 2 like `error`. `summary.dynamic_not_run` counts those files.
+- `not_shown`: what the file's format does not record, so a clean result cannot vouch for it.
 Bumping `version` is required for any change that removes or retypes a key; adding keys is not.
 """
 
@@ -25,7 +29,7 @@ from importlib import resources
 from typing import Any, Mapping
 
 from bnlint.findings import FileResult, Finding, Report, Severity
-from bnlint.report._common import TOOL_NAME, json_safe, rule_name, severity_counts
+from bnlint.report._common import TOOL_NAME, json_safe, not_shown, rule_name, severity_counts
 from bnlint.rules.registry import RuleSpec
 
 JSON_VERSION = 1
@@ -59,6 +63,8 @@ def _file(result: FileResult, rules: Mapping[str, RuleSpec]) -> dict[str, Any]:
         "findings": [_finding(f, rules) for f in result.findings],
         "layer_stats": [json_safe(dict(s)) for s in result.layer_stats],
         "notes": list(result.notes),
+        "dynamic_error": result.dynamic_error if result.error is None else None,
+        "not_shown": not_shown(result),
     }
 
 
@@ -74,6 +80,7 @@ def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) ->
             "warning": counts[Severity.WARNING],
             "info": counts[Severity.INFO],
             "files": len(report.files),
-            "unreadable": len(report.errors),
+            "unreadable": len(report.unreadable),
+            "dynamic_not_run": len(report.not_run),
         },
     }

@@ -11,6 +11,8 @@ Mapping (stable):
   <system-out>.
 - An unreadable file is a suite with a single testcase "load" carrying an <error> (its rules
   never ran, so they are not listed as passing).
+- A file whose dynamic analysis (--data) could not run has a testcase "dynamic analysis" carrying
+  an <error>, then its rules' testcases as usual (the static rules ran).
 - Loader notes go to the suite's <system-out>. Suite properties record bnlint.version, format and layers.
 Counts (tests, failures, errors, skipped="0") are set on every suite and on <testsuites>.
 Characters that XML 1.0 cannot carry (control characters from layer names) are escaped as \\xNN.
@@ -75,6 +77,11 @@ def _suite(
         ET.SubElement(case, "error", {"type": "InputError", "message": message}).text = message
         tests, errors = 1, 1
     else:
+        if result.dynamic_error is not None:  # the rules below ran on the file; running it on --data did not
+            case = ET.SubElement(suite, "testcase", {"classname": path, "name": "dynamic analysis"})
+            message = _xml_text(result.dynamic_error)
+            ET.SubElement(case, "error", {"type": "DynamicNotRun", "message": message}).text = message
+            tests, errors = 1, 1
         by_code: dict[str, list[Finding]] = {}
         for finding in result.findings:
             by_code.setdefault(finding.code, []).append(finding)

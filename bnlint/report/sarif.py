@@ -2,7 +2,8 @@
 
 Models have no lines, so no result carries a region: the artifact is the model file and the
 layer is a logical location (kind "member"). Files that could not be read are reported as
-toolExecutionNotifications of the single invocation, which is then not executionSuccessful.
+toolExecutionNotifications of the single invocation, which is then not executionSuccessful; so
+are files read and checked statically whose dynamic analysis (--data) could not run.
 Loader notes become notifications of level "note".
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Mapping
 
-from bnlint.findings import Finding, Report, Severity
+from bnlint.findings import DYNAMIC_NOT_RUN, Finding, Report, Severity
 from bnlint.report._common import INFORMATION_URI, TOOL_NAME, artifact_uri, finding_codes, first_paragraph, json_safe
 from bnlint.rules.registry import RuleSpec
 
@@ -91,6 +92,8 @@ def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) ->
     for result in report.files:
         if result.error is not None:
             notifications.append(_notification(result.path, "error", f"{result.path}: {result.error.message}"))
+        elif result.dynamic_error is not None:
+            notifications.append(_notification(result.path, "error", f"{result.path}: {DYNAMIC_NOT_RUN}: {result.dynamic_error}"))
         notifications.extend(_notification(result.path, "note", f"{result.path}: {n}") for n in result.notes)
     invocation: dict[str, Any] = {"executionSuccessful": not report.errors}
     if notifications:

@@ -2,15 +2,19 @@
 
     path:layer: CODE [severity] message      (path: CODE [severity] message when no layer)
     path: error: message                     (a file that could not be read)
-    path: note: text                         (loader notes; not with quiet)
-    fixes: CODE name: fix (bnlint rule CODE) (each code's fix once; under each finding with show_fixes)
+    path: dynamic analysis not run: why; what to give   (read and checked statically; --data could not run it)
+    path: check the data: text               (a warning about --data, before the findings it explains)
+    path: note: text                         (loader notes, identical ones once with their layers; not with quiet)
+    fixes: CODE name: fix (bnlint rule CODE) (each code's fix once, for the findings' framework; under
+                                              each finding with show_fixes; first sentence when many codes)
 
 With group, per-layer findings of one code in one file share a line; with statistics, a count per
 code replaces the findings.
 
 Findings are printed in the order the engine produced them. Control characters in paths, layer
 names and messages are escaped (a model file controls its layer names; it must not control the
-terminal). quiet=True keeps finding and file-error lines only.
+terminal). quiet=True keeps finding, file-error, not-run and data-warning lines only. A clean
+file's summary says how many BatchNorm layers were checked and what its format cannot show.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-from bnlint.findings import FileResult, Finding, Report, Severity
-from bnlint.report._common import printable, severity_counts
+from bnlint.findings import DATA_WARNING, DYNAMIC_NOT_RUN, FileResult, Finding, Report, Severity
+from bnlint.report._common import fix_text, framework_of, not_shown, printable, severity_counts
 from bnlint.rules.registry import RuleSpec
 
 # How many layers the drift table shows; the JSON output carries all of them.
 TOP_LAYERS = 10
+# More distinct codes than this: each fix is cut to its first sentence (`bnlint rule CODE` has it all).
+FULL_FIXES = 8
 
 _RESET = "\x1b[0m"
 _BOLD = "\x1b[1m"
@@ -81,16 +87,49 @@ def format_group(first: Finding, layers: list[str], *, color: bool = False) -> s
     return f"{path}: {tag} {len(layers)} layers ({shown}); first: {printable(first.message)}"
 
 
-def fix_line(code: str, rules: Mapping[str, RuleSpec], indent: str = "  ") -> str | None:
+def _first_sentence(text: str) -> str:
+    end = text.find(". ")
+    return text if end < 0 else text[:end + 1]
+
+
+def fix_line(code: str, rules: Mapping[str, RuleSpec], indent: str = "  ", frameworks: Iterable[str | None] = (),
+             short: bool = False) -> str | None:
     spec = rules.get(code)
     if spec is None:
         return None
-    return f"{indent}{code} {spec.name}: {printable(spec.fix)} (bnlint rule {code})"
+    text = fix_text(spec, frameworks)
+    return f"{indent}{code} {spec.name}: {printable(_first_sentence(text) if short else text)} (bnlint rule {code})"
 
 
-def fix_under(code: str, rules: Mapping[str, RuleSpec]) -> str | None:
+def fix_under(code: str, rules: Mapping[str, RuleSpec], framework: str | None = None) -> str | None:
     spec = rules.get(code)
-    return None if spec is None else f"    fix: {printable(spec.fix)} (bnlint rule {code})"
+    return None if spec is None else f"    fix: {printable(fix_text(spec, [framework]))} (bnlint rule {code})"
+
+
+def grouped_notes(notes: Iterable[str]) -> list[str]:
+    """Notes in first-seen order, each text once: identical notes get a count, and notes that
+    differ only in a leading `layer: ` get one line listing the layers."""
+    order: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for note in notes:
+        head, sep, rest = note.partition(": ")
+        if sep and head and " " not in head and rest:  # "stage1/bn: no weights group ..." -> per-layer
+            order.setdefault(rest, []).append(head)
+        else:
+            order.setdefault(note, [])
+            counts[note] = counts.get(note, 0) + 1
+    out = []
+    for text, layers in order.items():
+        if len(layers) == 1 and text not in counts:
+            out.append(f"{layers[0]}: {text}")
+        elif layers:
+            shown = ", ".join(layers[:5]) + (f", ... (+{len(layers) - 5})" if len(layers) > 5 else "")
+            out.append(f"{text} ({len(layers)} layers: {shown})")
+        if counts.get(text, 0) == 1:
+            out.append(text)
+        elif counts.get(text, 0) > 1:
+            out.append(f"{text} ({counts[text]} times)")
+    return out
 
 
 def statistics_lines(findings: Iterable[Finding], rules: Mapping[str, RuleSpec]) -> list[str]:
@@ -114,12 +153,34 @@ def _plural(n: int, word: str) -> str:
 
 def summary_line(report: Report) -> str:
     counts = severity_counts(report.findings)
-    unreadable = len(report.errors)
     line = (
         f"{_plural(counts[Severity.ERROR], 'error')}, {_plural(counts[Severity.WARNING], 'warning')}, "
         f"{_plural(counts[Severity.INFO], 'info')} in {_plural(len(report.files), 'file')}"
     )
-    return line + (f" ({unreadable} unreadable)" if unreadable else "")
+    problems = [f"{len(report.unreadable)} unreadable"] if report.unreadable else []
+    if report.not_run:
+        problems.append(f"{len(report.not_run)} with {DYNAMIC_NOT_RUN}")
+    return line + (f" ({', '.join(problems)})" if problems else "")
+
+
+def clean_lines(report: Report) -> list[str]:
+    """For files without warnings or errors: the BatchNorm layers checked, and per blind spot of
+    their formats (what the file cannot show) one line. So "0 warnings" never reads as more than it is."""
+    clean = [r for r in report.files if r.error is None and r.layer_count and all(f.severity < Severity.WARNING for f in r.findings)]
+    if not clean:
+        return []
+    layers = sum(r.layer_count for r in clean)
+    blind: dict[str, list[FileResult]] = {}
+    for result in clean:
+        text = not_shown(result)
+        if text is not None:
+            blind.setdefault(text, []).append(result)
+    checked = f"{_plural(layers, 'BatchNorm layer')} checked" + (f" in {_plural(len(clean), 'file')} without warnings"
+                                                                  if len(clean) != len(report.files) else "")
+    if len(blind) == 1 and len(report.files) == 1:
+        return [f"{checked}; {next(iter(blind))}"]
+    return [checked, *(f"  {printable(text)} ({', '.join(printable(r.path) for r in files[:3])}"
+                       f"{f', ... (+{len(files) - 3})' if len(files) > 3 else ''})" for text, files in blind.items())]
 
 
 def _cell(value: Any, kind: str) -> str:
@@ -172,31 +233,47 @@ def render(report: Report, rules: Mapping[str, RuleSpec] | None = None, *, color
     if statistics:
         lines.extend(statistics_lines(report.findings, rules))
     for result in report.files:
+        shown = _paint(printable(result.path), _BOLD, color)
         if result.error is not None:
             label = _paint("error", _COLORS[Severity.ERROR], color)
-            lines.append(f"{_paint(printable(result.path), _BOLD, color)}: {label}: {printable(result.error.message)}")
+            lines.append(f"{shown}: {label}: {printable(result.error.message)}")
+        elif result.dynamic_error is not None:
+            label = _paint(DYNAMIC_NOT_RUN, _COLORS[Severity.ERROR], color)
+            lines.append(f"{shown}: {label}: {printable(result.dynamic_error)}")
+        # A warning about the data explains the findings after it, so it comes first, even with quiet.
+        lines.extend(f"{shown}: {printable(n)}" for n in result.notes if n.startswith(DATA_WARNING))
         if not statistics:
             entries = _grouped(result.findings) if group else [(f, [f.layer] if f.layer else []) for f in result.findings]
             for first, layers in entries:
                 lines.append(format_group(first, layers, color=color))
-                fix = fix_under(first.code, rules) if show_fixes else None
+                fix = fix_under(first.code, rules, framework_of(result)) if show_fixes else None
                 if fix is not None:
                     lines.append(fix)
         if not quiet and not statistics:
-            lines.extend(f"{printable(result.path)}: note: {printable(n)}" for n in result.notes)
+            notes = grouped_notes(n for n in result.notes if not n.startswith(DATA_WARNING))
+            lines.extend(f"{printable(result.path)}: note: {printable(n)}" for n in notes)
             table = drift_table(result)
             if table:  # a table stands apart from the finding lines around it
                 if lines and lines[-1]:
                     lines.append("")
                 lines.extend([*table, ""])
     if not quiet:
-        codes = list(dict.fromkeys(f.code for f in report.findings))
-        fixes = [line for code in codes if (line := fix_line(code, rules)) is not None] if not (show_fixes or statistics) else []
+        frameworks: dict[str, set[str | None]] = {}
+        for result in report.files:
+            for finding in result.findings:
+                frameworks.setdefault(finding.code, set()).add(framework_of(result))
+        codes = sorted(frameworks)  # one line per distinct code, in code order (families together)
+        short = len(codes) > FULL_FIXES
+        fixes = [line for code in codes if (line := fix_line(code, rules, frameworks=frameworks[code], short=short)) is not None
+                 ] if not (show_fixes or statistics) else []
         if fixes:
             while lines and not lines[-1]:
                 lines.pop()
             lines.extend(["", "fixes:", *fixes])
         while lines and not lines[-1]:
             lines.pop()
-        lines.extend(["", summary_line(report)] if lines else [summary_line(report)])
+        summary = [summary_line(report), *clean_lines(report)]
+        if len(summary) == 2 and not summary[1].startswith("  "):  # one clean file: one line
+            summary = [f"{summary[0]}: {summary[1]}"]
+        lines.extend(["", *summary] if lines else summary)
     return "".join(text + "\n" for text in lines)

@@ -13,13 +13,14 @@ from typing import Iterator
 import numpy as np
 
 from bnlint.context import RuleContext
-from bnlint.findings import Severity
+from bnlint.findings import Severity, reestimate
 from bnlint.measurements import GROUPS, LayerDrift, Measurements
 from bnlint.rules._util import num
 from bnlint.rules.registry import Hit, rule
 
-REESTIMATE = ("re-estimate the running statistics on target-domain data over many batches (AdaBN; "
-              "torch.optim.swa_utils.update_bn with momentum=None, or precise BN), never from one small batch")
+# Over many batches, never from one small batch: `bnlint fix` first, then the framework's own way.
+REESTIMATE = reestimate("If the data is the deployment domain (never from one small batch): ",
+                        ". If it should be in-domain, check its preprocessing first.")
 
 
 def _judgeable(layer: LayerDrift) -> bool:
@@ -99,7 +100,7 @@ def _over_noise(analysis: Measurements) -> list[LayerDrift]:
     name="distribution-drift",
     severity=Severity.WARNING,
     summary="The layer's input on the given data differs from its stored running statistics.",
-    fix="If the data is the deployment domain, " + REESTIMATE + "; if it should be in-domain, check its preprocessing.",
+    fix=REESTIMATE,
     scope="dynamic",
     frameworks=('torch', 'onnx', 'keras'),
 )
@@ -137,8 +138,13 @@ def distribution_drift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit
     ## Use instead
     First rule out a preprocessing mismatch (the most common cause of drift in the first layer).
     If the data really is the deployment domain, re-estimate the statistics on it over many
-    batches: `torch.optim.swa_utils.update_bn(loader, model)` (it resets the statistics and uses
-    a cumulative average), AdaBN, or precise BN. Do not normalise with the statistics of a single
+    batches (AdaBN): `bnlint fix MODEL --data TARGET -o FIXED` does it for PyTorch, ONNX and
+    Keras files and checks the result. In the training framework: PyTorch
+    `torch.optim.swa_utils.update_bn(loader, model)` (it resets the statistics and uses a
+    cumulative average); Keras 3: call `model(batch, training=True)` over the data with every
+    BatchNormalization trainable and its `momentum` set to k/(k+1) before batch k (k = 0, 1,
+    ...), a cumulative average (Keras updates moving = moving * momentum + batch * (1 - momentum));
+    ONNX: re-estimate in the source framework and export again. Do not normalise with the statistics of a single
     small test batch: with tiny or non-i.i.d. batches that degrades accuracy further.
 
     ## References
@@ -171,7 +177,8 @@ def distribution_drift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit
     name="drift-onset",
     severity=Severity.INFO,
     summary="The first BatchNorm layer, in execution order, where the data drifts from the stored statistics.",
-    fix="Look at the data's preprocessing and the layers before this one; later layers inherit the drift.",
+    fix=reestimate("Look at the data's preprocessing and the layers before this one (later layers inherit the drift); "
+                   "if the domain really differs: "),
     scope="dynamic",
     frameworks=('torch', 'onnx', 'keras'),
 )
@@ -193,7 +200,8 @@ def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     ## Use instead
     Start at this layer: compare the data pipeline with training's (mean/std normalisation,
     RGB vs BGR, NCHW vs NHWC, value range). If the input is right and the domain really differs,
-    re-estimate the statistics on target-domain data over many batches (AdaBN / update_bn).
+    re-estimate the statistics on target-domain data over many batches (AdaBN): `bnlint fix
+    MODEL --data TARGET -o FIXED`, or the framework's own way (BN601).
 
     ## References
     - Li et al. 2016 (AdaBN); Schneider et al. 2020 (covariate shift adaptation).
@@ -353,7 +361,8 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     severity=Severity.WARNING,
     summary="At the training batch size, one batch's statistics stray far from the population's.",
     fix="Train with more values per channel per batch (larger batches, SyncBatchNorm across devices), or freeze BN "
-    "(eval mode / FrozenBatchNorm2d) or use GroupNorm; then re-estimate running statistics over many batches.",
+    "(eval mode / FrozenBatchNorm2d) or use GroupNorm; then re-estimate running statistics over many batches "
+    "(`bnlint fix MODEL --data TRAIN_SAMPLE -o FIXED`).",
     scope="dynamic",
     frameworks=('torch', 'onnx', 'keras'),
 )
@@ -381,8 +390,9 @@ def small_batch_noise(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]
     ## Use instead
     Increase the values per channel per batch (larger batches, SyncBatchNorm), or stop BatchNorm
     from using batch statistics (freeze it in eval mode, FrozenBatchNorm2d) or replace it with
-    GroupNorm. Afterwards estimate the running statistics over many batches (precise BN /
-    `update_bn`), never from one small batch.
+    GroupNorm. Afterwards estimate the running statistics over many batches, never from one
+    small batch: `bnlint fix MODEL --data TRAIN_SAMPLE -o FIXED`, or precise BN /
+    `torch.optim.swa_utils.update_bn` in PyTorch (Keras 3: see BN601).
 
     ## References
     - Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm" (precise BN, train/test inconsistency).

@@ -163,7 +163,9 @@ def _strip(name: str) -> str:
     name="stats-moved-while-frozen",
     severity=Severity.ERROR,
     summary="Compared with --reference: weight and bias unchanged but the running statistics moved.",
-    fix="Keep frozen BN layers in eval mode during fine-tuning; restore their statistics from the reference.",
+    fix="Keep frozen BN layers in eval mode during fine-tuning; restore their statistics from the reference, or "
+    "re-estimate them on training data (`bnlint fix MODEL --data TRAIN_SAMPLE -o FIXED`, or "
+    "torch.optim.swa_utils.update_bn(loader, model)).",
     scope="model",
 )
 def stats_moved_while_frozen(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
@@ -229,8 +231,10 @@ def _preceding_weighted(model: ModelInfo, layer: BNLayer) -> ModuleRecord | None
     name="trainable-bn-in-frozen-model",
     severity=Severity.ERROR,
     summary="A Keras BatchNormalization stays trainable while the layers around it are frozen: fit() moves its statistics.",
-    fix="Set trainable=False on the BatchNormalization layers too (e.g. freeze the whole backbone with "
-    "base_model.trainable = False); in Keras that also makes them run in inference mode during fit().",
+    fix="Set trainable=False on the BatchNormalization layers too (for layer in base_model.layers: if "
+    "isinstance(layer, keras.layers.BatchNormalization): layer.trainable = False), or freeze the whole backbone "
+    "with base_model.trainable = False; a BatchNormalization with trainable=False runs in inference mode in fit(). "
+    "Calling base_model(x, training=False) alone does not protect the statistics in Keras 3.",
     frameworks=('keras',),
 )
 def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
@@ -249,6 +253,15 @@ def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[H
     BatchNormalization layer makes it run in inference mode (it reads its moving statistics and
     updates nothing), which is what a frozen backbone needs.
 
+    Calling the backbone with `training=False` is not enough in Keras 3. Observed with Keras
+    3.15.1 on the torch backend (tests/test_keras_training_semantics.py runs fit()):
+    `x = base_model(inputs, training=False)` followed by `base_model.trainable = True` still
+    moved the moving statistics, because the outer functional model passes its own
+    `training=True` to every layer that takes `training`, over the value recorded when the graph
+    was built (keras/src/models/functional.py, `operation_fn`). `bn.trainable = False` and
+    `base_model.trainable = False` both kept them unchanged (BatchNormalization.call updates
+    only `if training and self.trainable`).
+
     ## Example
     ```python
     for layer in base_model.layers:
@@ -259,7 +272,12 @@ def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[H
     ## Use instead
     ```python
     base_model.trainable = False      # freezes every sublayer, BatchNormalization included
-    x = base_model(inputs, training=False)
+    ```
+    or, to fine-tune the other layers while the statistics stay:
+    ```python
+    for layer in base_model.layers:   # nested models: walk them too (layer.layers)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False   # inference mode in fit(): moving statistics read, never updated
     ```
 
     ## References
@@ -284,31 +302,61 @@ def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[H
     name="mode-disagreement",
     severity=Severity.WARNING,
     summary="Two files of one model disagree about whether a BatchNorm uses its stored statistics.",
-    fix="Make the files agree: use_global_stats: true (or unset) in the deploy prototxt, and deploy the file you linted.",
+    fix="Nothing to do when you deploy with the prototxt and it says use_global_stats: true (or leaves it unset); "
+    "re-save the caffemodel from the deploy net if a converter reads the caffemodel's own definition.",
+    scope="model",
     frameworks=('caffe',),
 )
-def mode_disagreement(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+def mode_disagreement(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Reports BatchNorm layers described by two files (a Caffe deploy `.prototxt` and the
-    `.caffemodel` with its weights) that disagree about `use_global_stats`.
+    Reports, once per model, the BatchNorm layers described by two files (a Caffe deploy
+    `.prototxt` and the `.caffemodel` with its weights) that disagree about `use_global_stats`,
+    with the list of layers.
 
     ## Why is this bad?
-    Which setting applies depends on which file the runtime reads the layer definition from: a
-    shipped `.caffemodel` is often the TRAIN net with `use_global_stats: false`, while the
-    deploy prototxt says true (or relies on the TEST-phase default). Loading the caffemodel's
-    own definition, or a tool that converts from it, then normalises with batch statistics at
-    inference.
+    Caffe takes a layer's parameters from the prototxt the net is built from
+    (`Net(prototxt)`); `CopyTrainedLayersFrom(caffemodel)` copies only the blobs. So when the
+    model is deployed with the prototxt, the prototxt governs:
+    - the prototxt uses the stored statistics (`use_global_stats: true`, or unset: the
+      TEST-phase default) and the caffemodel stores the TRAIN net's `false`: harmless at run
+      time (info). Only a tool that reads the caffemodel's own definition (some converters)
+      would normalise with batch statistics.
+    - the prototxt says `use_global_stats: false` while the caffemodel stores true: the
+      deployed net normalises with batch statistics (warning; BN404 reports each layer).
+
+    One finding per direction: the disagreement is one fact about the pair of files, not one
+    per layer.
 
     ## Example
     `deploy.prototxt` has no `use_global_stats` (TEST default: true); `model.caffemodel` stores
-    `batch_norm_param { use_global_stats: false }`.
+    `batch_norm_param { use_global_stats: false }` in all 53 BatchNorm layers: one info finding.
 
     ## Use instead
     Deploy with the prototxt that says `use_global_stats: true` (or leaves it unset), and
     re-save the caffemodel from the deploy net if tools read its definition.
 
     ## References
-    - BVLC/caffe#5829; Caffe `batch_norm_layer.cpp` (`use_global_stats` defaults by phase).
+    - BVLC/caffe#5829; Caffe `batch_norm_layer.cpp` (`use_global_stats` defaults by phase);
+      `Net::CopyTrainedLayersFrom` (copies blobs only).
     """
-    if layer.mode_disagreement:
-        yield Hit(message=layer.mode_disagreement, layer=layer.name, values={"disagreement": layer.mode_disagreement})
+    found = [layer for layer in model.layers if layer.mode_disagreement]
+    governed = [layer for layer in found if not layer.training]  # the prototxt uses the stored statistics
+    batch = [layer for layer in found if layer.training]  # the prototxt normalises with batch statistics
+    if governed:
+        yield Hit(
+            message=f"the caffemodel stores the training net's use_global_stats: false for {len(governed)} BatchNorm "
+            f"layer(s) ({_names(governed)}), but Caffe takes layer parameters from the prototxt it is deployed with, "
+            "and that uses the stored statistics: harmless when deployed with this prototxt; only a tool that reads "
+            "the caffemodel's own definition (a converter) would normalise with batch statistics",
+            severity=Severity.INFO,
+            values={"layers": [layer.name for layer in governed], "governs": "prototxt", "batch_statistics_at_run_time": False,
+                    "detail": governed[0].mode_disagreement},
+        )
+    if batch:
+        yield Hit(
+            message=f"the prototxt says use_global_stats: false for {len(batch)} BatchNorm layer(s) ({_names(batch)}) "
+            "while the caffemodel stores true: Caffe takes layer parameters from the prototxt, so the deployed net "
+            "normalises with batch statistics",
+            values={"layers": [layer.name for layer in batch], "governs": "prototxt", "batch_statistics_at_run_time": True,
+                    "detail": batch[0].mode_disagreement},
+        )

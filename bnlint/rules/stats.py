@@ -8,7 +8,7 @@ import numpy as np
 
 from bnlint.context import RuleContext
 from bnlint.conventions import conventions
-from bnlint.findings import Severity
+from bnlint.findings import Severity, reestimate
 from bnlint.model import BN_TENSORS, BNLayer
 from bnlint.rules._util import channel_text, channels, eps_of, num, tname
 from bnlint.rules._util import median as median_of
@@ -56,8 +56,8 @@ def _deployment_note(reason: str | None) -> str:
     name="nonfinite-stats",
     severity=Severity.ERROR,
     summary="A BatchNorm tensor holds NaN or Inf.",
-    fix="Find the overflow (often fp16/AMP) that produced it, then re-estimate the statistics with "
-    "torch.optim.swa_utils.update_bn or precise BN on training data.",
+    fix=reestimate("Find the overflow (often fp16/AMP) that produced it, then re-estimate the statistics on training "
+                   "data: ", data="TRAIN_SAMPLE"),
 )
 def nonfinite_stats(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -76,7 +76,8 @@ def nonfinite_stats(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
     ## Use instead
     Fix the overflow (keep BatchNorm in float32, check the loss scaler), then recompute the
-    running statistics over training data with `torch.optim.swa_utils.update_bn(loader, model)`.
+    running statistics over training data: `bnlint fix MODEL --data TRAIN_SAMPLE -o FIXED`, or
+    in PyTorch `torch.optim.swa_utils.update_bn(loader, model)` (Keras 3: see BN601).
 
     ## References
     - pytorch/pytorch#90342 and #96798 (NaN running statistics under AMP).
@@ -101,7 +102,7 @@ def nonfinite_stats(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     name="negative-running-var",
     severity=Severity.ERROR,
     summary="running_var holds negative values.",
-    fix="Re-estimate the statistics (update_bn / precise BN); a variance can never be negative.",
+    fix=reestimate("A variance can never be negative: re-estimate the statistics on training data: ", data="TRAIN_SAMPLE"),
 )
 def negative_running_var(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -117,7 +118,8 @@ def negative_running_var(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     `running_var[0] = -0.5`.
 
     ## Use instead
-    Re-estimate the statistics over training data with `torch.optim.swa_utils.update_bn`.
+    Re-estimate the statistics over training data: `bnlint fix MODEL --data TRAIN_SAMPLE -o FIXED`,
+    or in PyTorch `torch.optim.swa_utils.update_bn` (Keras 3: see BN601).
 
     ## References
     - pytorch/vision#2599 (invalid variances in converted checkpoints).
@@ -190,7 +192,7 @@ def _is_default_stats(layer: BNLayer) -> bool:
     name="stats-never-updated",
     severity=Severity.ERROR,
     summary="Running statistics are still at their initial values (mean 0, var 1).",
-    fix="Re-estimate the statistics on training data: torch.optim.swa_utils.update_bn(loader, model) or precise BN.",
+    fix=reestimate("Re-estimate the statistics on training data: ", data="TRAIN_SAMPLE"),
 )
 def stats_never_updated(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -211,8 +213,9 @@ def stats_never_updated(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     `num_batches_tracked == 0`.
 
     ## Use instead
-    Run `torch.optim.swa_utils.update_bn(train_loader, model)` (or fvcore's precise BN) to
-    estimate the statistics, then save again. A layer whose weights are also at initial values
+    Estimate the statistics on training data: `bnlint fix MODEL --data TRAIN_SAMPLE -o FIXED`,
+    or in PyTorch `torch.optim.swa_utils.update_bn(train_loader, model)` (or fvcore's precise
+    BN), then save again (Keras 3: see BN601). A layer whose weights are also at initial values
     is simply untrained (reported as a warning).
 
     ## References
@@ -258,7 +261,7 @@ def stats_never_updated(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     name="few-stat-updates",
     severity=Severity.INFO,
     summary="The running statistics were updated by very few batches.",
-    fix="Re-estimate the statistics over many batches (update_bn, or precise BN with ~200 batches).",
+    fix=reestimate("Re-estimate the statistics over many batches (~200) of training data: ", data="TRAIN_SAMPLE"),
 )
 def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -288,8 +291,9 @@ def few_stat_updates(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     `running_var` at least `0.9**3 = 0.73`.
 
     ## Use instead
-    Train longer, or estimate the population statistics directly with
-    `torch.optim.swa_utils.update_bn` (cumulative average over a whole loader).
+    Train longer, or estimate the population statistics directly:
+    `bnlint fix MODEL --data TRAIN_SAMPLE -o FIXED`, or in PyTorch
+    `torch.optim.swa_utils.update_bn` (cumulative average over a whole loader; Keras 3: see BN601).
 
     ## References
     - Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm" (precise BN).

@@ -6,7 +6,7 @@ import math
 from typing import Iterator
 
 from bnlint.context import RuleContext
-from bnlint.findings import Severity
+from bnlint.findings import Severity, reestimate
 from bnlint.model import BN_TENSORS, BNLayer, ModelInfo
 from bnlint.rules._util import num
 from bnlint.rules.registry import Hit, rule
@@ -93,7 +93,8 @@ def zero_eps(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     name="averaged-checkpoint",
     severity=Severity.WARNING,
     summary="An SWA/EMA averaged checkpoint: its BatchNorm statistics are not averaged and must be re-estimated.",
-    fix="Run torch.optim.swa_utils.update_bn(train_loader, averaged_model) before saving or evaluating.",
+    fix=reestimate("Before saving or evaluating the averaged model, re-estimate its statistics on training data: ",
+                   data="TRAIN_SAMPLE"),
     scope="model",
     frameworks=('torch',),
 )
