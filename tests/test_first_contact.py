@@ -263,3 +263,23 @@ def test_assert_bn_healthy_refuses_a_misspelt_code_like_the_cli() -> None:
     with pytest.raises(UsageError, match="did you mean 'BN101'"):
         assert_bn_healthy("fixtures/fault_nan_stats.pt", config=Config(ignore=("BN1O1",)))
     assert_bn_healthy("fixtures/fault_nan_stats.pt", config=Config(ignore=("BN101",)))
+
+
+def test_fix_auto_device_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here, so the GPU branch is simulated: torch files get cuda (torch.device needs a real
+    name), ONNX keeps auto for onnxruntime, which uses CUDA only when its build has it."""
+    import glob
+    import types
+
+    from bnlint.cli import _fix_device
+
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    assert _fix_device("auto", HEALTHY) == "cuda"
+    assert _fix_device("auto", "fixtures/convnet.onnx") == "auto"
+    assert _fix_device("cpu", HEALTHY) == "cpu"
+    fake.cuda.is_available = lambda: False
+    assert _fix_device("auto", HEALTHY) == "cpu"
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])
+    assert _fix_device("auto", HEALTHY) == "cpu"
