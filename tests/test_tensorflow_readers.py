@@ -32,6 +32,7 @@ EXPECTED: dict[str, Any] = json.loads((TF / "expected.json").read_text())
 ROLE_KEYS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
 F32 = float(np.float32(1e-3))
 SAVEDMODELS = ["savedmodel_healthy", "savedmodel_training", "savedmodel_nan", "savedmodel_never_updated", "savedmodel_frozen_base"]
+OTHER_SAVEDMODELS = ["savedmodel_keras3", "savedmodel_keras3_training", "savedmodel_tf1"]
 
 
 def hexes(info: ModelInfo, layer: str) -> dict[str, list[str]]:
@@ -69,6 +70,19 @@ def test_savedmodel_statistics_equal_tfs(fixture: str) -> None:
         assert bn.framework == "tensorflow" and bn.channels == 4
     eps = {bn.name.rsplit("/", 1)[-1]: bn.eps for bn in info.layers}
     assert eps == {"bn1": F32, "bn2": float(np.float32(1e-5))}
+
+
+@pytest.mark.parametrize("fixture", ["savedmodel_keras3", "savedmodel_keras3_training", "savedmodel_tf1"])
+def test_keras3_and_tf1_savedmodels(fixture: str) -> None:
+    """Keras 3's TF backend writes BN unfused (Rsqrt/Mul/Sub over variables); TF1 at graph level."""
+    info = load_tf_savedmodel(TF / fixture)
+    assert_matches(info, fixture)
+    bn = info.layers[0]
+    assert bn.eps == F32
+    training = fixture == "savedmodel_keras3_training"
+    assert bn.training is training and bn.stats_source == ("computed" if training else "stored")
+    if training:
+        assert "batch's moments" in bn.training_reasons[0]
 
 
 def test_savedmodel_file_path_and_directory_agree() -> None:
@@ -162,7 +176,7 @@ from bnlint.loaders.tf_savedmodel import load_tf_savedmodel
 from bnlint.loaders.tf_graphdef import load_tf_graphdef
 from bnlint.loaders.tf_bundle import load_tf_checkpoint
 tf = Path({str(TF)!r})
-infos = [load_tf_savedmodel(tf / name) for name in {SAVEDMODELS!r}]
+infos = [load_tf_savedmodel(tf / name) for name in {SAVEDMODELS + OTHER_SAVEDMODELS!r}]
 infos += [load_tf_graphdef(tf / "frozen_graph.pb"), load_tf_graphdef(tf / "frozen_unfused.pb")]
 infos += [load_tf_checkpoint(tf / "ckpt_name"), load_tf_checkpoint(tf / "ckpt_object")]
 for info in infos:

@@ -10,24 +10,41 @@ pattern is recognised by structure and reported as an inferred layer with a note
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bnlint.errors import InputError
 from bnlint.loaders.tf_proto import ConstTensor, Graph, Msg, Node, read_graph
-from bnlint.loaders.tf_savedmodel import BN_OPS, MAX_PB_BYTES, ROLES, op_attr
 from bnlint.model import BNLayer, ModelInfo, OpKind, Producer
 from bnlint.protowire import WireError
 
-PASS_OPS = frozenset({"Identity", "ReadVariableOp", "Snapshot", "StopGradient"})
+BN_OPS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
+# The ops' defaults (tensorflow/core/ops/nn_ops.cc): an attribute equal to its default is stripped.
+OP_DEFAULTS: dict[str, Any] = {"epsilon": 1e-4, "exponential_avg_factor": 1.0, "data_format": "NHWC", "is_training": True}
+ROLES = ("weight", "bias", "running_mean", "running_var")  # FusedBatchNorm inputs 1..4: scale, offset, mean, variance
+# Ops that hand a value on unchanged, as far as which variable it is goes (a Cast: mixed precision).
+PASS_OPS = frozenset({"Identity", "ReadVariableOp", "Snapshot", "StopGradient", "IdentityN", "Enter", "Cast"})
+MAX_PB_BYTES = (1 << 31) - 1  # protobuf's own limit for one message
 OP_KINDS: dict[str, OpKind] = {"Conv2D": "conv", "Conv3D": "conv", "DepthwiseConv2dNative": "conv", "Conv2DBackpropInput": "conv_transpose",
                                "Conv3DBackpropInputV2": "conv_transpose", "MatMul": "dense", "BatchMatMulV2": "matmul"}
 MAX_HOPS = 64
 
 
-class _Scope:
+def op_attr(node: Node, name: str) -> Any:
+    """A BatchNorm attribute, its op default when absent; WireError when it has another type."""
+    value = node.attr(name)
+    if value is None:
+        return OP_DEFAULTS[name]
+    if type(value) is not type(OP_DEFAULTS[name]):
+        raise WireError(f"attribute {name} of node '{node.name}' is a {type(value).__name__}, "
+                        f"not a {type(OP_DEFAULTS[name]).__name__}")
+    return value
+
+
+class Scope:
     """The nodes of the graph or of one library function, by name, with their consumers."""
 
     def __init__(self, nodes: list[Node]) -> None:
@@ -60,7 +77,7 @@ def _name(tensor: str) -> str:
     return tensor.lstrip("^").split(":")[0]
 
 
-def _producer(scope: _Scope, bn: Node) -> Producer | None:
+def _producer(scope: Scope, bn: Node) -> Producer | None:
     node = scope.source(bn.inputs[0]) if bn.inputs else None
     if node is None:
         return None
@@ -73,7 +90,7 @@ def _producer(scope: _Scope, bn: Node) -> Producer | None:
     return Producer(node.name, node.op, OP_KINDS.get(node.op, "other"), has_bias=has_bias, exclusive=exclusive)
 
 
-def fused_layers(scope: _Scope, where: str, prefix: str, order: int, notes: list[str]) -> list[BNLayer]:
+def fused_layers(scope: Scope, where: str, prefix: str, order: int, notes: list[str]) -> list[BNLayer]:
     layers: list[BNLayer] = []
     for node in scope.nodes.values():
         if node.op not in BN_OPS:
@@ -101,7 +118,7 @@ def fused_layers(scope: _Scope, where: str, prefix: str, order: int, notes: list
         if training:
             bn.training_reasons = [f"{node.op} node '{node.name}' has is_training=true (the default when the attribute "
                                    "is absent): it normalises with batch statistics at inference"]
-        if "exponential_avg_factor" in node.attrs:
+        if training and "exponential_avg_factor" in node.attrs:  # meaningless in inference
             bn.raw_momentum = bn.momentum = float(op_attr(node, "exponential_avg_factor"))
             bn.known.add("momentum")
         bn.axis = -1 if op_attr(node, "data_format") in ("NHWC", "NDHWC") else 1
@@ -117,54 +134,70 @@ def _scalar(ref: ConstTensor | None) -> float | None:
     return float(np.asarray(ref.numpy(), dtype=np.float64).reshape(-1)[0])
 
 
-def _other(scope: _Scope, node: Node, known: Node) -> str | None:
+def _other(node: Node, known: Node) -> str | None:
     rest = [t for t in node.inputs if not t.startswith("^") and _name(t) != known.name]
     return rest[0] if len(rest) == 1 else None
 
 
-def unfused_layers(scope: _Scope, where: str, order: int) -> list[BNLayer]:
-    """Rsqrt(variance + eps) [* gamma] -> x * s + (beta - mean * s): tf.nn.batch_normalization's arithmetic."""
-    layers: list[BNLayer] = []
+@dataclass(frozen=True)
+class Unfused:
+    """tf.nn.batch_normalization's arithmetic found in a graph: its name scope, eps, and the input
+    tensors that play BatchNorm's roles (weight, bias, running_mean, running_var; weight may be absent)."""
+
+    name: str
+    eps: float
+    operands: dict[str, str]
+
+
+def find_unfused(scope: Scope) -> list[Unfused]:
+    """Rsqrt(variance + eps) [* gamma] = s, then x * s and beta - mean * s: recognised by structure
+    (the same ops whether the operands are constants, variables, or batch moments)."""
+    found = []
     for rsqrt in [n for n in scope.nodes.values() if n.op == "Rsqrt" and n.inputs]:
         add = scope.source(rsqrt.inputs[0])
         if add is None or add.op not in ("Add", "AddV2") or len(add.inputs) < 2:
             continue
-        first, second = (scope.const(t, where) for t in add.inputs[:2])
-        if first is None or second is None:
+        scalars = [_scalar(scope.const(t, "")) for t in add.inputs[:2]]
+        if (scalars[0] is None) == (scalars[1] is None):
             continue
-        eps_ref, var_ref = (first, second) if _scalar(first) is not None and _scalar(second) is None else (second, first)
-        eps = _scalar(eps_ref)
-        if eps is None:
-            continue
-        factor, gamma = rsqrt, None
+        eps_at = 0 if scalars[0] is not None else 1
+        operands = {"running_var": add.inputs[1 - eps_at]}
+        factor = rsqrt
         for consumer in scope.consumers.get(rsqrt.name, ()):
-            other = _other(scope, consumer, rsqrt) if consumer.op == "Mul" else None
-            if other is not None and scope.const(other, where) is not None:
-                factor, gamma = consumer, scope.const(other, where)
-        mean = beta = None
+            other = _other(consumer, rsqrt) if consumer.op == "Mul" else None
+            if other is not None:
+                factor, operands["weight"] = consumer, other
+                break
         for consumer in scope.consumers.get(factor.name, ()):
-            other = _other(scope, consumer, factor) if consumer.op == "Mul" else None
-            if other is None or scope.const(other, where) is None:
-                continue
-            mean = scope.const(other, where)
-            for sub in scope.consumers.get(consumer.name, ()):
-                if sub.op == "Sub" and sub.inputs and _name(sub.inputs[0]) != consumer.name:
-                    beta = scope.const(sub.inputs[0], where)
-        if mean is None:
+            other = _other(consumer, factor) if consumer.op == "Mul" else None
+            for sub in scope.consumers.get(consumer.name, ()) if other is not None else ():
+                if sub.op == "Sub" and len(sub.inputs) >= 2 and _name(sub.inputs[1]) == consumer.name:
+                    operands["running_mean"], operands["bias"] = str(other), sub.inputs[0]
+        if "running_mean" in operands:
+            found.append(Unfused(rsqrt.name.rpartition("/")[0] or rsqrt.name, float(scalars[eps_at] or 0.0), operands))
+    return found
+
+
+def unfused_layers(scope: Scope, where: str, order: int) -> list[BNLayer]:
+    """The unfused pattern with constant operands (a frozen graph) as inferred layers."""
+    layers: list[BNLayer] = []
+    for match in find_unfused(scope):
+        refs = {role: scope.const(tensor, where) for role, tensor in match.operands.items()}
+        if refs.get("running_mean") is None or refs.get("running_var") is None:
             continue
-        name = rsqrt.name.rpartition("/")[0] or rsqrt.name
-        bn = BNLayer(name=name, kind="batch_normalization (unfused)", framework="tensorflow", certainty="inferred",
-                     order=order + len(layers), eps=eps, training=False)
+        bn = BNLayer(name=match.name, kind="batch_normalization (unfused)", framework="tensorflow", certainty="inferred",
+                     order=order + len(layers), eps=match.eps, training=False)
         bn.known.update({"eps", "training"})
-        bn.tensors = {role: ref for role, ref in zip(ROLES, (gamma, beta, mean, var_ref)) if ref is not None}
-        bn.channels = var_ref.shape[0] if len(var_ref.shape) == 1 else None
+        bn.tensors = {role: ref for role in ROLES if (ref := refs.get(role)) is not None}
+        var = bn.tensors["running_var"]
+        bn.channels = var.shape[0] if len(var.shape) == 1 else None
         layers.append(bn)
     return layers
 
 
 def graph_model(graph: Graph, where: str, info: ModelInfo) -> None:
     """Fill `info` with the graph's BatchNorm layers (fused first, then unfused patterns)."""
-    scopes = [("", _Scope(graph.nodes))] + [(f"{f.name}/", _Scope(f.nodes)) for f in graph.functions]
+    scopes = [("", Scope(graph.nodes))] + [(f"{f.name}/", Scope(f.nodes)) for f in graph.functions]
     for prefix, scope in scopes:
         info.layers += fused_layers(scope, where, prefix, len(info.layers), info.notes)
     fused = bool(info.layers)

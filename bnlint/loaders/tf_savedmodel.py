@@ -28,18 +28,15 @@ from typing import Any
 from bnlint.errors import InputError
 from bnlint.loaders.keras_config import effective_trainable
 from bnlint.loaders.tf_bundle import Bundle, BundleTensor, read_bundle
+from bnlint.loaders.tf_graphdef import BN_OPS, MAX_PB_BYTES, PASS_OPS, ROLES, Scope, find_unfused, op_attr
 from bnlint.loaders.tf_proto import ConstTensor, FuncRef, MetaGraph, Msg, Node, read_object, read_saved_model
 from bnlint.model import BNLayer, ModelInfo, ModuleRecord, TensorRef
 from bnlint.protowire import WireError
 
-BN_OPS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
-# The ops' defaults (tensorflow/core/ops/nn_ops.cc): an attribute equal to its default is stripped.
-OP_DEFAULTS: dict[str, Any] = {"epsilon": 1e-4, "exponential_avg_factor": 1.0, "data_format": "NHWC", "is_training": True}
-ROLES = ("weight", "bias", "running_mean", "running_var")  # FusedBatchNorm inputs 1..4: scale, offset, mean, variance
 KERAS_ROLES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+# What tf.nn.moments ends in: unfused arithmetic over these normalises with the batch's statistics.
+MOMENT_OPS = frozenset({"Mean", "Squeeze", "SquaredDifference"})
 CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
-PASS_OPS = frozenset({"ReadVariableOp", "Identity", "IdentityN", "Enter", "Snapshot"})
-MAX_PB_BYTES = (1 << 31) - 1  # protobuf's own limit for one message
 MAX_TRACE = 64  # call levels followed back to a variable
 # keras_metadata.pb exists from tf.keras 2.5 on: what keras_config.effective_trainable needs to know
 KERAS2_VERSION = (2, 5)
@@ -47,25 +44,20 @@ KERAS2_VERSION = (2, 5)
 Var = tuple[str, Any]  # ("object", node id) | ("name", variable name) | ("const", Node)
 
 
-def op_attr(node: Node, name: str) -> Any:
-    """A BatchNorm attribute, its op default when absent; WireError when it has another type."""
-    value = node.attr(name)
-    if value is None:
-        return OP_DEFAULTS[name]
-    if type(value) is not type(OP_DEFAULTS[name]):
-        raise WireError(f"attribute {name} of node '{node.name}' is a {type(value).__name__}, "
-                        f"not a {type(OP_DEFAULTS[name]).__name__}")
-    return value
-
-
 @dataclass
 class Site:
-    """One BatchNorm node: where it is, whether a signature reaches it, what it reads."""
+    """One BatchNorm in the graph or a function: a fused node or the unfused arithmetic."""
 
     scope: str  # function name, "" for the graph
-    node: Node
-    serving: bool
-    variables: tuple[Var | None, ...]
+    name: str  # the node's name, or the unfused arithmetic's name scope
+    op: str
+    serving: bool  # reachable from a signature's outputs
+    variables: tuple[Var | None, ...]  # weight, bias, running_mean, running_var
+    eps: float
+    is_training: bool
+    factor: float | None = None  # exponential_avg_factor, when the node trains
+    channels_last: bool = True
+    computed: bool = False  # unfused arithmetic over batch moments (training-mode Keras 3)
 
 
 class _Tracer:
@@ -96,8 +88,8 @@ class _Tracer:
                         names.append(ref.name)
         return names
 
-    def reachable(self, roots: list[str]) -> set[str]:
-        """Functions called, directly or not, by the graph nodes `roots` (and the nodes they read)."""
+    def reachable(self, roots: list[str]) -> tuple[set[str], set[str]]:
+        """Functions called, directly or not, by the graph nodes `roots` and the nodes they read; those nodes."""
         seen: set[str] = set()
         graph = self.scopes[""]
         stack = [name for name in roots if name in graph]
@@ -115,7 +107,7 @@ class _Tracer:
                 if function not in seen:
                     seen.add(function)
                     pending.extend(self.calls.get(function, ()))
-        return seen
+        return seen, visited_nodes
 
     def resolve(self, scope: str, tensor: str, depth: int = 0) -> Var | None:
         key = (scope, tensor)
@@ -155,9 +147,9 @@ class _Tracer:
 
 
 def bn_sites(meta: MetaGraph, signature_outputs: list[str]) -> list[Site]:
-    """Every BatchNorm node of the graph and its functions, with the variables it reads."""
+    """Every BatchNorm of the graph and its functions, with the variables it reads."""
     tracer = _Tracer(meta)
-    serving = tracer.reachable([t.lstrip("^").split(":")[0] for t in signature_outputs])
+    functions, graph_nodes = tracer.reachable([t.lstrip("^").split(":")[0] for t in signature_outputs])
     sites = []
     for scope, nodes in tracer.scopes.items():
         for node in nodes.values():
@@ -165,7 +157,17 @@ def bn_sites(meta: MetaGraph, signature_outputs: list[str]) -> list[Site]:
                 continue
             operands = list(node.inputs[1:5])
             variables = tuple(tracer.resolve(scope, operands[k]) if k < len(operands) else None for k in range(4))
-            sites.append(Site(scope, node, scope in serving or (scope == "" and node.name in serving), variables))
+            training = op_attr(node, "is_training") is True
+            factor = float(op_attr(node, "exponential_avg_factor")) if training and "exponential_avg_factor" in node.attrs else None
+            sites.append(Site(scope, node.name, node.op, scope in functions or node.name in graph_nodes, variables,
+                              float(op_attr(node, "epsilon")), training, factor,
+                              op_attr(node, "data_format") in ("NHWC", "NDHWC")))
+        for match in find_unfused(Scope(list(nodes.values()))):
+            variables = tuple(tracer.resolve(scope, match.operands[r]) if r in match.operands else None for r in ROLES)
+            mean = Scope(list(nodes.values())).source(match.operands["running_mean"])
+            computed = variables[2] is None and mean is not None and mean.op in MOMENT_OPS
+            sites.append(Site(scope, match.name, "batch_normalization (unfused)", scope in functions, variables, match.eps,
+                              computed, computed=computed))
     return sites
 
 
@@ -272,18 +274,13 @@ def load_tf_savedmodel(path: Path, companion: Path | None = None) -> ModelInfo:
         info.notes.append("no variables/variables.index: the BatchNorm statistics were not read")
     names = _layer_paths(meta, keras)
     _add_modules(info, keras)
-    groups: dict[object, list[Site]] = {}
-    for site in sites:
-        ident = site.variables[2] or site.variables[3]
-        key: object = ident[1] if ident is not None and ident[0] != "const" else (site.scope, site.node.name)
-        groups.setdefault(key, []).append(site)
     try:
-        for group in groups.values():
-            info.layers.append(_layer(group, len(info.layers), meta, names, keras, bundle, keys, info.notes, where))
+        for group in _group(sites):
+            info.layers.append(_layer(group, len(info.layers), meta, names, keras, bundle, keys, where))
     except (WireError, RecursionError) as exc:
         raise InputError(where, f"not a valid SavedModel ({exc})") from None
     if not sites:
-        info.notes.append("no FusedBatchNorm node in the graph or its functions")
+        info.notes.append("no BatchNorm in the graph or its functions (neither FusedBatchNorm nodes nor the unfused pattern)")
     return info
 
 
@@ -320,42 +317,69 @@ def _tensor(var: Var | None, meta: MetaGraph, bundle: Bundle | None, keys: dict[
     return BundleTensor(bundle, bundle.entries[key])
 
 
+def _group(sites: list[Site]) -> list[list[Site]]:
+    """Sites that read any variable in common are one layer (a training trace over batch moments
+    shares only gamma/beta with the inference trace); a site reading no variable stands alone."""
+    groups: list[list[Site]] = []
+    owner: dict[object, int] = {}
+    for site in sites:
+        ids = [v[1] for v in site.variables if v is not None and v[0] != "const"]
+        found = sorted({owner[i] for i in ids if i in owner})
+        if not found:
+            groups.append([site])
+            index = len(groups) - 1
+        else:
+            index = found[0]
+            groups[index].append(site)
+            for other in found[1:]:  # this site joins two groups: merge them
+                groups[index] += groups[other]
+                groups[other] = []
+                owner.update({k: index for k, v in owner.items() if v == other})
+        owner.update({i: index for i in ids})
+    return [g for g in groups if g]
+
+
 def _layer(group: list[Site], order: int, meta: MetaGraph, names: dict[int, tuple[str, str, int | None]],
-           keras: dict[int, dict[str, Any]], bundle: Bundle | None, keys: dict[int, str], notes: list[str], where: str) -> BNLayer:
+           keras: dict[int, dict[str, Any]], bundle: Bundle | None, keys: dict[int, str], where: str) -> BNLayer:
     serving = [s for s in group if s.serving]
-    site = serving[0] if serving else group[0]
-    ident = site.variables[2] or site.variables[3]
+    site = next((s for s in serving if not s.computed), None) or next((s for s in group if not s.computed), group[0])
+    ident = next((v for v in (site.variables[2], site.variables[3], site.variables[0], site.variables[1])
+                  if v is not None and v[0] != "const"), None)
     owner: int | None = None
     if ident is not None and ident[0] == "object" and ident[1] in names:
         name, _, owner = names[ident[1]]
     elif ident is not None and ident[0] == "name":
         name = ident[1].rpartition("/")[0] or ident[1]
     else:
-        name = site.node.name.removesuffix("/" + site.node.op)
-    bn = BNLayer(name=name or site.node.name, kind=site.node.op, framework="tensorflow", order=order)
-    bn.aliases = tuple(sorted({s.node.name for s in group if '/' in s.node.name} - {bn.name}))[:4]
+        name = site.name.removesuffix("/" + site.op)
+    bn = BNLayer(name=name or site.name, kind=site.op, framework="tensorflow", order=order)
+    bn.aliases = tuple(sorted({s.name for s in group if "/" in s.name} - {bn.name}))[:4]
     for role, var in zip(ROLES, site.variables):
         ref = _tensor(var, meta, bundle, keys, where)
         if ref is not None:
             bn.tensors[role] = ref
         elif var is not None and var[0] != "const" and bundle is not None:
             bn.unchecked.append(f"{role}: variable {var[1]} not found in variables/variables.index")
-    anchor = bn.tensors.get("running_var") or bn.tensors.get("running_mean")
+    if any(s.computed for s in serving):
+        bn.stats_source = "computed"
+        bn.stats_ops = ("Mean", "SquaredDifference")
+    anchor = bn.tensors.get("running_var") or bn.tensors.get("running_mean") or bn.tensors.get("weight")
     bn.channels = anchor.shape[0] if anchor is not None and len(anchor.shape) == 1 else None
-    bn.eps = float(op_attr(site.node, "epsilon"))
+    bn.eps = site.eps
     bn.known.add("eps")
-    training_sites = [s for s in serving if op_attr(s.node, "is_training") is True]
     if serving:
+        training_sites = [s for s in serving if s.is_training]
         bn.training = bool(training_sites)
         bn.known.add("training")
-        bn.training_reasons = [f"{s.node.op} node '{s.node.name}'" + (f" in function {s.scope}" if s.scope else "")
-                               + " has is_training=true in a serving signature's graph (batch statistics at inference)"
+        bn.training_reasons = [(f"unfused BatchNorm arithmetic '{s.name}' normalises with the batch's moments"
+                                if s.computed else f"{s.op} node '{s.name}' has is_training=true")
+                               + (f" in function {s.scope}" if s.scope else "") + " in a serving signature's graph"
                                for s in training_sites[:3]]
-    factors = [float(op_attr(s.node, "exponential_avg_factor")) for s in group if "exponential_avg_factor" in s.node.attrs]
+    factors = [s.factor for s in group if s.factor is not None]
     if factors:
         bn.raw_momentum = bn.momentum = factors[0]
         bn.known.add("momentum")
-    bn.axis = -1 if op_attr(site.node, "data_format") in ("NHWC", "NDHWC") else 1
+    bn.axis = -1 if site.channels_last else 1
     bn.channel_axis = True
     entry = keras.get(owner) if owner is not None else None
     if entry is not None:
