@@ -230,15 +230,25 @@ class ConstTensor:
         return flat.astype(code, copy=False)
 
 
-@dataclass
 class Node:
-    """A NodeDef: name 1, op 2, input 3, device 4, attr 5 (map<string, AttrValue>)."""
+    """A NodeDef: name 1, op 2, input 3, device 4, attr 5 (map<string, AttrValue>).
 
-    name: str
-    op: str
-    inputs: tuple[str, ...]
-    attrs: dict[str, Msg]
-    device: str = ""
+    The attribute map is parsed on first use: most nodes of a large graph are never asked for one."""
+
+    __slots__ = ("_attrs", "_message", "device", "inputs", "name", "op")
+
+    def __init__(self, message: Msg) -> None:
+        self.name, self.op, self.device = message.text(1), message.text(2), message.text(4)
+        self.inputs = tuple(message.texts(3))
+        self._message: Msg | None = message
+        self._attrs: dict[str, Msg] | None = None
+
+    @property
+    def attrs(self) -> dict[str, Msg]:
+        if self._attrs is None:
+            self._attrs = self._message.map(5) if self._message is not None else {}
+            self._message = None
+        return self._attrs
 
     def attr(self, name: str, default: Any = None) -> Any:
         value = self.attrs.get(name)
@@ -246,7 +256,7 @@ class Node:
 
 
 def read_node(message: Msg) -> Node:
-    return Node(message.text(1), message.text(2), tuple(message.texts(3)), message.map(5), message.text(4))
+    return Node(message)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ KERAS_ROLES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
 # What tf.nn.moments ends in: unfused arithmetic over these normalises with the batch's statistics.
 MOMENT_OPS = frozenset({"Mean", "Squeeze", "SquaredDifference"})
 CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+# Ops with function-valued attributes (calls, control flow): the only ones whose attributes are read
+# to find which functions a signature reaches.
+FUNCTION_OPS = CALL_OPS | {"If", "StatelessIf", "While", "StatelessWhile", "Case", "StatelessCase", "For", "RemoteCall",
+                           "SymbolicGradient", "_If", "_While", "BatchFunction", "MapDefun", "TPUPartitionedCall"}
 MAX_TRACE = 64  # call levels followed back to a variable
 # keras_metadata.pb exists from tf.keras 2.5 on: what keras_config.effective_trainable needs to know
 KERAS2_VERSION = (2, 5)
@@ -74,14 +78,19 @@ class _Tracer:
             for node in nodes.values():
                 for callee in self.callees(node):
                     self.calls.setdefault(scope, set()).add(callee)
-                    if node.op in CALL_OPS or node.op == callee:
+                    if node.op in CALL_OPS or node.op == callee:  # arguments passed in order
                         self.callers.setdefault(callee, []).append((scope, node))
         self.memo: dict[tuple[str, str], Var | None] = {}
 
     def callees(self, node: Node) -> list[str]:
-        names = [node.op] if node.op in self.functions else []
+        if node.op in self.functions:
+            return [node.op]
+        if node.op not in FUNCTION_OPS:
+            return []
+        names = []
         for key, value in node.attrs.items():
-            if value.has(10) or value.has(1):  # func, or a list that may hold funcs
+            listed = value.msg(1) if value.has(1) else None
+            if value.has(10) or (listed is not None and listed.has(9)):  # a func, or a list of funcs
                 found = node.attr(key)
                 for ref in found if isinstance(found, list) else [found]:
                     if isinstance(ref, FuncRef) and ref.name in self.functions:
@@ -275,7 +284,7 @@ def load_tf_savedmodel(path: Path, companion: Path | None = None) -> ModelInfo:
     names = _layer_paths(meta, keras)
     _add_modules(info, keras)
     try:
-        for group in _group(sites):
+        for group in sorted(_group(sites), key=_model_order):
             info.layers.append(_layer(group, len(info.layers), meta, names, keras, bundle, keys, where))
     except (WireError, RecursionError) as exc:
         raise InputError(where, f"not a valid SavedModel ({exc})") from None
@@ -337,6 +346,12 @@ def _group(sites: list[Site]) -> list[list[Site]]:
                 owner.update({k: index for k, v in owner.items() if v == other})
         owner.update({i: index for i in ids})
     return [g for g in groups if g]
+
+
+def _model_order(group: list[Site]) -> int:
+    """Object-graph ids follow the order layers were created in; other layers keep file order (last)."""
+    ids = [v[1] for site in group for v in site.variables if v is not None and v[0] == "object"]
+    return min(ids) if ids else 1 << 62
 
 
 def _layer(group: list[Site], order: int, meta: MetaGraph, names: dict[int, tuple[str, str, int | None]],
