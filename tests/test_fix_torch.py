@@ -164,10 +164,12 @@ def test_matches_sequential_reference(name: str, method: str) -> None:
     result = recalibrate_module(model, batches(x, 32), method=method)
     assert result.method == method and result.samples == 256 and result.batches == 8
     assert_matches(result, reference, 1e-6)
-    for layer in result.layers:  # the module's buffers hold them, as float32, with the batch count
+    for layer in result.layers:  # the module's buffers hold them, as float32, with the counter
         bn = model.get_submodule(layer.module)
         np.testing.assert_array_equal(bn.running_var.numpy(), layer.var.astype(np.float32))
-        assert int(bn.num_batches_tracked) == layer.calls == 8  # the batches seen, as update_bn leaves it
+        # the larger of the old counter and the samples averaged, never the 8 batches (BN105 would
+        # read those as 8 EMA updates with 43% of the initial values left)
+        assert int(bn.num_batches_tracked) == layer.calls == (500 if name == "residual" else 301)
         assert layer.old_num_batches_tracked == 500 or name != "residual"
     double = MODELS[name]().double()
     assert_matches(recalibrate_module(double, batches(x, 32), method=method), reference, 1e-10)
@@ -223,8 +225,11 @@ def test_only_statistics_change_and_modes_are_restored() -> None:
     result = recalibrate_module(model, batches(data(64), 16), layers="block*")
     assert {layer.module for layer in result.layers} == {"block1.bn1", "block1.bn2", "block2.down.1", "block2.bn1", "block2.bn2"}
     for key, value in model.state_dict().items():
-        changed = key.rsplit(".", 1)[0] in {layer.module for layer in result.layers} and key.rsplit(".", 1)[1] in STATS
+        # the counter stays: the old 500 is larger than the 64 samples averaged
+        changed = key.rsplit(".", 1)[0] in {layer.module for layer in result.layers} and key.rsplit(".", 1)[1] in STATS[:2]
         assert torch.equal(value, before[key]) != changed, key
+        if key.endswith("num_batches_tracked") and key.rsplit(".", 1)[0] in {layer.module for layer in result.layers}:
+            assert int(value) == 500
     assert flags == {name: m.training for name, m in model.named_modules()}
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
@@ -320,7 +325,7 @@ def test_patched_file(fixture: str, tmp_path: Path) -> None:
         layer, _, buffer = key.rpartition(".")
         if buffer in STATS and layer in {item.name for item in result.layers}:
             stats = next(s for s in result.layers if s.name == layer)
-            expected = {"running_mean": stats.mean, "running_var": stats.var, "num_batches_tracked": 4}[buffer]
+            expected = {"running_mean": stats.mean, "running_var": stats.var, "num_batches_tracked": 301}[buffer]  # old counter > 256 samples
             assert torch.equal(new[key], torch.as_tensor(expected).to(tensor.dtype).reshape(tensor.shape)), key
         else:
             assert torch.equal(new[key], tensor) and new[key].dtype == tensor.dtype, key
@@ -409,7 +414,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(ranks[0][key], ranks[1][key])  # every process writes the same bits
                 scale = np.sqrt(layer.var) if part == "mean" else layer.var
                 assert np.max(np.abs(ranks[0][key] - getattr(layer, part)) / scale) < 1e-12, key
-            assert int(ranks[0][f"{method}:{layer.module}:calls"]) == 10
+            assert int(ranks[0][f"{method}:{layer.module}:calls"]) == 500  # old counter > the 150 samples of both ranks
 
 
 # ---------------------------------------------------------------- (f) broken statistics
