@@ -95,6 +95,11 @@ def test_every_format_reports_the_check_that_did_not_run() -> None:
     assert '<testcase classname="models/sd.pt" name="dynamic analysis">' in junit and 'type="DynamicNotRun"' in junit
     assert 'name="BN101 nonfinite-stats"' in junit  # the static rules' testcases are still there
     assert re.search(r'<testsuite name="models/sd.pt" [^>]*errors="1"', junit)
+    from bnlint.report.html import render as html
+
+    page = html(report, all_rules(), tool_version="9.9.9")
+    assert "1 file (1 with dynamic analysis not run)" in page and "dynamic analysis not run: holds weights only" in page
+    assert '<tr class="unreadable">' not in page
 
 
 # ------------------------------------------------ the all-clear summary
