@@ -230,3 +230,21 @@ def test_codec_round_trips_measurements_and_rejects_anything_else(tmp_path: Path
     (tmp_path / "result.json").write_text(json.dumps({"__array__": "a0"}))
     with pytest.raises(codec.ResultError):
         codec.decode(tmp_path)
+
+
+def test_a_broken_import_while_unpickling_with_trust_names_the_import(tmp_path: Path) -> None:
+    """With --trust, an import that fails while unpickling is the user's environment (a torchvision
+    build that does not match torch): one line naming it, never 'internal error ... please report'."""
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from torch import nn\nclass Net(nn.Sequential):\n    pass\n")
+    model = tmp_path / "net.pt"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import userpkg\n"
+            "torch.save(userpkg.Net(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval(), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), str(model)], check=True, timeout=120)
+    (package / "__init__.py").write_text("raise ImportError('userpkg was built against another torch')\n")
+    result = _run([str(model), "--trust", "--data", str(DATA)], env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "internal error" not in output and "Traceback" not in output
+    assert "userpkg" in output and "built against another torch" in output

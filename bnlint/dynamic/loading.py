@@ -191,7 +191,18 @@ def open_torch(model: ModelInfo, arch: str | None, arch_kwargs: Mapping[str, Any
         if not trust:
             raise TrustRequired(model.path, "is a pickled nn.Module: running it means unpickling code named in the file; "
                                 "pass --trust if you trust it, or --arch package.module:factory to load only its weights")
-        loaded = torch.load(model.path, map_location=device, weights_only=False)  # trusted: only with --trust, the user's explicit choice
+        try:
+            loaded = torch.load(model.path, map_location=device, weights_only=False)  # trusted: only with --trust, the user's explicit choice
+        except ImportError as exc:  # the user's environment, not the file: name the import that failed
+            name = getattr(exc, "name", None) or str(exc).strip().splitlines()[0][:200]
+            raise InputError(model.path, f"unpickling the module (--trust) needs to import {name!s}, which failed here: "
+                             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else name}; "
+                             "install the package the model was saved with (a matching torchvision build?), or use "
+                             "--arch package.module:factory to load only its weights") from None
+        except (AttributeError, ModuleNotFoundError) as exc:
+            raise InputError(model.path, f"unpickling the module (--trust) failed: {type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0][:200]} (a class the file names is missing from the code "
+                             "installed here)") from None
         if not isinstance(loaded, nn.Module):
             raise InputError(model.path, f"unpickled a {type(loaded).__name__}, not an nn.Module")
         return ModuleRunner(loaded, device, data_path, "trusted pickle")

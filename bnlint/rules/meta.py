@@ -80,8 +80,10 @@ def unknown_pickle_callable(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]
     `pathlib` paths, omegaconf containers and nodes, numpy arrays and dtypes, `datetime`, ...) and
     torch's own `nn` layer classes. Typical hits are user-defined model classes (`__main__.Net`,
     `mypkg.models.ResNet`), third-party classes pickled into hyper-parameters, and enum members.
-    Globals only referenced (never called) are not listed. The list of allowed names lives in
-    `bnlint.loaders.pickle_policy` (`ALLOWED_CALLABLES`, `ALLOWED_PATTERNS`).
+    Globals only referenced (never called) are not listed, except dotted names (an attribute walk
+    such as `torch.nn.modules.module` + `sys.modules...`), which are never a plain class. Allowed
+    names are exact (module, qualname) pairs: `bnlint.loaders.pickle_policy.ALLOWED_CALLABLES` and
+    the generated `bnlint.loaders.pickle_allowlist.GENERATED_CLASSES`.
 
     ## Why is this bad?
     Calling a class runs its `__new__`, and restoring its state runs its `__setstate__`: code
