@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 from bnlint.errors import BnlintError
+from bnlint.fileio import nonblocking
 from bnlint.findings import Finding, Report
 
 BASELINE_VERSION = 1
@@ -41,7 +42,7 @@ def read_baseline(path: str | os.PathLike[str]) -> Counter[tuple[str, str, str]]
     """The (file, layer, code) counts of a baseline; anything else is one BnlintError line naming the file."""
     name = os.fspath(path)
     try:
-        with open(path, "rb", opener=_nonblocking) as handle:
+        with open(path, "rb", opener=nonblocking) as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise BnlintError(f"cannot read baseline {name}: not a regular file")
@@ -76,9 +77,6 @@ def _entry(entry: Any, where: str) -> tuple[str, str, str]:
     return (entry["path"], entry.get("layer") or "", entry["code"])
 
 
-def _nonblocking(name: str, flags: int) -> int:
-    """Open without waiting for a writer: a named pipe is then refused by the fstat check, not waited on."""
-    return os.open(name, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def apply_baseline(report: Report, path: str | os.PathLike[str]) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bnlint.errors import UsageError
+from bnlint.fileio import nonblocking
 from bnlint.findings import Severity
 
 if sys.version_info >= (3, 11):
@@ -243,7 +244,7 @@ def find_config_file(start: Path) -> Path | None:
 def _read_toml(path: Path) -> dict[str, Any]:
     """The parsed file; a FIFO, device or oversized file is refused before it is read."""
     try:
-        with open(path, "rb", opener=_nonblocking) as handle:
+        with open(path, "rb", opener=nonblocking) as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise UsageError(f"{path}: cannot read configuration: not a regular file")
@@ -257,9 +258,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: cannot read configuration: {exc}") from None
 
 
-def _nonblocking(name: str, flags: int) -> int:
-    """Open without waiting for a writer: a named pipe is then refused by the fstat check, not waited on."""
-    return os.open(name, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None, start: Path | None = None) -> Config:

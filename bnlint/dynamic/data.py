@@ -27,6 +27,7 @@ from typing import IO, Iterator, Mapping, Sequence
 import numpy as np
 
 from bnlint.errors import DataError
+from bnlint.fileio import open_regular
 from bnlint.loaders.zip_members import ZIP_ERRORS, describe, member_problem, ratio_problem
 
 # When a model has one input and the file several arrays, these names are taken as the input.
@@ -170,7 +171,7 @@ def _check_size(label: str, shape: tuple[int, ...], dtype: np.dtype, available: 
 
 def _npy_member(path: str) -> _Member:
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             shape, fortran, dtype = _read_header(handle, path)
             offset = handle.tell()
             size = os.fstat(handle.fileno()).st_size
@@ -327,7 +328,8 @@ class Dataset:
         self.notes: list[str] = []
         folder = Path(self.path)
         if folder.is_dir():
-            files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz"))
+            # shards are regular files: a named pipe or device among them is never opened
+            files = sorted(p for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p.is_file())
             if not files:
                 raise DataError(self.path, "folder holds no .npy or .npz shards")
             kinds = {p.suffix for p in files}
@@ -350,6 +352,12 @@ class Dataset:
         if path.endswith(".npy"):
             return {"x": _npy_member(path)}
         if path.endswith(".npz"):
+            try:
+                open_regular(path).close()  # zipfile would wait on a named pipe forever
+            except FileNotFoundError:
+                raise DataError(path, "no such file") from None
+            except OSError as exc:
+                raise DataError(path, f"cannot read: {exc.strerror or exc}") from None
             return _npz_members(path)
         raise DataError(path, "unsupported data file (expected .npz, .npy or a folder of them)")
 

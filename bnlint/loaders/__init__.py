@@ -78,13 +78,17 @@ def is_model_file(path: str | os.PathLike[str]) -> bool:
 
 
 def _head(path: Path, size: int = 512) -> bytes:
+    from bnlint.fileio import NotRegularFile, open_regular
+
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             return handle.read(size)
     except FileNotFoundError:
         raise InputError(str(path), "no such file") from None
     except IsADirectoryError:
         raise InputError(str(path), "is a directory") from None
+    except NotRegularFile as exc:
+        raise InputError(str(path), str(exc)) from None
     except OSError as exc:
         raise InputError(str(path), f"cannot read: {exc.strerror or exc}") from None
 
