@@ -298,6 +298,32 @@ def test_rich_model_matches_onnx(tmp_path: Path) -> None:
     assert [c.numpy().tolist() for c in reference if c is not None] == expected
 
 
+@pytest.mark.parametrize("two_d", [False, True], ids=["linear-indices", "nnz-by-rank"])
+def test_sparse_tensors_densify_as_onnx_does(tmp_path: Path, two_d: bool) -> None:
+    """SparseTensorProto in a graph's sparse_initializer and a Constant's sparse_value: the wire
+    reader's and onnx's protos densify to what onnx.numpy_helper reads from the values/indices."""
+    from bnlint.loaders.onnx_const import SparseTensor, densify
+
+    dense = np.array([[0.0, 1.5], [0.0, -2.0], [3.0, 0.0]], np.float32)
+    flat = np.flatnonzero(dense)
+    indices = np.stack(np.unravel_index(flat, dense.shape), axis=1) if two_d else flat
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(dense.reshape(-1)[flat], "s"),
+                                       numpy_helper.from_array(indices.astype(np.int64), ""), list(dense.shape))
+    constant = helper.make_node("Constant", [], ["c"], sparse_value=sparse)
+    graph = helper.make_graph([constant], "g", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)],
+                              sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    mine = parse_model(model.SerializeToString())
+    assert mine.graph is not None
+    np.testing.assert_array_equal(densify(mine.graph.sparse_initializer[0], tmp_path), dense)
+    from_wire = _constant_value(mine.graph.node[0], tmp_path)
+    from_onnx = _constant_value(model.graph.node[0], tmp_path)  # bnlint.fix calls it on onnx protos
+    assert isinstance(from_wire, SparseTensor) and isinstance(from_onnx, SparseTensor)
+    np.testing.assert_array_equal(from_wire.numpy(), dense)
+    np.testing.assert_array_equal(from_onnx.numpy(), dense)
+    assert from_wire.shape == (3, 2) and from_wire.dtype == "float32"
+
+
 def test_merged_messages_and_last_value_wins() -> None:
     """Protobuf parses concatenated messages as a merge: repeated fields append, singular ones
     are overwritten, and a singular message (the graph) merges field by field."""

@@ -178,6 +178,15 @@ def test_unfolded_expression_is_unchecked(tmp_path: Path) -> None:
     assert "BN110" in found(path)
 
 
+def test_doubling_concat_is_refused_before_allocation(tmp_path: Path) -> None:
+    """60 Concat(x, x) steps would be 4 * 2**60 values: unchecked, not a MemoryError or a hang."""
+    nodes = [helper.make_node("Concat", [f"d{i}", f"d{i}"], [f"d{i + 1}"], axis=0) for i in range(60)]
+    nodes.append(helper.make_node("Identity", ["d60"], ["var"]))
+    path = save(tmp_path / "m.onnx", nodes, [init("d0", np.ones(C, np.float32)), init("mean", np.zeros(C, np.float32))])
+    (layer,) = load_model(path).layers
+    assert "running_var" not in layer.tensors and any("larger than bnlint folds" in why for why in layer.unchecked)
+
+
 def test_two_casts_round_as_the_runtime_does(tmp_path: Path) -> None:
     """float -> int64 -> float truncates -0.5 to 0: the variance the runtime sees is not negative."""
     nodes = [helper.make_node("Cast", ["v0"], ["vi"], to=TensorProto.INT64), helper.make_node("Cast", ["vi"], ["var"], to=TensorProto.FLOAT)]

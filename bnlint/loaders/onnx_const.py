@@ -11,7 +11,8 @@ Two things the runtime does before the BN node runs, redone here with numpy:
 
 Folding is iterative (an explicit stack, no recursion), memoised per name, and bounded: every
 result's element count is checked before it is allocated, and all folding for a file shares one
-element budget, so a chain of doubling Concats or a 50,000-node chain costs linear time at most.
+budget of newly allocated elements, so a chain of doubling Concats or a 50,000-node chain costs
+linear time and bounded memory.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from bnlint.loaders.onnx_tensors import _EXOTIC, _NATIVE, _dtype_name, _ml_dtype
 from bnlint.loaders.onnx_wire import WireNode, WireSparseTensor
 from bnlint.model import TensorRef
 
-MAX_ELEMENTS = 1 << 24  # one densified or folded tensor (BN statistics have one value per channel)
-MAX_TOTAL = 1 << 26  # all folding of one file together
+MAX_ELEMENTS = 1 << 22  # one densified or folded tensor (BN statistics have one value per channel)
+MAX_TOTAL = 1 << 24  # elements newly allocated by all folding of one file (the memo keeps them until the load ends)
 Source = tuple[str, "TensorRef | None"]  # (kind, tensor) as the loader's scope stores names
 
 
@@ -266,9 +267,13 @@ class Folder:
             return Unresolved(f"{name!r} comes from a Constant node whose value bnlint cannot read")
         if kind == "sparse" or isinstance(ref, SparseTensor):
             try:
-                return densify(ref.proto, ref.path) if isinstance(ref, SparseTensor) else np.asarray(ref.numpy())
+                dense = densify(ref.proto, ref.path) if isinstance(ref, SparseTensor) else np.asarray(ref.numpy())
             except Unresolved as exc:
                 return exc
+            self.budget[0] -= dense.size
+            if self.budget[0] < 0:
+                return Unresolved(f"sparse tensor {name!r}: constant expressions of this file exceed bnlint's folding budget")
+            return dense
         array = np.asarray(ref.numpy())  # a corrupt stored tensor refuses the file, as before
         return Unresolved(f"{name!r} holds strings") if array.dtype == object else array
 
@@ -288,7 +293,8 @@ class Folder:
             return Unresolved(f"{label} cannot be folded: {exc}")
         except (ValueError, TypeError, IndexError, OverflowError, MemoryError) as exc:
             return Unresolved(f"{label} cannot be folded: {type(exc).__name__}")
-        self.budget[0] -= result.size
+        if result.base is None and not any(result is value for value in values):  # views and pass-throughs are free
+            self.budget[0] -= result.size
         if self.budget[0] < 0:
             return Unresolved(f"{label}: constant expressions of this file exceed bnlint's folding budget")
         return result

@@ -161,7 +161,7 @@ class _Reader:
         self.other_norms: list[str] = []
         self.top_tensors: dict[str, TensorRef] = {}
         self.details: dict[str, dict[str, Any]] = {}  # per layer, informational (ModelInfo.metadata)
-        self.fold_budget = [0]  # elements all constant folding of the file may produce (set in walk)
+        self.fold_budget = [MAX_TOTAL]  # elements all constant folding of the file may allocate
         self.notes: list[str] = []
 
     def scope(self, graph: WireGraph, parent: _Scope | None) -> _Scope:
@@ -505,7 +505,6 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
         notes.append("the ONNX graph has a cycle; layers are listed in file order")
     reader = _Reader(path, opset)
     ranks = {node: rank for rank, node in enumerate(order)}
-    reader.fold_budget[0] = MAX_TOTAL
     reader.walk(graph, None, "", ranks, 0)
     notes += reader.notes
     layers = [layer for _, layer in sorted(reader.found, key=lambda item: item[0])]
