@@ -181,7 +181,7 @@ def _binary(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return result.astype(a.dtype, copy=False)
 
 
-def _fold(node: WireNode, inputs: list[np.ndarray | None]) -> np.ndarray:
+def _fold(node: WireNode, inputs: list[np.ndarray | None], path: Path) -> np.ndarray:
     """One op over constant inputs, as the ONNX spec defines it (Unresolved for what is not covered)."""
     op, attrs = node.op_type, _attrs(node)
     x = inputs[0] if inputs else None
@@ -189,7 +189,7 @@ def _fold(node: WireNode, inputs: list[np.ndarray | None]) -> np.ndarray:
         shape = _ints(x, "shape") if x is not None else []
         if any(d < 0 for d in shape) or _count(shape) > MAX_ELEMENTS:
             raise Unresolved(f"shape {shape} is negative or too large")
-        fill = np.asarray(_tensor_ref(attrs["value"].t, Path("<onnx>")).numpy()) if "value" in attrs else np.zeros(1, np.float32)
+        fill = np.asarray(_tensor_ref(attrs["value"].t, path).numpy()) if "value" in attrs else np.zeros(1, np.float32)
         if fill.size != 1 or fill.dtype == object:
             raise Unresolved("its value is not one number")
         return np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
@@ -202,7 +202,7 @@ def _fold(node: WireNode, inputs: list[np.ndarray | None]) -> np.ndarray:
             raise Unresolved("its result is larger than bnlint folds")
         try:
             return np.concatenate(parts, axis=axis)
-        except (ValueError, np.exceptions.AxisError):
+        except (ValueError, IndexError):  # numpy's AxisError is both
             raise Unresolved(f"its inputs do not concatenate on axis {axis}") from None
     if x is None:
         raise Unresolved("its first input is missing")
@@ -256,7 +256,8 @@ FOLDED_OPS = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Un
 class Folder:
     """Values of constant tensors in one graph scope, memoised; `value` raises Unresolved."""
 
-    def __init__(self, tensors: Mapping[str, Source], producers: Mapping[str, WireNode], budget: list[int]) -> None:
+    def __init__(self, tensors: Mapping[str, Source], producers: Mapping[str, WireNode], budget: list[int], path: Path) -> None:
+        self.path = path  # the model: external data of a ConstantOfShape value is found beside it
         self.tensors = tensors
         self.producers = producers
         self.memo: dict[str, np.ndarray | Unresolved] = {}
@@ -288,7 +289,7 @@ class Folder:
         if node.output[0] != name:
             return Unresolved(f"{name!r} is not the first output of {label}")
         try:
-            result = np.asarray(_fold(node, values))
+            result = np.asarray(_fold(node, values, self.path))
         except Unresolved as exc:
             return Unresolved(f"{label} cannot be folded: {exc}")
         except (ValueError, TypeError, IndexError, OverflowError, MemoryError) as exc:

@@ -6,6 +6,12 @@ mapping, or of their external data file, until a rule calls `.numpy()`. External
 resolved here rather than by onnx, so that a location escaping the model's folder (absolute
 path, `..`, a symlink out) is refused before anything is read.
 
+A BN parameter is read as onnxruntime would compute it: Identity/Cast chains stay lazy views;
+sparse initializers and constant expressions are densified/folded by `onnx_const`; whatever
+cannot be resolved, or that the runtime would refuse (non-float, mis-shaped), is recorded in
+`BNLayer.unchecked` (rule BN110) instead of being skipped silently. Every graph walk is linear:
+dicts built once per scope, memoised iterative walks, bounded per-layer look-backs.
+
 The graph helpers (`_torch_scope`, `_constant_value`, `_subgraphs`, `_used_names`,
 `_topological_order`) read only attribute names that onnx's protobuf classes share with
 onnx_wire's, so bnlint.fix calls them on real `onnx` protos too.
@@ -194,7 +200,7 @@ class _Reader:
             chained = (ChainMap(tensors), ChainMap(producers), ChainMap(inputs))
         else:
             chained = (parent.tensors.new_child(tensors), parent.producers.new_child(producers), parent.inputs.new_child(inputs))
-        scope = _Scope(*chained, folder=Folder(chained[0], chained[1], self.fold_budget))
+        scope = _Scope(*chained, folder=Folder(chained[0], chained[1], self.fold_budget, self.path))
         scope.consumers.update(name for node in graph.node for name in node.input if name)
         scope.outputs = {value.name for value in graph.output}
         return scope
