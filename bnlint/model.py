@@ -268,6 +268,8 @@ class ModelInfo:
     notes: list[str] = field(default_factory=list)
 
     _nodes: list[GraphNode] | None = field(default=None, repr=False, compare=False)
+    _by_name: dict[str, BNLayer] | None = field(default=None, repr=False, compare=False)
+    _by_name_size: int = field(default=-1, repr=False, compare=False)
 
     @property
     def nodes(self) -> list[GraphNode]:
@@ -277,4 +279,15 @@ class ModelInfo:
         return self._nodes
 
     def layer(self, name: str) -> BNLayer | None:
-        return next((layer for layer in self.layers if name in layer.names()), None)
+        """The layer with this name or alias (the first one, as a scan in layer order would find).
+
+        The index is built once and rebuilt when the list changes length: the engine asks once per
+        finding, and a scan per question made a graph with one finding per layer quadratic.
+        """
+        if self._by_name is None or self._by_name_size != len(self.layers):
+            index: dict[str, BNLayer] = {}
+            for layer in self.layers:
+                for alias in layer.names():
+                    index.setdefault(alias, layer)
+            self._by_name, self._by_name_size = index, len(self.layers)
+        return self._by_name.get(name)
