@@ -116,7 +116,7 @@ def _side_file(flag: str, path: str | None, folder_ok: bool = False) -> None:
 
 def _split_codes(values: Sequence[str], flag: str = "--select") -> tuple[str, ...] | None:
     """Comma-separated rule codes, prefixes or rule names (`frozen-bn-in-train-mode`) as codes."""
-    from bnlint.config import rule_codes
+    from bnlint.selection import rule_codes
 
     codes = rule_codes([c for v in values for c in v.split(",")], flag)
     return codes or None
@@ -190,14 +190,15 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx/.keras/.h5/.caffemodel/.prototxt files)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
+    from bnlint.selection import resolve
 
     if debug:
         os.environ["BNLINT_DEBUG"] = "1"
     try:
-        config = load_config(config_path).with_overrides(
+        config = resolve(load_config(config_path).with_overrides(
             select=_split_codes(select), ignore=_split_codes(ignore, "--ignore"), fail_on="never" if exit_zero else fail_on,
             deploy_precision=deploy_precision,
-        ).validate()
+        ))
         if exclude:
             config = config.with_overrides(exclude=(*config.exclude, *exclude))
         if write_baseline and not baseline:
@@ -388,7 +389,9 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
     if debug:
         os.environ["BNLINT_DEBUG"] = "1"
     try:
-        config = load_config(config_path)
+        from bnlint.selection import resolve
+
+        config = resolve(load_config(config_path))
         settings = dynamic_settings(config)  # flags win over [tool.bnlint.dynamic], as for linting
         batch_size = batch_size or settings["batch_size"]
         onnx_engine = onnx_engine or settings["onnx_engine"]
@@ -477,9 +480,14 @@ def rules_command(fmt: str) -> None:
                  "fix": s.fix, "frameworks": list(s.frameworks)} for s in specs]
         click.echo(json.dumps(rows, indent=2))
     elif fmt == "markdown":
-        click.echo("| code | name | severity | PyTorch | ONNX | Keras | Caffe | what it finds |\n|---|---|---|:-:|:-:|:-:|:-:|---|")
+        from bnlint.conventions import conventions
+        from bnlint.formats import frameworks
+
+        names = frameworks()  # the conventions table's rows: listed once, there
+        header = " | ".join(conventions(name).display for name in names)
+        click.echo(f"| code | name | severity | {header} | what it finds |\n|---|---|---|{':-:|' * len(names)}---|")
         for s in specs:
-            marks = " | ".join("✓" if f in s.frameworks else "" for f in ("torch", "onnx", "keras", "caffe"))
+            marks = " | ".join("✓" if f in s.frameworks else "" for f in names)
             click.echo(f"| {s.code} | {s.name} | {s.severity.label} | {marks} | {s.summary.replace('|', '&#124;')} |")
     else:
         width = max(len(s.name) for s in specs)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from bnlint.errors import UsageError
 from bnlint.fileio import nonblocking
 from bnlint.findings import Severity
+from bnlint.settings import DYNAMIC_DEFAULTS, checked_dynamic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,22 +88,6 @@ class Config:
     def with_overrides(self, **changes: Any) -> "Config":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def validate(self) -> "Config":
-        """Every code or prefix in select/ignore/per-layer-ignores must name a rule: a typo such as
-        BN1O1 would otherwise switch the linter off silently. Raises UsageError."""
-        from bnlint.rules import all_rules  # imported here: the rules import this module
-
-        codes = list(all_rules())
-        where = f"{self.source}: " if self.source else ""
-        for kind, prefixes in (("select", self.select), ("ignore", self.ignore),
-                               *(("per-layer-ignores", p) for p in self.per_layer_ignores.values())):
-            for prefix in prefixes:
-                if not any(code.startswith(prefix) for code in codes):
-                    from bnlint.rules import did_you_mean
-
-                    raise UsageError(f"{where}{kind}: unknown rule code or prefix {prefix!r}{did_you_mean(prefix)} (see `bnlint rules`)")
-        return self
-
 
 # A configuration file is a few hundred bytes; anything far larger is not one (or is /dev/zero).
 MAX_CONFIG_BYTES = 1 << 20
@@ -120,27 +105,18 @@ def _codes(value: Any, where: str) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise UsageError(f"{where}: expected a list of rule codes, got {_shown(value)}")
-    return rule_codes(value, where)
+    return rule_tokens(value)
 
 
-def rule_codes(tokens: Any, where: str) -> tuple[str, ...]:
-    """Rule codes, prefixes or rule names (`frozen-bn-in-train-mode`) as codes; an unknown name is a
-    UsageError with the closest one. The rules are imported only when a token is not spelled as a code."""
-    codes: list[str] = []
+def rule_tokens(tokens: Any) -> tuple[str, ...]:
+    """Rule codes, prefixes or names as written (codes upper-cased, blanks dropped). They are resolved
+    to codes and checked against the rules by `bnlint.selection.resolve`, a layer above both."""
+    out = []
     for raw in tokens:
         token = raw.strip()
-        if not token:
-            continue
-        if token[:2].upper() == "BN" and not any(c in token for c in "-_"):  # a code or prefix (names have dashes: bn-folded)
-            codes.append(token.upper())
-            continue
-        from bnlint.rules import code_for, did_you_mean  # the rules import this module
-
-        code = code_for(token)
-        if code is None:
-            raise UsageError(f"{where}: unknown rule name {token!r}{did_you_mean(token)} (see `bnlint rules`)")
-        codes.append(code)
-    return tuple(codes)
+        if token:
+            out.append(token.upper() if token[:2].upper() == "BN" and not any(c in token for c in "-_") else token)
+    return tuple(out)
 
 
 def _suggest(key: str, known: Any) -> str:
@@ -214,16 +190,12 @@ def from_table(table: Mapping[str, Any], source: str | None = None) -> Config:
         deploy_precision=precision.lower(),
         source=source,
     )
-    from bnlint.dynamic.options import dynamic_settings  # checked now, not only when --data is given
-
-    dynamic_settings(config)
+    checked_dynamic(config.dynamic, config.source)  # checked now, not only when --data is given
     return config
 
 
 def _dynamic_table(value: Any, where: str) -> dict[str, Any]:
     """[tool.bnlint.dynamic] with its keys in one spelling; its values are checked by dynamic_settings."""
-    from bnlint.dynamic.options import DYNAMIC_DEFAULTS
-
     return _keys(_table(value, f"{where}: dynamic", "a table of [tool.bnlint.dynamic] settings"), DYNAMIC_DEFAULTS, where,
                  "[tool.bnlint.dynamic] key")
 

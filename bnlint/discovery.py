@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from bnlint.formats import is_companion, is_model_folder
 from bnlint.loaders import is_model_file
 
 # Folders never searched: environments and caches hold other people's model files.
@@ -97,8 +98,11 @@ def _walk(folder: Path, patterns: Sequence[str], notes: list[str]) -> Iterator[P
                 is_dir = False
             if is_dir:
                 if entry.name not in SKIPPED_DIRS and not _is_venv(path) and not excluded(path, patterns):
-                    dirs.append(path)
-            elif is_model_file(path) and not excluded(path, patterns):
+                    if is_model_folder(path):  # one model (a SavedModel directory): linted whole, not searched
+                        yield path
+                    else:
+                        dirs.append(path)
+            elif is_model_file(path) and not is_companion(path) and not excluded(path, patterns):
                 kind = non_regular(path)
                 if kind is not None:
                     notes.append(f"{path}: skipped: {kind}, not a model file")
@@ -116,7 +120,9 @@ def search(folder: Path, patterns: Sequence[str] = (), respect_gitignore: bool =
         notes.extend(skipped)
     allowed = _git_files(folder) if respect_gitignore else None
     if allowed is not None:
-        found = [path for path in found if path.absolute() in allowed or path.is_symlink() and not path.exists()]
+        folders = {parent for file in allowed for parent in file.parents}  # a model folder counts when git keeps a file in it
+        found = [path for path in found if path.absolute() in allowed or path.is_symlink() and not path.exists()
+                 or path.is_dir() and path.absolute() in folders]
     return found
 
 
@@ -128,7 +134,7 @@ def discover(paths: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = (
     notes: list[str] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        if path.is_dir() and not is_model_folder(path):
             found = sorted(search(path, exclude, respect_gitignore, notes))
             if not found:
                 notes.append(f"{path}: no model files found")

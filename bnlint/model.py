@@ -266,6 +266,7 @@ class ModelInfo:
     # then needs --trust.
     unsafe_code: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    file_format: str | None = None  # the bnlint.formats record that read it (set by load_model)
 
     _nodes: list[GraphNode] | None = field(default=None, repr=False, compare=False)
     _by_name: dict[str, BNLayer] | None = field(default=None, repr=False, compare=False)

@@ -19,6 +19,7 @@ from typing import Any
 
 from bnlint.config import Config, load_config
 from bnlint.findings import Report, Severity
+from bnlint.selection import resolve
 
 
 def assert_bn_healthy(
@@ -48,7 +49,7 @@ def assert_bn_healthy(
         if fail_on not in ("error", "warning", "info", "never"):
             raise ValueError(f"fail_on must be 'error', 'warning', 'info' or 'never', got {fail_on!r}")
         config = config.with_overrides(fail_on=fail_on)
-    config = config.validate()  # a misspelt code in select/ignore would silently pass every model, as in the CLI
+    config = resolve(config)  # a misspelt code in select/ignore would silently pass every model, as in the CLI
     report = lint(model_or_path, data=data, config=config, **options)
     level = config.fail_level()
     failing = [f for f in report.findings if level is not None and f.severity >= level]

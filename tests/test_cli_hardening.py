@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from bnlint.cli import main
 from bnlint.config import DEFAULT_THRESHOLDS
-from bnlint.dynamic.options import DYNAMIC_DEFAULTS
+from bnlint.settings import DYNAMIC_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 HEALTHY = ROOT / "fixtures" / "convnet_state_dict.pt"

@@ -8,6 +8,7 @@ import pytest
 
 from bnlint.config import DEFAULT_THRESHOLDS, Config, load_config
 from bnlint.errors import UsageError
+from bnlint.selection import resolve
 
 
 def write(path: Path, text: str) -> Path:
@@ -95,7 +96,7 @@ def test_keys_in_either_spelling_and_rule_names_resolve_to_one_config(tmp_path: 
                    '[per-layer-ignores]\n"x.*" = ["dead_channels"]\n[thresholds]\nfew-updates = 3\n[dynamic]\ndrift-kl = 0.1\n')
     unders = write(tmp_path / "b.toml", 'fail_on = "error"\nignore = ["BN403", "BN1"]\n'
                    '[per_layer_ignores]\n"x.*" = ["BN108"]\n[thresholds]\nfew_updates = 3\n[dynamic]\ndrift_kl = 0.1\n')
-    a, b = load_config(dashes), load_config(unders)
+    a, b = resolve(load_config(dashes)), resolve(load_config(unders))  # names resolve to codes before linting
     assert (a.fail_on, a.ignore, dict(a.per_layer_ignores), dict(a.thresholds), dict(a.dynamic)) == \
         (b.fail_on, b.ignore, dict(b.per_layer_ignores), dict(b.thresholds), dict(b.dynamic))
     assert a.ignore == ("BN403", "BN1") and a.threshold("few_updates") == 3 and a.layer_ignored("x.bn", "BN108")
@@ -113,9 +114,9 @@ def test_keys_in_either_spelling_and_rule_names_resolve_to_one_config(tmp_path: 
 def test_spelling_errors_name_the_key_and_the_closest_match(tmp_path: Path, text: str, problem: str) -> None:
     write(tmp_path / "pyproject.toml", text)
     with pytest.raises(UsageError, match=problem):
-        load_config(tmp_path / "pyproject.toml")
+        resolve(load_config(tmp_path / "pyproject.toml"))  # as every run does: read, then resolve rule names
 
 
 def test_validate_suggests_the_closest_code() -> None:
     with pytest.raises(UsageError, match="did you mean 'BN403'"):
-        Config(ignore=("BN4O3",)).validate()
+        resolve(Config(ignore=("BN4O3",)))

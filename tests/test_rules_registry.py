@@ -37,3 +37,30 @@ def test_no_rule_claims_eval_mode_updates_statistics() -> None:
     wrong = re.compile(r"eval(uation)?[- ]mode (updates|keeps updating|accumulates)", re.IGNORECASE)
     for spec in RULES.values():
         assert not wrong.search(spec.doc + spec.summary + spec.fix), spec.code
+
+
+def test_readme_rule_table_is_the_computed_one() -> None:
+    """The README's rule table is `bnlint rules --format markdown`: computed from what rules read
+    and what format records record, never kept by hand."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+
+    table = CliRunner().invoke(main, ["rules", "--format", "markdown"]).output.strip()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert table in readme
+
+
+def test_matrix_follows_facts() -> None:
+    """Torch-only facts stay torch-only; statistics rules apply everywhere; a rule reading a fact no
+    format records applies nowhere (so a new format's record decides, not the rule)."""
+    from bnlint.formats import frameworks
+    from bnlint.rules import all_rules
+
+    rules = all_rules()
+    assert rules["BN001"].frameworks == ("torch",) and rules["BN004"].frameworks == ("torch",)
+    assert rules["BN101"].frameworks == frameworks()
+    assert rules["BN409"].frameworks == ("caffe",)
+    assert set(rules["BN601"].frameworks) == {"torch", "onnx", "keras"}

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bnlint.dynamic.options import DYNAMIC_DEFAULTS, DynamicOptions, parse_arch_kwargs, parse_inputs
+from bnlint.dynamic.options import DynamicOptions, parse_arch_kwargs, parse_inputs
+from bnlint.settings import DYNAMIC_DEFAULTS
 
 if TYPE_CHECKING:  # only annotations: importing these at run time would import numpy-heavy modules early
     from bnlint.config import Config

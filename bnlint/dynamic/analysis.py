@@ -13,7 +13,7 @@ import numpy as np
 from bnlint.config import Config
 from bnlint.dynamic.data import Dataset, check_layout, zip_batches
 from bnlint.dynamic.metrics import analyse_layer, layer_record
-from bnlint.dynamic.options import DynamicOptions, dynamic_settings, override, parse_arch_kwargs
+from bnlint.dynamic.options import DynamicOptions, dynamic_settings
 from bnlint.dynamic.runner import Capture, LayerSpec, Progress, Runner
 from bnlint.dynamic.stats import Collector
 from bnlint.errors import UsageError
@@ -21,6 +21,7 @@ from bnlint.findings import DATA_WARNING
 from bnlint.measurements import BatchDependence, Measurements
 from bnlint.model import ModelInfo
 from bnlint.sandbox import events
+from bnlint.settings import override
 
 
 def align_names(model: ModelInfo, runner_names: list[str], hints: dict[str, str]) -> dict[str, str]:
@@ -66,50 +67,21 @@ def _train_batch_size(model: ModelInfo, options: DynamicOptions) -> tuple[int | 
 
 
 def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, Any], module: Any = None) -> Runner:
+    """The runner for the model: a live module as it is, a file through its format record."""
     if module is not None:  # a live nn.Module from the Python API: run it where it already is
         from bnlint.dynamic.torch_runner import ModuleRunner, pick_device
 
         device = next((p.device for p in module.parameters()), None) or pick_device("cpu")
         return ModuleRunner(module, device, options.data, "live module")
-    if model.framework == "keras":
-        from bnlint.dynamic.keras_runner import KerasRunner
+    from bnlint.formats import FORMATS
 
-        if settings["device"] == "cuda":
-            _require_cuda_for_torch()
-        return KerasRunner(model, None, options.data, options.trust, options.arch)
-    if model.framework == "caffe":
-        raise UsageError("running a Caffe model on --data is not supported (no Caffe runtime is bundled); convert it "
-                         "to ONNX to measure drift, or lint it statically")
-    if model.format == "onnx":
-        if options.arch:
-            raise UsageError("--arch applies to PyTorch weights, not to an ONNX file")
-        from bnlint.dynamic.onnx_runner import OnnxRunner
-
-        onnx_runner = OnnxRunner(model, settings["onnx_engine"], settings["device"], options.data)
-        if settings["device"] == "cuda" and "CUDA" not in onnx_runner.engine:
-            raise UsageError(f"--device cuda: the ONNX engine here has no CUDA ({onnx_runner.engine}); "
-                             "install onnxruntime-gpu, or use --device cpu / auto")
-        return onnx_runner
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise UsageError("running a PyTorch model on --data needs torch (pip install bnlint[torch])") from None
-    from bnlint.dynamic.loading import open_torch
-    from bnlint.dynamic.torch_runner import pick_device
-
-    device = pick_device(settings["device"])
-    runner: Runner = open_torch(model, options.arch, parse_arch_kwargs(options.arch_kwargs), options.trust, device, options.data)
+    record = FORMATS.get(model.file_format or "")
+    if record is None:
+        raise UsageError(f"{model.path}: no runner for a {model.format} model read from {model.file_format or 'no file'}")
+    if record.runner is None:
+        raise UsageError(record.cannot_run or f"running a {record.description} on --data is not supported")
+    runner: Runner = record.function(record.runner)(model, options, settings)
     return runner
-
-
-def _require_cuda_for_torch() -> None:
-    """`--device cuda` means the same for every engine: an error when no GPU can be used."""
-    try:
-        import torch
-    except ImportError:
-        raise UsageError("--device cuda needs torch with CUDA") from None
-    if not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available to torch here (use --device cpu or auto)")
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

@@ -154,10 +154,9 @@ def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
     info = load_model(options.model)
     _refuse_unsafe(info, options)
     target = _target(options)
+    _fixer(info, options)  # a format without a repair is refused before anything runs
     if options.process_group is not None:
         return _run_in_process(info, options, config, target)
-    if info.framework not in ("onnx", "torch", "keras"):
-        raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")
     return _run_isolated(options, config, target)
 
 
@@ -285,15 +284,18 @@ def _judged_by_recalibration(before: Any, outcome: FixOutcome, info: Any) -> Any
         notes=[*before.notes, "the output was judged from the exact recalibration's own measurements (no second run)"])
 
 
-def _repair(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
-    if info.framework == "onnx":
-        _fix_onnx(info, options, outcome, target)
-    elif info.framework == "torch":
-        _fix_torch(info, options, outcome, target)
-    elif info.framework == "keras":
-        _fix_keras(info, options, outcome, target)
-    else:
+def _fixer(info: Any, options: FixOptions) -> Any:
+    """The repair function of the model's format record, or a UsageError saying why there is none."""
+    from bnlint.formats import FORMATS
+
+    record = FORMATS.get(info.file_format or "")
+    if record is None or record.fixer is None:
         raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")
+    return record.function(record.fixer)
+
+
+def _repair(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
+    _fixer(info, options)(info, options, outcome, target)
 
 
 def _run_in_process(info: Any, options: FixOptions, config: Config, target: str | None) -> FixOutcome:
@@ -303,7 +305,7 @@ def _run_in_process(info: Any, options: FixOptions, config: Config, target: str 
         raise UsageError("distributed recalibration (torchrun) is for PyTorch models; run ONNX and Keras fixes in one process")
     before = _measure(options.model, options, config) if leader else None
     outcome = FixOutcome(options.model, target, info.framework, [], [], _first_drift(before), None, before=before)
-    _fix_torch(info, options, outcome, target)
+    fix_torch(info, options, outcome, target)
     if not leader:
         outcome.output = None  # rank 0 writes and measures; the others only contributed statistics
         return outcome
@@ -338,7 +340,7 @@ def _needs_data(options: FixOptions, what: str) -> str:
     return options.data
 
 
-def _fix_torch(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
+def fix_torch(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
     from bnlint.fix.torch_recalibrate import recalibrate_file
     from bnlint.fix.torch_write import write_torch_fix
 
@@ -360,7 +362,7 @@ def _fix_torch(info: Any, options: FixOptions, outcome: FixOutcome, target: str 
         outcome.notes.extend(report.notes)
 
 
-def _fix_keras(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
+def fix_keras(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
     from bnlint.fix.keras_fix import recalibrate_keras, write_keras_fix
 
     if options.fold:
@@ -376,7 +378,7 @@ def _fix_keras(info: Any, options: FixOptions, outcome: FixOutcome, target: str 
         write_keras_fix(info, target, result, in_place=options.in_place)
 
 
-def _fix_onnx(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
+def fix_onnx(info: Any, options: FixOptions, outcome: FixOutcome, target: str | None) -> None:
     from bnlint.fix.onnx_fold import fold
     from bnlint.fix.onnx_recalibrate import recalibrate_onnx
     from bnlint.fix.onnx_rewrite import rewrite_training_mode

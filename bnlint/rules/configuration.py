@@ -27,11 +27,11 @@ def _has_buffers(layer: BNLayer) -> bool:
 
 @rule(
     code="BN301",
+    reads=("track-running-stats",),
     name="no-running-stats",
     severity=Severity.WARNING,
     summary="track_running_stats=False: eval mode normalises every batch with its own statistics.",
     fix="Construct the layer with track_running_stats=True and estimate statistics, or use GroupNorm/LayerNorm if batch-independence was never intended.",
-    frameworks=('torch',),
 )
 def no_running_stats(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -63,11 +63,11 @@ def no_running_stats(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN302",
+    reads=("track-running-stats",),
     name="tracking-toggled",
     severity=Severity.WARNING,
     summary="track_running_stats disagrees with the buffers present (the flag was changed after construction).",
     fix="Set track_running_stats when constructing the layer, or replace the layer with FrozenBatchNorm2d.",
-    frameworks=('torch',),
 )
 def tracking_toggled(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -109,11 +109,11 @@ def tracking_toggled(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN303",
+    reads=("cumulative-momentum",),
     name="cumulative-momentum",
     severity=Severity.INFO,
     summary="momentum=None: running statistics are a cumulative average over all batches seen.",
     fix="Fine if deliberate (precise BN); for continued training set momentum (0.1 is PyTorch's default).",
-    frameworks=('torch',),
 )
 def cumulative_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -320,11 +320,11 @@ def eps_mixed(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN307",
+    reads=("keras-config",),
     name="training-options",
     severity=Severity.INFO,
     summary="Batch renormalisation, virtual batches or cross-device synchronisation change how training normalises.",
     fix="Nothing to fix at inference; when fine-tuning or judging small batches (BN604), use the batch size these options imply.",
-    frameworks=('keras',),
 )
 def training_options(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -375,11 +375,11 @@ def training_options(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN308",
+    reads=("keras-config",),
     name="non-channel-axis",
     severity=Severity.INFO,
     summary="BatchNorm normalises along an axis that is not the data's channel axis.",
     fix="Normalise the channel axis: axis=-1 for channels-last data, axis=1 for channels-first.",
-    frameworks=('keras',),
 )
 def non_channel_axis(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does

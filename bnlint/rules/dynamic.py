@@ -1,7 +1,7 @@
 """BN6xx: what running the model on the user's data (--data) shows about each BatchNorm layer.
 
 The subject of these rules is `bnlint.measurements.Measurements`; the thresholds are the
-[tool.bnlint.dynamic] settings (defaults in bnlint.dynamic.options.DYNAMIC_DEFAULTS). Nothing here
+[tool.bnlint.dynamic] settings (defaults in bnlint.settings.DYNAMIC_DEFAULTS). Nothing here
 imports torch.
 """
 
@@ -97,12 +97,12 @@ def _over_noise(analysis: Measurements) -> list[LayerDrift]:
 
 @rule(
     code="BN601",
+    reads=("run",),
     name="distribution-drift",
     severity=Severity.WARNING,
     summary="The layer's input on the given data differs from its stored running statistics.",
     fix=REESTIMATE,
     scope="dynamic",
-    frameworks=('torch', 'onnx', 'keras'),
 )
 def distribution_drift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -174,13 +174,13 @@ def distribution_drift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit
 
 @rule(
     code="BN602",
+    reads=("run",),
     name="drift-onset",
     severity=Severity.INFO,
     summary="The first BatchNorm layer, in execution order, where the data drifts from the stored statistics.",
     fix=reestimate("Look at the data's preprocessing and the layers before this one (later layers inherit the drift); "
                    "if the domain really differs: "),
     scope="dynamic",
-    frameworks=('torch', 'onnx', 'keras'),
 )
 def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -225,6 +225,7 @@ def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN607",
+    reads=("run",),
     name="variance-shift",
     severity=Severity.WARNING,
     summary="From some layer on, the stored variances exceed what eval mode produces in nearly every channel: "
@@ -232,7 +233,6 @@ def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     fix="Re-estimate the statistics in eval mode on training-distribution data: `bnlint fix MODEL --data SAMPLE -o FIXED` "
     "(exact, layer by layer). torch.optim.swa_utils.update_bn cannot fix this: it estimates in train mode.",
     scope="dynamic",
-    frameworks=('torch', 'onnx', 'keras'),
 )
 def variance_shift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -290,12 +290,12 @@ def variance_shift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN603",
+    reads=("run",),
     name="sample-too-small",
     severity=Severity.INFO,
     summary="The data sample is too small to judge drift in some layers against its own noise.",
     fix="Run with more samples (the message estimates how many).",
     scope="dynamic",
-    frameworks=('torch', 'onnx', 'keras'),
 )
 def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -357,6 +357,7 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN604",
+    reads=("run",),
     name="small-batch-noise",
     severity=Severity.WARNING,
     summary="At the training batch size, one batch's statistics stray far from the population's.",
@@ -364,7 +365,6 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     "(eval mode / FrozenBatchNorm2d) or use GroupNorm; then re-estimate running statistics over many batches "
     "(`bnlint fix MODEL --data TRAIN_SAMPLE -o FIXED`).",
     scope="dynamic",
-    frameworks=('torch', 'onnx', 'keras'),
 )
 def small_batch_noise(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -421,12 +421,12 @@ def small_batch_noise(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]
 
 @rule(
     code="BN605",
+    reads=("run",),
     name="single-value-batch",
     severity=Severity.ERROR,
     summary="At the training batch size, the layer holds a single value per channel.",
     fix="Use at least 2 samples per (per-device) batch and drop_last=True, or freeze this BatchNorm (eval mode).",
     scope="dynamic",
-    frameworks=('torch', 'onnx', 'keras'),
 )
 def single_value_batch(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -463,13 +463,13 @@ def single_value_batch(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit
 
 @rule(
     code="BN606",
+    reads=("run",),
     name="batch-dependence",
     severity=Severity.ERROR,
     summary="Outputs depend on which samples share the batch: the model normalises with batch statistics at inference.",
     fix="Put BatchNorm in eval mode before saving/exporting (model.eval(); re-trace or export again), keep "
     "track_running_stats=True, and export ONNX with training_mode=0.",
     scope="dynamic",
-    frameworks=('torch', 'onnx', 'keras'),
 )
 def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -532,6 +532,7 @@ def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN608",
+    reads=("run",),
     name="nonfinite-activations",
     severity=Severity.WARNING,
     summary="On the given data, the input of a BatchNorm layer holds Inf or NaN: activations overflow (or a NaN "
@@ -539,7 +540,6 @@ def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     fix="Check the data's range and preprocessing (normalise it as in training); if the data is right, find the layer "
     "before this one that overflows (float16 models overflow above 65504).",
     scope="dynamic",
-    frameworks=('torch', 'onnx', 'keras'),
 )
 def nonfinite_activations(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does

@@ -30,13 +30,13 @@ def _is_float(ref: TensorRef) -> bool:
 
 @rule(
     code="BN404",
+    reads=("graph-modes",),
     name="graph-training-mode",
     severity=Severity.ERROR,
     summary="A BatchNorm in an exported graph normalises with batch statistics at inference (ONNX training mode, "
     "Caffe use_global_stats: false).",
     fix="ONNX: export with model.eval() and training=torch.onnx.TrainingMode.EVAL, or `bnlint fix` rewrites the node to "
     "its inference form. Caffe: set use_global_stats: true (or drop the line) in the deploy prototxt.",
-    frameworks=('onnx', 'caffe'),
 )
 def graph_training_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -85,12 +85,12 @@ def graph_training_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN405",
+    reads=("traced-calls",),
     name="traced-in-train-mode",
     severity=Severity.ERROR,
     summary="A TorchScript graph calls batch_norm with training=True baked in.",
     fix="Call model.eval() first, then re-run torch.jit.trace (or script) and save again.",
     scope="model",
-    frameworks=('torch',),
 )
 def traced_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -134,12 +134,12 @@ def traced_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN406",
+    reads=("graph-statistics",),
     name="batch-statistics-in-graph",
     severity=Severity.ERROR,
     summary="An ONNX BatchNormalization's mean/var are computed from the input batch, not stored.",
     fix="Train with track_running_stats=True (or re-estimate running statistics) and export in eval mode; "
     "if per-batch normalisation is intended, use InstanceNorm/GroupNorm instead.",
-    frameworks=('onnx',),
 )
 def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -179,13 +179,13 @@ def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]
 
 @rule(
     code="BN501",
+    reads=("folded-graph",),
     name="bn-folded",
     severity=Severity.INFO,
     summary="The graph has convolution/dense nodes but no BatchNorm: BN was probably folded at export.",
     fix="Nothing is wrong with deploying this file. To lint BN statistics, lint the unfolded export "
     "(torch.onnx.export(..., dynamo=False, do_constant_folding=False), or the checkpoint); deploy the folded one.",
     scope="model",
-    frameworks=('onnx',),
 )
 def bn_folded(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -235,12 +235,12 @@ def _weight_nodes(model: ModelInfo, kinds: tuple[str, ...]) -> Iterator[GraphNod
 
 @rule(
     code="BN502",
+    reads=("graph",),
     name="folded-weights-nonfinite",
     severity=Severity.ERROR,
     summary="Conv/Gemm weights or biases hold NaN or Inf.",
     fix="Re-export from a checkpoint whose BN statistics are finite and positive (see BN101-BN103); fold in float32.",
     scope="model",
-    frameworks=('onnx', 'caffe'),
 )
 def folded_weights_nonfinite(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -293,12 +293,12 @@ def _channel_norms(weight: np.ndarray, node: GraphNode) -> np.ndarray | None:
 
 @rule(
     code="BN503",
+    reads=("graph",),
     name="folded-scale-outlier",
     severity=Severity.WARNING,
     summary="A Conv/Gemm output channel's weight norm is far above the layer's median (a folded tiny variance?).",
     fix="Check the source checkpoint's BN running_var for near-zero channels (BN103, BN109) and re-estimate them before export.",
     scope="model",
-    frameworks=('onnx', 'caffe'),
 )
 def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -351,12 +351,12 @@ def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN504",
+    reads=("graph",),
     name="fixed-batch-one-training",
     severity=Severity.ERROR,
     summary="A graph input with batch dimension fixed to 1 feeds a BatchNorm that uses batch statistics.",
     fix="Export in eval mode (running statistics), or make the batch dimension dynamic and feed real batches.",
     scope="model",
-    frameworks=('onnx', 'caffe'),
 )
 def fixed_batch_one_training(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -433,12 +433,12 @@ def _reached(nodes: list[GraphNode], starts: list[str]) -> dict[int, int]:
 
 @rule(
     code="BN505",
+    reads=("graph",),
     name="unfused-bn",
     severity=Severity.INFO,
     summary="An inference BatchNormalization directly after Conv/Gemm could be folded into it.",
     fix="Keep this unfolded file for linting; deploy a folded copy (`bnlint fix model.onnx --fold -o deploy.onnx`, "
     "checked numerically) or let the runtime fuse it.",
-    frameworks=('onnx', 'caffe'),
 )
 def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -477,12 +477,12 @@ def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN506",
+    reads=("producers",),
     name="conv-bias-before-bn",
     severity=Severity.INFO,
     summary="A Conv with a bias feeds a BatchNormalization directly: the bias is redundant.",
     fix="Build the convolution without a bias (nn.Conv2d(..., bias=False), Conv2D(use_bias=False), bias_term: false); "
     "BN's beta provides the offset.",
-    frameworks=('onnx', 'keras', 'caffe'),
 )
 def conv_bias_before_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does

@@ -20,6 +20,7 @@ def _names(values: object) -> list[str]:
 
 @rule(
     code="BN001",
+    reads=("pickles",),
     name="unsafe-pickle-global",
     severity=Severity.ERROR,
     summary="The checkpoint's pickle names or calls a code-execution primitive (never executed by bnlint).",
@@ -66,6 +67,7 @@ def unsafe_pickle_global(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN003",
+    reads=("pickles",),
     name="unknown-pickle-callable",
     severity=Severity.WARNING,
     summary="Loading the checkpoint's pickle would call code outside the tensor and container allowlist.",
@@ -116,6 +118,7 @@ def unknown_pickle_callable(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]
 
 @rule(
     code="BN004",
+    reads=("torchscript-code",),
     name="unsafe-torchscript-code",
     severity=Severity.ERROR,
     summary="The TorchScript archive's code does more than tensor computation (files, printing, hidden or foreign operators).",

@@ -29,12 +29,12 @@ def _names(layers: list[BNLayer], limit: int = 3) -> str:
 
 @rule(
     code="BN401",
+    reads=("module-modes",),
     name="saved-in-train-mode",
     severity=Severity.WARNING,
     summary="The module was saved with its BatchNorm layers in train mode.",
     fix="Call model.eval() before saving or exporting, and after loading for inference.",
     scope="model",
-    frameworks=('torch',),
 )
 def saved_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -68,12 +68,12 @@ def saved_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN402",
+    reads=("module-modes",),
     name="mixed-modes",
     severity=Severity.WARNING,
     summary="Some BatchNorm layers are in train mode and others in eval mode.",
     fix="Override train() to keep frozen BN in eval (mmdetection's norm_eval) or use FrozenBatchNorm2d.",
     scope="model",
-    frameworks=('torch',),
 )
 def mixed_modes(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -106,11 +106,11 @@ def mixed_modes(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN403",
+    reads=("requires-grad",),
     name="frozen-bn-in-train-mode",
     severity=Severity.ERROR,
     summary="BatchNorm parameters are frozen (requires_grad=False) but the layer is in train mode.",
     fix="Call bn.eval() after every model.train() (override train()), or replace the layer with FrozenBatchNorm2d.",
-    frameworks=('torch',),
 )
 def frozen_bn_in_train_mode(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -228,6 +228,7 @@ def _preceding_weighted(model: ModelInfo, layer: BNLayer) -> ModuleRecord | None
 
 @rule(
     code="BN408",
+    reads=("trainable",),
     name="trainable-bn-in-frozen-model",
     severity=Severity.ERROR,
     summary="A Keras BatchNormalization stays trainable while the layers around it are frozen: fit() moves its statistics.",
@@ -235,7 +236,6 @@ def _preceding_weighted(model: ModelInfo, layer: BNLayer) -> ModuleRecord | None
     "isinstance(layer, keras.layers.BatchNormalization): layer.trainable = False), or freeze the whole backbone "
     "with base_model.trainable = False; a BatchNormalization with trainable=False runs in inference mode in fit(). "
     "Calling base_model(x, training=False) alone does not protect the statistics in Keras 3.",
-    frameworks=('keras',),
 )
 def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -299,13 +299,13 @@ def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[H
 
 @rule(
     code="BN409",
+    reads=("deploy-pair",),
     name="mode-disagreement",
     severity=Severity.WARNING,
     summary="Two files of one model disagree about whether a BatchNorm uses its stored statistics.",
     fix="Nothing to do when you deploy with the prototxt and it says use_global_stats: true (or leaves it unset); "
     "re-save the caffemodel from the deploy net if a converter reads the caffemodel's own definition.",
     scope="model",
-    frameworks=('caffe',),
 )
 def mode_disagreement(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does

@@ -39,7 +39,6 @@ class Hit:
     severity: Severity | None = None  # override the rule's default (e.g. error vs warning by magnitude)
 
 
-FRAMEWORKS = ("torch", "onnx", "keras", "caffe")
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,16 @@ class RuleSpec:
     scope: Scope
     check: Callable[..., Iterable[Hit]]
     doc: str
-    # The frameworks whose loaders record the facts this rule reads (README's rule table).
-    frameworks: tuple[str, ...] = FRAMEWORKS
+    # The facts this rule reads beyond statistics and settings (bnlint.formats.FACTS): the rule
+    # applies to the frameworks whose formats record them (README's rule table is computed).
+    reads: tuple[str, ...] = ()
+
+    @property
+    def frameworks(self) -> tuple[str, ...]:
+        """The frameworks whose loaders record every fact this rule reads."""
+        from bnlint.formats import facts_of, frameworks
+
+        return tuple(name for name in frameworks() if set(self.reads) <= facts_of(name))
 
     @property
     def family(self) -> str:
@@ -68,12 +75,16 @@ CheckFn = Callable[..., Iterable[Hit]]
 
 
 def rule(*, code: str, name: str, severity: Severity, summary: str, fix: str, scope: Scope = "layer",
-         frameworks: tuple[str, ...] = FRAMEWORKS) -> Callable[[CheckFn], CheckFn]:
+         reads: tuple[str, ...] = ()) -> Callable[[CheckFn], CheckFn]:
     """Register a check. Layer rules get (layer, ctx); model rules (model, ctx); dynamic rules (measurements, ctx)."""
 
     def register(check: CheckFn) -> CheckFn:
         if not _CODE.match(code):
             raise ValueError(f"bad rule code {code!r}")
+        from bnlint.formats import FACTS
+
+        if set(reads) - set(FACTS):
+            raise ValueError(f"rule {code} reads unknown facts {sorted(set(reads) - set(FACTS))}")
         if code in _REGISTRY and _REGISTRY[code].check.__qualname__ != check.__qualname__:
             raise ValueError(f"duplicate rule code {code}")
         _REGISTRY[code] = RuleSpec(
@@ -85,7 +96,7 @@ def rule(*, code: str, name: str, severity: Severity, summary: str, fix: str, sc
             scope=scope,
             check=check,
             doc=inspect.cleandoc(check.__doc__ or ""),
-            frameworks=frameworks,
+            reads=reads,
         )
         return check
 

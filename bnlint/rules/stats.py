@@ -258,6 +258,7 @@ def stats_never_updated(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN105",
+    reads=("counter",),
     name="few-stat-updates",
     severity=Severity.INFO,
     summary="The running statistics were updated by very few batches.",

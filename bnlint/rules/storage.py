@@ -90,13 +90,13 @@ def zero_eps(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN203",
+    reads=("checkpoint-keys",),
     name="averaged-checkpoint",
     severity=Severity.WARNING,
     summary="An SWA/EMA averaged checkpoint: its BatchNorm statistics are not averaged and must be re-estimated.",
     fix=reestimate("Before saving or evaluating the averaged model, re-estimate its statistics on training data: ",
                    data="TRAIN_SAMPLE"),
     scope="model",
-    frameworks=('torch',),
 )
 def averaged_checkpoint(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -131,12 +131,12 @@ def averaged_checkpoint(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN204",
+    reads=("checkpoint-keys",),
     name="dataparallel-prefix",
     severity=Severity.INFO,
     summary="Keys carry a `module.` prefix (DataParallel/DDP) and BatchNorm is not SyncBatchNorm.",
     fix="Consider SyncBatchNorm (or precise BN after training) when the per-device batch was small.",
     scope="model",
-    frameworks=('torch',),
 )
 def dataparallel_prefix(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
