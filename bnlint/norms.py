@@ -59,6 +59,14 @@ def classify(class_name: str, framework: str, *, has_running_stats: bool = False
     return "other"
 
 
+ONNX_DOMAINS = ("", "ai.onnx")  # the default operator set (a custom domain's BatchNormalization is not ONNX's)
+
+
+def is_batchnorm_op(op_type: str, domain: str = "", framework: str = "onnx") -> bool:
+    """A graph node that is BatchNorm: ONNX's BatchNormalization in the default domain."""
+    return op_type in BATCHNORM_NAMES.get(framework, frozenset()) and domain in ONNX_DOMAINS
+
+
 def is_batchnorm_class(names: Iterable[str], framework: str = "torch") -> bool:
     """True when one of the class names (a class and its bases, most derived first) is BatchNorm
     and the class itself is not another normalisation."""

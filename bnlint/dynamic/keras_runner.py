@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from bnlint.conventions import conventions
 from bnlint.dynamic.runner import Batches, Capture, LayerSpec, flatten_outputs
 from bnlint.errors import DataError, InputError, TrustRequired, UsageError
 from bnlint.model import ModelInfo
@@ -121,7 +122,7 @@ class KerasRunner:
     def _spec(path: str, layer: Any) -> LayerSpec:
         return LayerSpec(
             name=path,
-            eps=float(getattr(layer, "epsilon", 1e-3)),
+            eps=float(getattr(layer, "epsilon", conventions("keras").default_eps)),
             running_mean=_numpy(getattr(layer, "moving_mean", None)),
             running_var=_numpy(getattr(layer, "moving_variance", None)),
             weight=_numpy(getattr(layer, "gamma", None)),

@@ -23,10 +23,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnlint.conventions import conventions
 from bnlint.dynamic.runner import Batches, Capture, LayerSpec
 from bnlint.dynamic.stats import NumpyOps
 from bnlint.errors import DataError, InputError, UsageError
 from bnlint.model import ModelInfo
+from bnlint.norms import is_batchnorm_op
 
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE)
 STATS_OUTPUT = "bnlint/stats"
@@ -91,8 +93,8 @@ class OnnxRunner:
             self.types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
         except Exception:  # onnx raises several types; without inference, float32 is assumed
             self.types = {}
-        self.bn_nodes = [(i, n) for i, n in enumerate(graph.node) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
-        nested = sum(1 for n in _all_nodes(graph) if n.op_type == "BatchNormalization") - len(self.bn_nodes)
+        self.bn_nodes = [(i, n) for i, n in enumerate(graph.node) if is_batchnorm_op(n.op_type, n.domain)]
+        nested = sum(1 for n in _all_nodes(graph) if is_batchnorm_op(n.op_type, n.domain)) - len(self.bn_nodes)
         if nested:
             self.notes.append(f"{nested} BatchNormalization node(s) inside subgraphs (If/Loop) were not measured")
         by_node = {layer.node_index: layer for layer in info.layers if layer.node_index is not None}
@@ -124,7 +126,7 @@ class OnnxRunner:
             training = True
         return LayerSpec(
             name=layer.name if layer is not None else (node.name or f"BatchNormalization_{index}"),
-            eps=float(attrs.get("epsilon", 1e-5)),
+            eps=float(attrs.get("epsilon", conventions("onnx").default_eps)),
             running_mean=array(3, "running_mean"),
             running_var=array(4, "running_var"),
             weight=array(1, "weight"),

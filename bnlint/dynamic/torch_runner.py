@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bnlint.conventions import conventions
 from bnlint.dynamic.hooks import capture_io, eval_mode, is_batchnorm, record_inputs
 from bnlint.dynamic.runner import Batches, Capture, LayerSpec, flatten_outputs
 from bnlint.dynamic.stats import TorchOps
@@ -85,7 +86,7 @@ class ModuleRunner:
         stats_off = getattr(module, "track_running_stats", True) is False or getattr(module, "running_mean", 0) is None
         return LayerSpec(
             name=name,
-            eps=float(getattr(module, "eps", 1e-5)),
+            eps=float(getattr(module, "eps", conventions("torch").default_eps)),
             running_mean=_numpy(getattr(module, "running_mean", None)),
             running_var=_numpy(getattr(module, "running_var", None)),
             weight=_numpy(getattr(module, "weight", None)),
@@ -233,7 +234,7 @@ class ScriptRunner:
         eps = _constant(node.inputsAt(7))
         return LayerSpec(
             name=name,
-            eps=float(eps) if isinstance(eps, float) else 1e-5,
+            eps=float(eps) if isinstance(eps, float) else conventions("torch").default_eps,
             running_mean=_numpy(tensors.get("running_mean")),
             running_var=_numpy(tensors.get("running_var")),
             weight=_numpy(tensors.get("weight")),

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnlint.conventions import conventions
 from bnlint.errors import BnlintError
 from bnlint.fix.onnx_graph import (
     GraphFacts,
@@ -117,7 +118,7 @@ def _plan(fix: OnnxFix, facts: GraphFacts, index: int, version: int) -> tuple[in
     if _dtype(w) not in _LIMITS:
         return f"the weights of {op.op_type} {op.name!r} are {w.dtype}, not float"
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        s = scale / np.sqrt(var + float(np.float32(attribute(node, "epsilon", 1e-5))))
+        s = scale / np.sqrt(var + float(np.float32(attribute(node, "epsilon", conventions("onnx").default_eps))))
         shift = bias - mean * s
     if not (np.isfinite(s).all() and np.isfinite(shift).all()):
         return "var + epsilon is not positive (or a statistic is NaN) in some channel"

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from bnlint.fix.recalibrate import RecalibrationError
 from bnlint.loaders.onnx_file import BN_OP_VERSIONS, _constant_value, _subgraphs, _topological_order, _used_names
+from bnlint.norms import is_batchnorm_op
 
 
 def bn_version(opset: int) -> int:
@@ -60,7 +61,7 @@ def training_reasons(node: onnx.NodeProto, version: int) -> list[str]:
 
 
 def is_bn(node: onnx.NodeProto) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+    return is_batchnorm_op(node.op_type, node.domain)
 
 
 def node_reads(node: onnx.NodeProto) -> Iterator[str]:

@@ -53,6 +53,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from bnlint.conventions import conventions
 from bnlint.dynamic.stats import Accumulator, LayerMoments, NumpyOps
 from bnlint.errors import UsageError
 from bnlint.fix.onnx_graph import GraphFacts, bn_version, is_bn, model_opset, node_reads, own_statistics, training_reasons, write_tensor
@@ -96,7 +97,7 @@ class _Layer:
         node = fix.model.graph.node[index]
         self.y, self.x = node.output[0], node.input[0]
         self.name, self.module, self.order = fix.layer_name(index, node), fix.module_name(index, node), order
-        self.eps = float(np.float32(next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)))
+        self.eps = float(np.float32(next((a.f for a in node.attribute if a.name == "epsilon"), conventions("onnx").default_eps)))
         self.accumulator: Accumulator | None = None
         self.calls = 0
 

@@ -37,6 +37,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
+from bnlint.conventions import conventions
 from bnlint.errors import InputError
 from bnlint.fix.onnx_graph import GraphFacts, attribute, bn_version, is_bn, model_opset, own_statistics, set_attribute, training_reasons
 from bnlint.fix.onnx_recalibrate import DEFAULT_BUDGET, population_statistics, report_run, store
@@ -165,7 +166,7 @@ def verify_inference(fix: OnnxFix, feeds: dict[str, np.ndarray] | None, engine: 
             continue  # not stored, or per-activation statistics (spatial=0)
         scale, bias, mean, var = (np.asarray(p) for p in params)
         with np.errstate(invalid="ignore", divide="ignore"):  # channels with var + eps <= 0 (reported in `refused`) have no eval form
-            expected = _eval_form(x, scale, bias, mean, var, float(np.float32(attribute(node, "epsilon", 1e-5))))
+            expected = _eval_form(x, scale, bias, mean, var, float(np.float32(attribute(node, "epsilon", conventions("onnx").default_eps))))
         diff = np.abs(together[node.output[0]].astype(np.float64) - expected)
         worst_form = max(worst_form, float(diff[np.isfinite(expected)].max(initial=0.0)))
     fix.metrics["eval_form_max_abs"] = worst_form

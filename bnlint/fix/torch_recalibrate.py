@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from bnlint.conventions import conventions
 from bnlint.dynamic.hooks import eval_mode, is_batchnorm, per_sample_moments
 from bnlint.dynamic.stats import Accumulator, LayerMoments, NumpyOps, TorchOps
 from bnlint.fix.recalibrate import (
@@ -173,7 +174,7 @@ class _Run:
         old_counter = None if counter is None else int(counter.item())
         written = max(old_counter or 0, moments.samples)  # never a short batch count (module docstring)
         old = {key: _host(_tensor_of(layer.owner, key)) for key in ("running_mean", "running_var", "weight")}
-        result = finish_layer(layer.name, layer.path, layer.order, moments, written, float(getattr(layer.owner, "eps", 1e-5)), old,
+        result = finish_layer(layer.name, layer.path, layer.order, moments, written, float(getattr(layer.owner, "eps", conventions("torch").default_eps)), old,
                               old_counter, counter is not None)
         with torch.no_grad():
             mean_buffer.copy_(torch.from_numpy(result.mean))

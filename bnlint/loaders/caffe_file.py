@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnlint.conventions import conventions
 from bnlint.errors import InputError
 from bnlint.loaders.caffe_proto import CaffeBlob, CaffeLayer, CaffeNet, read_caffemodel, read_prototxt
 from bnlint.model import BNLayer, GraphInput, GraphNode, ModelInfo, OpKind, Producer
@@ -186,8 +187,8 @@ def _weights(layer: CaffeLayer) -> tuple[CaffeBlob | None, CaffeBlob | None]:
 
 def _bn_layer(index: int, layer: CaffeLayer, graph: _Graph, order: int, where: str) -> BNLayer:
     param = layer.batch_norm_param
-    eps = param.eps if param is not None else 1e-5
-    raw = param.moving_average_fraction if param is not None else 0.999
+    eps = param.eps if param is not None else conventions("caffe").default_eps
+    raw = param.moving_average_fraction if param is not None else float(conventions("caffe").default_momentum or 0.999)
     use_global = _use_global_stats(layer)
     bn = BNLayer(name=layer.name or f"BatchNorm_{index}", kind=layer.type, framework="caffe", order=order,
                  eps=float(eps), momentum=float(1.0 - raw), raw_momentum=float(raw), training=not use_global,

@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bnlint.conventions import conventions
 from bnlint.loaders.keras_archive import KerasFile, KerasLayer, read_keras
 from bnlint.loaders.keras_h5 import UnreadableTensor
 from bnlint.model import BNLayer, GraphInput, ModelInfo, ModuleRecord, OpKind, Producer, TensorRef
@@ -132,7 +133,7 @@ def _bn_layer(layer: KerasLayer, order: int, channels_first: bool) -> BNLayer:
     ref = bn.tensors.get("running_mean") or bn.tensors.get("running_var")
     bn.channels = int(ref.shape[0]) if ref is not None and len(ref.shape) == 1 else None
     # NaN and Inf pass through (json.loads accepts NaN/Infinity): the rules judge them (BN202, BN304).
-    eps, momentum = config.get("epsilon", 1e-3), config.get("momentum", 0.99)
+    eps, momentum = config.get("epsilon", conventions("keras").default_eps), config.get("momentum", conventions("keras").default_momentum)
     if isinstance(eps, (int, float)) and not isinstance(eps, bool):
         bn.eps = float(eps)
         bn.known.add("eps")

@@ -28,13 +28,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from bnlint.conventions import CONVENTIONS
 from bnlint.errors import InputError
 from bnlint.loaders.onnx_const import MAX_TOTAL, Folder, SparseTensor, Unresolved
 from bnlint.loaders.onnx_tensors import CastTensor, _dtype_name, _tensor_ref
 from bnlint.loaders.onnx_wire import EXTERNAL, GRAPH, GRAPHS, SPARSE_TENSOR, TENSOR, WireGraph, WireModel, WireNode, read_model
 from bnlint.model import ArrayTensor, BNLayer, GraphInput, GraphNode, ModelInfo, OpKind, Producer, StatsSource, TensorRef
-from bnlint.norms import is_stochastic
+from bnlint.norms import is_batchnorm_op, is_stochastic
 
+ONNX = CONVENTIONS["onnx"]  # the spec's defaults for absent attributes
+ONNX_DEFAULT_MOMENTUM = float(ONNX.default_momentum or 0.9)
 BN_OP_VERSIONS = (1, 6, 7, 9, 14, 15)  # opsets in which BatchNormalization changed
 # What each ONNX op is to the neutral graph rules (bnlint.model.OpKind); everything else is "other".
 OP_KINDS: dict[str, OpKind] = {
@@ -214,7 +217,7 @@ class _Reader:
             key = (rank[index] if rank is not None else outer, index if rank is None else 0)
             if OP_KINDS.get(node.op_type) == "other_norm":
                 self.other_norms.append(prefix + (node.name or f"{node.op_type}_{index}"))
-            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            if is_batchnorm_op(node.op_type, node.domain):
                 self.found.append((key, self.layer(node, index, scope, prefix, top=rank is not None)))
             for attr_name, sub in _subgraphs(node):
                 self.walk(sub, scope, f"{prefix}{node.name or f'{node.op_type}_{index}'}/{attr_name}/", None, key[0])
@@ -359,7 +362,7 @@ class _Reader:
         own_uses = 0
         if stats_source == "computed" and scope.consumers[inputs[0]] > 1:
             own_uses = sum(list(n.input).count(inputs[0]) for n in self.feeding_nodes(inputs[3:5], scope, inputs[0]))
-        raw_momentum = _f32(scalar("momentum", 0.9, float))
+        raw_momentum = _f32(scalar("momentum", ONNX_DEFAULT_MOMENTUM, float))
         torch_module, torch_class = _torch_scope(node)
         layer = BNLayer(
             name=name,
@@ -367,7 +370,7 @@ class _Reader:
             framework="onnx",
             channels=int(shape[0]) if shape else None,
             tensors=tensors,
-            eps=_f32(scalar("epsilon", 1e-5, float)),
+            eps=_f32(scalar("epsilon", ONNX.default_eps, float)),
             momentum=float(Decimal(1) - Decimal(str(raw_momentum))),  # ONNX (Keras) convention -> PyTorch's
             raw_momentum=raw_momentum,
             training=bool(reasons),
@@ -475,7 +478,7 @@ def _topological_order(graph: WireGraph) -> list[int] | None:
 
 def graph_nodes(graph: WireGraph, tensors: dict[str, TensorRef]) -> list[GraphNode]:
     """The top-level nodes as neutral GraphNodes, in file order, with their stored weight and bias."""
-    bn_inputs = {node.input[0] for node in graph.node if node.op_type == "BatchNormalization" and node.input}
+    bn_inputs = {node.input[0] for node in graph.node if is_batchnorm_op(node.op_type, node.domain) and node.input}
     nodes = []
     for index, node in enumerate(graph.node):
         kind = OP_KINDS.get(node.op_type, "other")
@@ -521,7 +524,7 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
         layer.order = rank
         if first_dropout is not None and layer.node_index is not None:
             layer.after_stochastic = first_dropout < ranks[layer.node_index]
-    function_bns = sum(node.op_type == "BatchNormalization" for function in model.functions for node in function.node)
+    function_bns = sum(is_batchnorm_op(node.op_type, node.domain) for function in model.functions for node in function.node)
     if function_bns:
         notes.append(f"{function_bns} BatchNormalization node(s) inside ONNX local functions were not linted")
     initializers = {init.name for init in graph.initializer}
