@@ -197,3 +197,18 @@ def test_update_bn_recalibrated_model_has_no_few_updates_warning(tmp_path: Path)
     code, found = _verdicts(_containers(net, tmp_path, "swa"))
     assert code == 0
     assert all(not any(sev != "info" for _, sev in codes) for codes in found.values()), found
+
+
+@pytest.mark.parametrize(("variance", "severity"), [(1.0, "info"), (1e-3, "warning")])
+def test_mixed_eps_is_a_warning_only_when_it_moves_the_gains(variance: float, severity: str) -> None:
+    """eps 1e-3 on one layer and 1e-5 on the others: with variances near 1 the gains differ by
+    0.05% (a fact); with variances near 1e-3 they differ by ~40% (a defect)."""
+    layers = []
+    for i, eps in enumerate((1e-5, 1e-5, 1e-3)):
+        layer = make_layer(f"bn{i}", channels=4, seed=i, running_var=np.full(4, variance, dtype=np.float32))
+        layer.eps = eps
+        layer.known.add("eps")
+        layers.append(layer)
+    model = ModelInfo(path="m.pt", format="torch-module", layers=layers)
+    found = [f for f in run_rules(RuleContext(model=model, config=Config())) if f.code == "BN306"]
+    assert [f.layer for f in found] == ["bn2"] and found[0].severity.label == severity

@@ -275,6 +275,9 @@ def eps_nondefault(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
               values={"eps": eps, "default_eps": own.default_eps, "max_gain_change": worst})
 
 
+MATERIAL_GAIN_CHANGE = 0.01  # BN306: below this the eps mix is a fact, not a defect
+
+
 @rule(
     code="BN306",
     name="eps-mixed",
@@ -286,7 +289,8 @@ def eps_nondefault(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 def eps_mixed(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Reports models whose BatchNorm layers use different eps values, naming the minority layers
-    and the gain change each would see with the majority value.
+    and the gain change each would see with the majority value. A change under 1% (variances
+    far above both eps values) is reported as info: the outputs barely move.
 
     ## Why is this bad?
     Architectures use one eps throughout. A mix is the signature of a conversion that copied
@@ -311,10 +315,15 @@ def eps_mixed(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
         if eps != majority:
             change = _scale_change(layer, eps, majority)
             detail = f" (channel gains differ by up to {change:.1%})" if change is not None else ""
+            # Where the variances dwarf both eps values the mix changes no output that matters: a
+            # fact (info), not a defect; a warning needs a gain change of at least 1%.
+            harmless = change is not None and change < MATERIAL_GAIN_CHANGE
             yield Hit(
-                message=f"eps {num(eps)} differs from the {num(majority)} of {counts[majority]} other BN layers{detail}",
+                message=f"eps {num(eps)} differs from the {num(majority)} of {counts[majority]} other BN layers{detail}"
+                + ("; harmless here: the variances dwarf both values" if harmless else ""),
                 layer=layer.name,
                 values={"eps": eps, "majority_eps": majority, "max_gain_change": change},
+                severity=Severity.INFO if harmless else None,
             )
 
 
