@@ -80,6 +80,15 @@ CONVENTIONS: dict[str, Conventions] = {
         tensor_names=("scale (Scale layer)", "bias (Scale layer)", "mean (blob 0 / blob 2)", "variance (blob 1 / blob 2)"),
         reestimate="run the TRAIN net over the data with moving_average_fraction 1 (a cumulative average) and save it",
     ),
+    "tensorflow": Conventions(
+        framework="tensorflow", display="TensorFlow", default_eps=1e-3, default_momentum=0.01, momentum_weights="new",
+        momentum_name="exponential_avg_factor", stored_variance="unbiased",
+        inference_mode="is_training=false on FusedBatchNorm: call the Keras model with training=False, or set trainable=False "
+        "on its BatchNormalization layers, before saving or exporting",
+        tensor_names=("gamma (scale)", "beta (offset)", "moving_mean (mean)", "moving_variance (variance)"),
+        reestimate="run the BatchNormalization layers in training mode over the data with momentum near 0 and save again, "
+        "never on one small batch",
+    ),
 }
 
 

@@ -23,6 +23,8 @@ BATCHNORM_NAMES: dict[str, frozenset[str]] = {
     # tf.keras 2 saved BatchNormalization under the V1/V2 names too.
     "keras": frozenset({"BatchNormalization", "SyncBatchNormalization", "BatchNormalizationV1", "BatchNormalizationV2"}),
     "caffe": frozenset({"BatchNorm", "BN"}),  # "BN": the SegNet/PSPNet forks' fused BN+scale layer
+    # TensorFlow graphs: the fused kernels (tf.keras fused=True and tf.nn.fused_batch_norm).
+    "tensorflow": frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}),
 }
 
 # Frozen variants never update their statistics, whatever the mode.

@@ -17,6 +17,7 @@ index's own prefix, so they always lie in the checkpoint's folder.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from bnlint import protowire as pw
 from bnlint.errors import InputError
+from bnlint.formats import Sniff
 from bnlint.loaders.tf_proto import Msg, dtype_name, numel, read_shape
 from bnlint.model import BNLayer, ModelInfo
 from bnlint.protowire import WireError
@@ -434,3 +436,19 @@ def load_tf_checkpoint(path: Path, companion: Path | None = None) -> ModelInfo:
     info.metadata.update(layout=layout, tensors=len(bundle.entries), shards=bundle.num_shards)
     info.notes.append("a checkpoint holds variables only: eps, momentum and the training mode are not in it")
     return info
+
+
+SHARD_NAME = re.compile(r"\.data-\d{5}-of-\d{5}$")
+
+
+def sniff(file: Sniff) -> bool:
+    """A checkpoint's `.index` (its table magic) or one of its data shards, for bnlint.formats."""
+    name = file.path.name
+    if SHARD_NAME.search(name):
+        return Path(checkpoint_prefix(file.path) + ".index").is_file()
+    return name.endswith(".index") and is_checkpoint_index(file.path)
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A folder whose `checkpoint` state file names a checkpoint in it (what tf.train.latest_checkpoint reads)."""
+    return (path / "checkpoint").is_file() and any(path.glob("*.index"))

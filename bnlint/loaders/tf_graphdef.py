@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 
 from bnlint.errors import InputError
+from bnlint.formats import Sniff
 from bnlint.loaders.tf_proto import ConstTensor, Graph, Msg, Node, read_graph
 from bnlint.model import BNLayer, ModelInfo, OpKind, Producer
+from bnlint.norms import BATCHNORM_NAMES
 from bnlint.protowire import WireError
 
-BN_OPS = frozenset({"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"})
+BN_OPS = BATCHNORM_NAMES["tensorflow"]  # bnlint.norms: the one answer to "is this a BatchNorm"
 # The ops' defaults (tensorflow/core/ops/nn_ops.cc): an attribute equal to its default is stripped.
 OP_DEFAULTS: dict[str, Any] = {"epsilon": 1e-4, "exponential_avg_factor": 1.0, "data_format": "NHWC", "is_training": True}
 ROLES = ("weight", "bias", "running_mean", "running_var")  # FusedBatchNorm inputs 1..4: scale, offset, mean, variance
@@ -234,3 +236,10 @@ def load_tf_graphdef(path: Path, companion: Path | None = None) -> ModelInfo:
     if graph.producer is not None:
         info.format_version = f"GraphDef producer {graph.producer}"
     return info
+
+
+def sniff(file: Sniff) -> bool:
+    """A frozen GraphDef by its bytes, for bnlint.formats."""
+    from bnlint.loaders.tf_proto import sniff_pb
+
+    return sniff_pb(file.head, file.path) == "graphdef"

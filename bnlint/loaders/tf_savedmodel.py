@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from bnlint.errors import InputError
+from bnlint.formats import Sniff
 from bnlint.loaders.keras_config import effective_trainable
+from bnlint.loaders.keras_file import OP_KINDS as KERAS_OP_KINDS
 from bnlint.loaders.tf_bundle import Bundle, BundleTensor, read_bundle
 from bnlint.loaders.tf_graphdef import BN_OPS, MAX_PB_BYTES, PASS_OPS, ROLES, Scope, find_unfused, op_attr
 from bnlint.loaders.tf_proto import ConstTensor, FuncRef, MetaGraph, Msg, Node, read_object, read_saved_model
@@ -304,9 +306,11 @@ def _add_modules(info: ModelInfo, keras: dict[int, dict[str, Any]]) -> None:
         own = config.get("trainable") if isinstance(config.get("trainable"), bool) else None
         enclosing = [by_path.get(".".join(parts[:k + 1]), {}).get("config", {}).get("trainable") for k in range(0, len(parts) - 1)]
         is_bn = config.get("class_name") == "BatchNormalization"
+        class_name = str(config.get("class_name", entry["identifier"]))
         info.modules["/".join(names)] = ModuleRecord(
-            name="/".join(names), class_name=str(config.get("class_name", entry["identifier"])), trainable=own,
-            effective_trainable=effective_trainable(own, enclosing, is_bn, KERAS2_VERSION), parent="/".join(names[:-1]), order=order)
+            name="/".join(names), class_name=class_name, trainable=own,
+            effective_trainable=effective_trainable(own, enclosing, is_bn, KERAS2_VERSION), parent="/".join(names[:-1]),
+            has_weights=class_name in KERAS_OP_KINDS or is_bn, order=order)  # BN408 looks for the weighted layer before a BN
 
 
 def _tensor(var: Var | None, meta: MetaGraph, bundle: Bundle | None, keys: dict[int, str], where: str) -> TensorRef | None:
@@ -428,3 +432,10 @@ def _apply_keras(bn: BNLayer, entry: dict[str, Any], keras: dict[int, dict[str, 
 
 def is_savedmodel_dir(path: str | os.PathLike[str]) -> bool:
     return Path(path, "saved_model.pb").is_file()
+
+
+def sniff(file: Sniff) -> bool:
+    """A `saved_model.pb` (or a SavedModel by its bytes), for bnlint.formats."""
+    from bnlint.loaders.tf_proto import sniff_pb
+
+    return sniff_pb(file.head, file.path) == "savedmodel"
