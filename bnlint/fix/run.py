@@ -157,15 +157,15 @@ def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
     _fixer(info, options)  # a format without a repair is refused before anything runs
     if options.process_group is not None:
         return _run_in_process(info, options, config, target)
-    return _run_isolated(options, config, target)
+    return _run_isolated(options, config, target, info.file_format)
 
 
-def _run_isolated(options: FixOptions, config: Config, target: str | None) -> FixOutcome:
+def _run_isolated(options: FixOptions, config: Config, target: str | None, file_format: str | None) -> FixOutcome:
     import dataclasses
     import shutil
 
     from bnlint.dynamic.options import dynamic_settings
-    from bnlint.sandbox import arch_file, config_record, default_timeout, run_job
+    from bnlint.sandbox import arch_file, config_record, default_timeout, preload_for, run_job
 
     settings = dynamic_settings(config)
     timeout = options.timeout or settings.get("timeout") or 3 * default_timeout([options.model, options.data])
@@ -174,7 +174,7 @@ def _run_isolated(options: FixOptions, config: Config, target: str | None) -> Fi
            "staged": Path(target).name if target is not None else None}
     folder = str(Path(options.model).resolve().parent)
     ran = run_job(job, reads=[folder, options.data or "", arch_file(options.arch) or ""], trust=options.trust,
-                  device=options.device, timeout=float(timeout), describe=options.model)
+                  device=options.device, timeout=float(timeout), describe=options.model, preload=preload_for(file_format))
     try:
         result = ran.result
         if not isinstance(result, dict) or not isinstance(result.get("record"), dict):

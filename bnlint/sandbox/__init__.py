@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from bnlint.measurements import Measurements
     from bnlint.model import ModelInfo
 
-__all__ = ["ModelRunError", "Outcome", "Walls", "config_record", "default_timeout", "measure_isolated", "run_job"]
+__all__ = ["ModelRunError", "Outcome", "Walls", "config_record", "default_timeout", "measure_isolated", "preload_for", "run_job"]
 
 
 def config_record(config: Config) -> dict[str, Any]:
@@ -42,6 +42,17 @@ def arch_file(arch: str | None) -> str | None:
     return None
 
 
+PRELOAD = {"torch": ["torch"], "onnxruntime": ["onnxruntime", "onnx"], "keras": ["torch"]}  # engines a fork server imports once
+
+
+def preload_for(file_format: str | None) -> list[str]:
+    """What the fork server should import before forking a run of this format (its record's engine)."""
+    from bnlint.formats import FORMATS
+
+    record = FORMATS.get(file_format or "")
+    return list(PRELOAD.get(record.extra or "", [])) if record is not None else []
+
+
 def measure_isolated(model: ModelInfo, path: str, companion: str | None, options: DynamicOptions, config: Config) -> Measurements:
     """`bnlint.dynamic.measure` for a model file, run in the isolated child."""
     from bnlint.budget import paused
@@ -49,6 +60,11 @@ def measure_isolated(model: ModelInfo, path: str, companion: str | None, options
     from bnlint.measurements import Measurements
 
     settings = dynamic_settings(config)  # bad settings are usage errors here, before any child starts
+    from bnlint.dynamic.data import Dataset
+
+    # The data's headers (shapes, dtypes, sizes, zip structure) are read as data here too: a broken
+    # sample is one line at once, without starting a child and its framework (the child reads it again).
+    Dataset(options.data, max_samples=int(settings["max_samples"]))
     timeout = options.timeout or settings.get("timeout") or default_timeout([path, options.data])
     set_quiet(options.quiet)
     job = {"kind": "measure", "model": path, "companion": companion, "options": dataclasses.asdict(options),
@@ -58,7 +74,8 @@ def measure_isolated(model: ModelInfo, path: str, companion: str | None, options
     folders = [str(Path(p).resolve().parent) for p in (path, companion) if p]  # external data lives beside the model
     with paused():  # the child has its own deadline
         outcome = run_job(job, reads=[*folders, options.data, arch_file(options.arch) or ""], trust=options.trust,
-                          device=options.device or settings.get("device"), timeout=float(timeout), describe=model.path)
+                          device=options.device or settings.get("device"), timeout=float(timeout), describe=model.path,
+                          preload=preload_for(model.file_format))
     try:
         measured = outcome.result
         if not isinstance(measured, Measurements):

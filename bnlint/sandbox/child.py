@@ -89,12 +89,22 @@ def _error_event(exc: BaseException) -> dict[str, Any]:
     return {"type": "internal", "message": f"{type(exc).__name__}: {text}", "traceback": traceback.format_exc()[-4000:]}
 
 
-def main() -> None:
-    protocol = _protocol_stream()
+def _die_with_parent() -> None:
+    """SIGKILL when the process that started us ends: a child never outlives its run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+def execute(job: dict[str, Any], protocol: IO[str]) -> None:
+    """Restrict, run the job, send the ending; never returns (os._exit: no teardown runs model code)."""
     events.install(protocol)
-    job = json.loads(sys.stdin.read())
     out = Path(job["out"])
     try:
+        _die_with_parent()
         _limit(job)
         walls = _wall(job)
         events._send({"walls": walls})
@@ -105,4 +115,28 @@ def main() -> None:
         protocol.flush()
         os._exit(3)
     protocol.flush()
-    os._exit(0)  # no interpreter teardown: nothing of the model's runs after the result is written
+    os._exit(0)
+
+
+def main() -> None:
+    """Entry point of a child started as its own interpreter (job on stdin)."""
+    protocol = _protocol_stream()
+    job = json.loads(sys.stdin.read())
+    execute(job, protocol)
+
+
+def forked(job: dict[str, Any], env: dict[str, str], events_fd: int) -> None:
+    """Entry point of a child forked by the fork server (bnlint.sandbox.forkserver): it takes the
+    job's environment and its own stderr file, then runs like `main`."""
+    os.setsid()  # its own process group: the parent's deadline kills it and everything it starts
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(job["cwd"])  # the parent's working directory now, not the server's when it started
+    stderr = os.open(os.path.join(job["out"], "stderr.txt"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(stderr, 1)
+    os.dup2(stderr, 2)
+    os.close(null)
+    os.close(stderr)
+    execute(job, os.fdopen(events_fd, "w", buffering=1, encoding="utf-8"))

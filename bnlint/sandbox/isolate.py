@@ -176,8 +176,83 @@ def _wants_gpu(device: str | None) -> bool:
     return device in ("cuda", "auto", None) and bool(glob.glob("/dev/nvidia*"))
 
 
+class _ForkedChild:
+    """A child forked by the fork server, with the parts of Popen that supervision uses."""
+
+    def __init__(self, server: Any, pid: int, events: int) -> None:
+        self.server, self.pid = server, pid
+        self.stdout: Any = os.fdopen(events, "rb", buffering=0)
+        self.returncode: int | None = None
+
+    def _collect(self, timeout: float | None) -> None:
+        from bnlint.sandbox.forkserver import receive
+
+        self.server.sock.settimeout(timeout)
+        try:
+            message, _ = receive(self.server.sock)
+        except (TimeoutError, BlockingIOError):
+            return
+        except (OSError, ValueError):
+            message = None
+        finally:
+            self.server.sock.settimeout(None)
+        if not isinstance(message, dict) or not isinstance(message.get("status"), int):
+            self.returncode = -signal.SIGKILL  # the server is gone: so is its child (PR_SET_PDEATHSIG)
+            return
+        self.returncode = os.waitstatus_to_exitcode(message["status"])
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._collect(0.01)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.returncode is None:
+            self._collect(timeout)
+        return self.returncode
+
+
+def _fork(job: dict[str, Any], env: dict[str, str], sys_path: list[str], preload: list[str], server_env: dict[str, str]) -> Any:
+    """The job's child from the fork server, or None when no server can be used."""
+    from bnlint.sandbox import forkserver
+
+    if not forkserver.enabled():
+        return None
+    read, write = os.pipe()
+    try:
+        server = forkserver.server_for(sys_path, server_env)
+        forkserver.send(server.sock, {"job": job, "env": env, "preload": preload}, [write])
+        os.close(write)
+        write = -1
+        server.sock.settimeout(120)  # the server imports the engine first: seconds, not minutes
+        try:
+            message, _ = forkserver.receive(server.sock)
+        finally:
+            server.sock.settimeout(None)
+        if not isinstance(message, dict) or not isinstance(message.get("pid"), int):
+            raise OSError("the fork server did not start the run")
+        return _ForkedChild(server, message["pid"], read)
+    except (OSError, ValueError):
+        forkserver.forget(sys_path)
+        os.close(read)
+        return None
+    finally:
+        if write >= 0:
+            os.close(write)
+
+
+_server_home: list[Path] = []
+
+
+def _server_environment() -> dict[str, str]:
+    """The fork server's own environment: scrubbed like a child's, with a private home of its own."""
+    if not _server_home:
+        _server_home.append(Path(tempfile.mkdtemp(prefix="bnlint-server-")))
+    return _environment(_server_home[0])
+
+
 def run_job(job: dict[str, Any], *, reads: list[str], trust: bool, device: str | None, timeout: float,
-            describe: str) -> Outcome:
+            describe: str, preload: list[str] | None = None) -> Outcome:
     """Run `job` (see bnlint.sandbox.child) isolated; return its decoded result or raise one-line errors.
 
     `reads`: files and folders the job must read (model, companion, data, --arch file). `describe`
@@ -195,18 +270,22 @@ def run_job(job: dict[str, Any], *, reads: list[str], trust: bool, device: str |
     reads = [str(Path(r).resolve()) for r in reads if r] + ([os.getcwd()] if arch_module else [])
     memory = _memory_limit()
     job = {**job, "out": str(private), "policy": _policy(reads, private, trust, gpu), "memory_bytes": memory,
-           "limit_data": not gpu, "max_file_bytes": _max_file_bytes(job)}
-    command = [sys.executable, "-I", "-c", BOOT, json.dumps(_sys_path(arch_module))]
+           "limit_data": not gpu, "max_file_bytes": _max_file_bytes(job), "cwd": os.getcwd()}
+    sys_path = _sys_path(arch_module)
     stderr_path = private / "stderr.txt"
     outcome = Outcome(None, Walls(), private)
     try:
-        with open(stderr_path, "wb") as stderr:
-            child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                     env=_environment(private), start_new_session=True, close_fds=True)
-            try:
-                events = _supervise(child, json.dumps(job), timeout, memory, describe)
-            finally:
-                _kill(child)
+        child: Any = _fork(job, _environment(private), sys_path, preload or [], _server_environment())
+        if child is None:
+            with open(stderr_path, "wb") as stderr:
+                child = subprocess.Popen([sys.executable, "-I", "-c", BOOT, json.dumps(sys_path)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=stderr, env=_environment(private),
+                                         start_new_session=True, close_fds=True)
+            _send_job(child, json.dumps(job))
+        try:
+            events = _supervise(child, timeout, memory, describe)
+        finally:
+            _kill(child)
         outcome.walls = Walls(**events.walls)
         if not outcome.walls.landlock:
             outcome.notes.append("the model ran without Landlock (the kernel has none: "
@@ -281,13 +360,17 @@ def _show_progress(progress: tuple[int, int]) -> None:
 _QUIET = [False]
 
 
-def _supervise(child: subprocess.Popen[bytes], job: str, timeout: float, memory: int, describe: str) -> _Events:
-    assert child.stdin is not None and child.stdout is not None  # noqa: S101 - Popen with PIPEs
+def _send_job(child: subprocess.Popen[bytes], job: str) -> None:
+    assert child.stdin is not None  # noqa: S101 - Popen with a stdin pipe
     try:
         child.stdin.write(job.encode("utf-8"))
         child.stdin.close()
     except BrokenPipeError:
         pass
+
+
+def _supervise(child: Any, timeout: float, memory: int, describe: str) -> _Events:
+    """Read the child's events until it ends; kill it at the deadline or over the memory limit."""
     events = _Events()
     deadline = time.monotonic() + timeout
     buffer = b""
@@ -342,12 +425,16 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _kill(child: subprocess.Popen[bytes]) -> None:
+def _kill(child: Any) -> None:
+    """End the child and everything it started (its own process group); reap it; close its pipe."""
     if child.poll() is None:
         try:
             os.killpg(child.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
-            pass
+            try:  # a forked child killed before its setsid() has no group yet
+                os.kill(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     try:
         child.wait(timeout=10)
     except subprocess.TimeoutExpired:
