@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from bnlint.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TF = ROOT / "fixtures" / "tensorflow"
+TF = ROOT / "fixtures" / "tf_formats"
 
 EXPECTED = {  # fixture -> (format, codes at warning or above)
     "savedmodel_healthy": ("tf-savedmodel", set()),

@@ -27,7 +27,7 @@ from bnlint.loaders.tf_proto import sniff_pb
 from bnlint.loaders.tf_savedmodel import load_tf_savedmodel
 from bnlint.model import ModelInfo
 
-TF = Path(__file__).resolve().parent.parent / "fixtures" / "tensorflow"
+TF = Path(__file__).resolve().parent.parent / "fixtures" / "tf_formats"
 EXPECTED: dict[str, Any] = json.loads((TF / "expected.json").read_text())
 ROLE_KEYS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
 F32 = float(np.float32(1e-3))
