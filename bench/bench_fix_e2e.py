@@ -61,7 +61,7 @@ def resnet18() -> nn.Module:
 def _time(command: list[str]) -> float:
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode not in (0, 1):
+    if done.returncode not in (0, 1) or "Traceback" in done.stderr:
         raise SystemExit(f"{' '.join(command)}: exit {done.returncode}: {(done.stderr or done.stdout)[-400:]}")
     return time.perf_counter() - start
 

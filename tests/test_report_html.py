@@ -232,7 +232,12 @@ def test_deterministic(hostile: Report, tmp_path: Path) -> None:
     comparison = FixComparison.from_layer_stats("m.pt", hostile.files[0].layer_stats, [_record(n, i, 6 + 2 * i, 0.01) for i, n in enumerate(HOSTILE)])
     first = render(hostile, all_rules(), comparison=comparison, tool_version=VERSION)
     second = render(hostile, all_rules(), comparison=comparison, tool_version=VERSION)
-    assert first == second and first.count("<img ") == 1 + len(HOSTILE) + 1 + len(HOSTILE)
+    # overview + one figure per drifting layer, overview + one before/after figure per layer (at most
+    # MAX_LAYER_FIGURES each: a deep network's report stays small and quick)
+    from bnlint.report.html import MAX_LAYER_FIGURES
+
+    drifting = len(plots.drifting_layers(hostile.files[0].findings))
+    assert first == second and first.count("<img ") == 1 + min(drifting, MAX_LAYER_FIGURES) + 1 + min(len(HOSTILE), MAX_LAYER_FIGURES)
     plots.write_drift_png(hostile, tmp_path / "a.png")
     plots.write_drift_png(hostile, tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
@@ -332,3 +337,19 @@ def test_browser_hostile_names_stay_text(browser: Any, hostile: Report, tmp_path
         page.close()
     assert not problems and not dialogs
     assert re.match(rb"\x89PNG", (tmp_path / "hostile.png").read_bytes())
+
+
+def test_a_deep_network_gets_a_bounded_number_of_figures() -> None:
+    """Figures are drawn for the most drifted layers only; the table keeps every layer (a report of
+    a 50-layer network was megabytes of PNGs and seconds of rendering)."""
+    pytest.importorskip("matplotlib")
+    from bnlint.report.html import MAX_LAYER_FIGURES
+
+    names = [f"layer{i}.bn" for i in range(40)]
+    before = [_record(n, i, 8, 0.05 * (i % 7 + 1)) for i, n in enumerate(names)]
+    after = [_record(n, i, 8, 0.001) for i, n in enumerate(names)]
+    comparison = FixComparison.from_layer_stats("deep.pt", before, after)
+    document = render(Report(files=[FileResult(path="deep.pt", layer_stats=after)]), all_rules(), comparison=comparison,
+                      tool_version=VERSION)
+    assert document.count("<img ") <= 2 + MAX_LAYER_FIGURES
+    assert all(f"<code>{name}</code>" in document for name in names)  # every layer still in the tables

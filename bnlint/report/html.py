@@ -271,16 +271,42 @@ def _drift(result: FileResult, draw: bool) -> list[str]:
                            "Mean |SMD| and mean KL per layer in execution order; dark bars drift (BN601); "
                            "dashes mark the sample's noise floor.", "wide"))
     out.append(_layer_table(stats, first, drifting))
+    shown = _most_drifted([s for s in stats if s.get("layer") in drifting], lambda s: s.get("mean_kl"))
     out.append("<h3>Per layer</h3><p class=\"muted\">SMD: the data's channel mean minus the stored running mean, in stored "
-               "standard deviations. LVR: ln(data variance / stored variance). Whiskers: one standard error.</p>")
-    if draw:
+               "standard deviations. LVR: ln(data variance / stored variance). Whiskers: one standard error. "
+               f"{_figures_note(len(shown), len(drifting))}</p>")
+    if draw and shown:
         out.append('<div class="grid">')
         out += [_figure(True, _bind(plots.layer_png, s), f"per-channel SMD and LVR of {s.get('layer', '?')}",
                         f"<code>{_e(s.get('layer', '?'))}</code>: mean |SMD| {_cell(s.get('mean_abs_smd'), 'num')}, "
-                        f"mean KL {_cell(s.get('mean_kl'), 'num')}") for s in stats]
+                        f"mean KL {_cell(s.get('mean_kl'), 'num')}") for s in shown]
         out.append("</div>")
     out.append("</section>")
     return out
+
+
+# Per-layer figures are drawn for at most this many layers, the most drifted first: every figure is a
+# PNG rendered and embedded, and a figure per layer of a deep network made reports megabytes large
+# and seconds slower. The table lists every layer.
+MAX_LAYER_FIGURES = 6
+
+
+def _most_drifted(items: list[Any], kl: Callable[[Any], Any]) -> list[Any]:
+    """The items with the largest mean KL (finite first), at most MAX_LAYER_FIGURES, in their order."""
+    def key(item: Any) -> float:
+        value = kl(item)
+        return float(value) if isinstance(value, (int, float)) and value == value else -1.0
+
+    chosen = set(map(id, sorted(items, key=key, reverse=True)[:MAX_LAYER_FIGURES]))
+    return [item for item in items if id(item) in chosen]
+
+
+def _figures_note(shown: int, drifting: int) -> str:
+    if drifting == 0:
+        return "No layer drifts, so no per-layer figures; every layer is in the table."
+    if shown < drifting:
+        return f"Figures for the {shown} most drifted of {drifting} drifting layers; every layer is in the table."
+    return "Figures for the drifting layers; every layer is in the table."
 
 
 def _bind(fn: Callable[..., bytes], *args: Any) -> Callable[[], bytes]:
@@ -327,10 +353,13 @@ def _comparison(comparison: FixComparison, draw: bool) -> list[str]:
     out.append('<table class="layers" id="fix-table"><thead><tr><th>layer</th><th class="n">mean |SMD| before</th>'
                '<th class="n">mean |SMD| after</th><th class="n">mean KL before</th><th class="n">mean KL after</th></tr></thead>'
                f"<tbody>{''.join(rows)}</tbody></table>")
-    if draw:
+    shown = _most_drifted(list(comparison.layers), lambda c: c.before.get("mean_kl"))
+    if draw and shown:
+        out.append(f'<p class="muted">Per-layer figures for the {len(shown)} layer(s) that drifted most before the fix; '
+                   "every layer is in the table.</p>")
         out.append('<div class="grid wide-cells">')
         out += [_figure(True, _bind(plots.comparison_layer_png, c.before, c.after), f"SMD and LVR of {c.layer}, before and after",
-                        f"<code>{_e(c.layer)}</code>: before (left) and after (right), same scales") for c in comparison.layers]
+                        f"<code>{_e(c.layer)}</code>: before (left) and after (right), same scales") for c in shown]
         out.append("</div>")
     out.append("</section>")
     return out
