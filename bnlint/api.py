@@ -218,6 +218,10 @@ def lint_paths(
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
     tasks = [(item.path, item.companion) for item in inputs]
+    if dynamic is not None and tasks and jobs <= 1:
+        from bnlint.sandbox import warm_up
+
+        warm_up([str(path) for path, _ in tasks], dynamic)
     if jobs > 1 and len(tasks) > 1:
         results = _parallel(tasks, config, reference_model, dynamic, skip_unrecognised, jobs, progress)
     else:

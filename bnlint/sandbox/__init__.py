@@ -86,3 +86,26 @@ def measure_isolated(model: ModelInfo, path: str, companion: str | None, options
         import shutil
 
         shutil.rmtree(outcome.folder, ignore_errors=True)
+
+
+def warm_up(paths: list[str], options: DynamicOptions) -> None:
+    """Start the fork server for a --data run and have it import the engines these files need while
+    the parent reads and lints them statically (two cores: the imports overlap the static work)."""
+    from pathlib import Path
+
+    from bnlint.errors import BnlintError
+    from bnlint.loaders import detect
+    from bnlint.sandbox import forkserver
+    from bnlint.sandbox.isolate import _server_environment, _sys_path
+
+    preload: list[str] = []
+    for path in paths[:8]:
+        try:
+            record = detect(Path(path))
+        except (BnlintError, OSError):
+            continue
+        preload += [module for module in preload_for(record.kind) if module not in preload]
+    arch = options.arch or ""
+    arch_module = bool(arch) and not arch.partition(":")[0].endswith(".py")
+    if preload:
+        forkserver.warm(_sys_path(arch_module), _server_environment(), preload)

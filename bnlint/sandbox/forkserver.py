@@ -72,11 +72,13 @@ def serve(fd: int) -> None:
         message, fds = receive(sock)
         if message is None:
             os._exit(0)
-        for module in message.get("preload", []):
+        for module in message.get("preload", []):  # a "warm" message only imports, while the parent reads the model
             try:
                 importlib.import_module(module)
             except Exception:  # noqa: BLE001 - the child imports it again and reports what is missing
                 pass
+        if message.get("warm"):
+            continue
         pid = os.fork()
         if pid == 0:
             try:
@@ -136,3 +138,13 @@ def forget(sys_path: list[str]) -> None:
     if server is not None:
         server.process.kill()
         server.sock.close()
+
+
+def warm(sys_path: list[str], env: dict[str, str], preload: list[str]) -> None:
+    """Start the server now and let it import `preload` while the parent does its static work."""
+    if not enabled():
+        return
+    try:
+        send(server_for(sys_path, env).sock, {"warm": True, "preload": preload})
+    except OSError:
+        forget(sys_path)
