@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from bnlint.fileio import file_kind
 from bnlint.formats import is_companion, is_model_folder
 from bnlint.loaders import is_model_file
 
@@ -69,13 +70,7 @@ def non_regular(path: Path) -> str | None:
         return None
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
-    if stat.S_ISFIFO(mode):
-        return "a named pipe"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
+    return file_kind(mode)
 
 
 def _walk(folder: Path, patterns: Sequence[str], notes: list[str]) -> Iterator[Path]:

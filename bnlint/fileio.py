@@ -17,7 +17,8 @@ class NotRegularFile(OSError):
     """A FIFO, socket, device or directory where a file was expected."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages ("a named pipe", "a device", ...)."""
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):
@@ -40,7 +41,7 @@ def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
     try:
         mode = os.fstat(handle.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularFile(f"{_kind(mode)}, not a regular file: not read")
+            raise NotRegularFile(f"{file_kind(mode)}, not a regular file: not read")
         if hasattr(os, "set_blocking"):
             os.set_blocking(handle.fileno(), True)
     except BaseException:
