@@ -248,3 +248,16 @@ def test_a_broken_import_while_unpickling_with_trust_names_the_import(tmp_path: 
     assert result.returncode == 2, output
     assert "internal error" not in output and "Traceback" not in output
     assert "userpkg" in output and "built against another torch" in output
+
+
+def test_the_default_deadline_grows_with_model_and_data(tmp_path: Path) -> None:
+    from bnlint.sandbox import default_timeout
+
+    small = default_timeout([str(STATE_DICT), str(DATA)])
+    assert small >= 120  # generous: a deadline that fires on a healthy run is a false alarm
+    model, data = tmp_path / "big.pt", tmp_path / "big.npz"
+    with open(model, "wb") as handle:
+        handle.truncate(100_000_000)  # sparse: sizes are what count
+    with open(data, "wb") as handle:
+        handle.truncate(150_000_000)
+    assert default_timeout([str(model), str(data)]) == pytest.approx(120 + 100 * 150 / 50, rel=1e-3)
