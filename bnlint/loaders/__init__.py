@@ -24,9 +24,6 @@ from bnlint.model import ModelInfo
 if TYPE_CHECKING:
     from bnlint.loaders.torch_objects import Extracted
 
-# Kept for callers that name the row type by its old name.
-FileFormat = FormatRecord
-
 # Extensions searched for when a folder is given on the command line (not .ts: TypeScript), from
 # the format records. A plain HDF5 data file found this way is skipped with a note, not an error.
 MODEL_EXTENSIONS = model_extensions()

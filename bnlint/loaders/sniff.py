@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from bnlint.errors import NotAModel
 from bnlint.formats import Sniff
+from bnlint.loaders.keras_h5 import HDF5_SIGNATURE
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # First member names of a Keras 3 archive (a torch zip's first member is `<root>/data.pkl` or `<root>/.data/...`).
 KERAS_MEMBERS = (b"metadata.json", b"config.json", b"model.weights.h5", b"model.weights.npz")
 CAFFE_EXTENSIONS = (".caffemodel", ".prototxt")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from bnlint.sandbox.isolate import ModelRunError, Outcome, Walls, default_timeout, run_job, set_quiet
+from bnlint.sandbox.isolate import ModelRunError, Outcome, Walls, arch_is_module, arch_target, default_timeout, run_job, set_quiet
 
 if TYPE_CHECKING:
     from bnlint.config import Config
@@ -32,14 +32,11 @@ def config_record(config: Config) -> dict[str, Any]:
 
 def arch_file(arch: str | None) -> str | None:
     """The folder of an --arch given as path/file.py:factory (its imports are its neighbours)."""
-    if not arch:
+    if not arch or arch_is_module(arch):
         return None
-    module = arch.rpartition(":")[0] if ":" in arch else arch
-    if module.endswith(".py"):
-        from pathlib import Path
+    from pathlib import Path
 
-        return str(Path(module).resolve().parent)
-    return None
+    return str(Path(arch_target(arch)).resolve().parent)
 
 
 PRELOAD = {"torch": ["torch"], "onnxruntime": ["onnxruntime", "onnx"], "keras": ["torch"]}  # engines a fork server imports once
@@ -105,7 +102,5 @@ def warm_up(paths: list[str], options: DynamicOptions) -> None:
         except (BnlintError, OSError):
             continue
         preload += [module for module in preload_for(record.kind) if module not in preload]
-    arch = options.arch or ""
-    arch_module = bool(arch) and not arch.partition(":")[0].endswith(".py")
     if preload:
-        forkserver.warm(_sys_path(arch_module), _server_environment(), preload)
+        forkserver.warm(_sys_path(arch_is_module(options.arch)), _server_environment(), preload)

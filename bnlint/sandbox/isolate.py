@@ -152,6 +152,17 @@ def _policy(reads: list[str], private: Path, trust: bool, gpu: bool) -> dict[str
     return {"read": sorted(set(read)), "write": write, "devices": [d for d in devices if d != "/dev/shm"]}
 
 
+def arch_is_module(arch: str | None) -> bool:
+    """--arch names an importable module (`pkg.mod:factory`, looked up from the working directory)
+    rather than a file (`path/file.py:factory`)."""
+    return bool(arch) and not arch_target(str(arch)).endswith(".py")
+
+
+def arch_target(arch: str) -> str:
+    """The module or file part of --arch (`path/file.py` of `path/file.py:factory`)."""
+    return arch.rpartition(":")[0] if ":" in arch else arch
+
+
 def _sys_path(arch_module: bool) -> list[str]:
     """The child's import path: the parent's, without the working directory unless --arch names a
     module to import from it."""
@@ -267,7 +278,7 @@ def run_job(job: dict[str, Any], *, reads: list[str], trust: bool, device: str |
     private = Path(tempfile.mkdtemp(prefix="bnlint-run-"))
     gpu = _wants_gpu(device)
     arch = job.get("options", {}).get("arch") or ""
-    arch_module = bool(arch) and not arch.partition(":")[0].endswith(".py")
+    arch_module = arch_is_module(arch)
     reads = [str(Path(r).resolve()) for r in reads if r] + ([os.getcwd()] if arch_module else [])
     memory = _memory_limit()
     job = {**job, "out": str(private), "policy": _policy(reads, private, trust, gpu), "memory_bytes": memory,
