@@ -14,6 +14,7 @@ import importlib.util
 import json
 import random
 import re
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -403,3 +404,28 @@ def test_healthy_torchscript_runs_without_trust_and_gives_the_trusted_results(tm
         runs[bool(extra)] = [(f["path"], f["error"], sorted((g["code"], g["message"]) for g in f["findings"])) for f in payload["files"]]
     assert runs[False] == runs[True]
     assert all(error is None for _, error, _ in runs[False])
+
+
+def test_with_no_grad_is_not_a_static_error_but_is_not_run_without_trust(tmp_path: Path) -> None:
+    """`with torch.no_grad():` in a healthy scripted forward: its context manager's code is in the
+    archive and scanned, so a static lint has no BN004; running it still needs --trust, because the
+    graph gate cannot walk __enter__/__exit__ (prim::Enter is refused, named in one line)."""
+    source = tmp_path / "nograd_model.py"
+    source.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n        self.c = nn.Conv2d(3, 8, 3, padding=1)\n        self.bn = nn.BatchNorm2d(8)\n"
+        "    def forward(self, x):\n"
+        "        with torch.no_grad():\n            y = self.c(x)\n"
+        "        return self.bn(y)\n"
+        "m = M().eval()\n"
+        "with torch.no_grad():\n    m.bn.running_var.fill_(0.7)\n    m.bn.num_batches_tracked.fill_(500)\n"
+        f"torch.jit.script(m).save({str(tmp_path / 'nograd.pt')!r})\n")
+    subprocess.run([sys.executable, str(source)], check=True, timeout=120)
+    model = str(tmp_path / "nograd.pt")
+    static = _cli(model)
+    assert "BN004" not in static.output, static.output
+    ran = _cli(model, "--data", DATA)
+    refusal = _refusals(ran)[model]
+    assert ran.exit_code == 2 and "prim::Enter" in refusal and "--trust" in refusal
