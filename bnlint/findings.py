@@ -56,6 +56,8 @@ REESTIMATE_BY_FRAMEWORK: dict[str, tuple[str, str]] = {  # framework -> (its nam
     "torch": ("PyTorch", "torch.optim.swa_utils.update_bn(loader, model) (a cumulative average over the loader)"),
     "keras": ("Keras 3", "run model(batch, training=True) over the data with every BatchNormalization trainable and its "
               "momentum set to k/(k+1) before batch k (k = 0, 1, ...: a cumulative average), then save"),
+    "tensorflow": ("TensorFlow", "in the code that built the model, run model(batch, training=True) over the data with every "
+                   "BatchNormalization trainable and its momentum set to k/(k+1) before batch k, then export again"),
     "onnx": ("the training framework", "re-estimate, then export the ONNX file again"),
     "caffe": ("Caffe", "bnlint fix does not write caffemodels: forward the TRAIN net over many batches of the data in "
               "Caffe (or re-estimate in the framework you trained with and convert again), then save"),

@@ -160,7 +160,10 @@ def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]
 
     ## Use instead
     Construct the layer with `track_running_stats=True`, estimate the running statistics on
-    training data (`torch.optim.swa_utils.update_bn`), call `model.eval()`, then export.
+    training data (`bnlint fix model.pt --data TRAIN_SAMPLE`, exact and layer by layer; in
+    PyTorch also `torch.optim.swa_utils.update_bn`), call `model.eval()`, then export. An ONNX
+    file exported this way can be repaired directly: `bnlint fix model.onnx --data SAMPLE`
+    rewrites the node to inference form with statistics estimated on the sample.
 
     ## References
     - PyTorch docs: `torch.nn.BatchNorm2d` ("track_running_stats").
@@ -258,8 +261,9 @@ def folded_weights_nonfinite(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit
     A Conv weight whose output channel 7 is all NaN because the folded BN had `running_var[7] = nan`.
 
     ## Use instead
-    Fix the statistics in the source checkpoint (re-estimate them with
-    `torch.optim.swa_utils.update_bn`), keep BN in float32 while folding, and export again.
+    Fix the statistics in the source model (`bnlint fix MODEL --data TRAIN_SAMPLE` re-estimates
+    them exactly, layer by layer; or the framework's own way, see BN601), keep BN in float32
+    while folding, and export again.
 
     ## References
     - pytorch/pytorch#90342 (NaN running statistics); Xilinx/brevitas#388 (overflow when folding BN).
