@@ -10,6 +10,7 @@ pattern is recognised by structure and reported as an inferred layer with a note
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from bnlint.errors import InputError
 from bnlint.formats import Sniff
 from bnlint.loaders.tf_proto import ConstTensor, Graph, Msg, Node, read_graph
-from bnlint.model import BNLayer, ModelInfo, OpKind, Producer
+from bnlint.model import BNLayer, GraphNode, ModelInfo, OpKind, Producer, TensorRef
 from bnlint.norms import BATCHNORM_NAMES
 from bnlint.protowire import WireError
 
@@ -31,7 +32,8 @@ ROLES = ("weight", "bias", "running_mean", "running_var")  # FusedBatchNorm inpu
 PASS_OPS = frozenset({"Identity", "ReadVariableOp", "Snapshot", "StopGradient", "IdentityN", "Enter", "Cast"})
 MAX_PB_BYTES = (1 << 31) - 1  # protobuf's own limit for one message
 OP_KINDS: dict[str, OpKind] = {"Conv2D": "conv", "Conv3D": "conv", "DepthwiseConv2dNative": "conv", "Conv2DBackpropInput": "conv_transpose",
-                               "Conv3DBackpropInputV2": "conv_transpose", "MatMul": "dense", "BatchMatMulV2": "matmul"}
+                               "Conv3DBackpropInputV2": "conv_transpose", "MatMul": "dense", "BatchMatMul": "matmul",
+                               "BatchMatMulV2": "matmul", "BatchMatMulV3": "matmul"}
 MAX_HOPS = 64
 
 
@@ -198,8 +200,10 @@ def unfused_layers(scope: Scope, where: str, order: int) -> list[BNLayer]:
 
 
 def graph_model(graph: Graph, where: str, info: ModelInfo) -> None:
-    """Fill `info` with the graph's BatchNorm layers (fused first, then unfused patterns)."""
+    """Fill `info` with the graph's BatchNorm layers (fused first, then unfused patterns) and its
+    node list for graph rules (built on first use: bnlint.loaders.tf_nodes)."""
     scopes = [("", Scope(graph.nodes))] + [(f"{f.name}/", Scope(f.nodes)) for f in graph.functions]
+    info.nodes_factory = lambda: _nodes(scopes, where)
     for prefix, scope in scopes:
         info.layers += fused_layers(scope, where, prefix, len(info.layers), info.notes)
     fused = bool(info.layers)
@@ -211,6 +215,23 @@ def graph_model(graph: Graph, where: str, info: ModelInfo) -> None:
     if not info.layers:
         info.folded_bn = any(n.op in OP_KINDS for _, s in scopes for n in s.nodes.values())
         info.notes.append("no BatchNorm in the graph (neither FusedBatchNorm nodes nor the unfused pattern)")
+
+
+def _nodes(scopes: list[tuple[str, Scope]], where: str) -> list[GraphNode]:
+    from bnlint.loaders.tf_nodes import build_nodes
+
+    by_prefix = dict(scopes)
+
+    def weight_of(prefix: str, tensor: str) -> tuple[Hashable, TensorRef] | None:
+        scope = by_prefix[prefix]
+        ref = scope.const(tensor, where)
+        source = scope.source(tensor)
+        return None if ref is None or source is None else ((prefix, source.name), ref)
+
+    try:
+        return build_nodes(scopes, weight_of)
+    except (WireError, RecursionError) as exc:
+        raise InputError(where, f"not a valid TensorFlow GraphDef ({exc})") from None
 
 
 def load_tf_graphdef(path: Path, companion: Path | None = None) -> ModelInfo:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,9 @@ from bnlint.formats import Sniff
 from bnlint.loaders.keras_config import effective_trainable
 from bnlint.loaders.keras_file import OP_KINDS as KERAS_OP_KINDS
 from bnlint.loaders.tf_bundle import Bundle, BundleTensor, read_bundle
-from bnlint.loaders.tf_graphdef import BN_OPS, MAX_PB_BYTES, PASS_OPS, ROLES, Scope, find_unfused, op_attr
+from bnlint.loaders.tf_graphdef import BN_OPS, MAX_PB_BYTES, OP_KINDS, PASS_OPS, ROLES, Scope, find_unfused, op_attr
 from bnlint.loaders.tf_proto import ConstTensor, FuncRef, MetaGraph, Msg, Node, read_object, read_saved_model
-from bnlint.model import BNLayer, ModelInfo, ModuleRecord, TensorRef
+from bnlint.model import BNLayer, GraphNode, ModelInfo, ModuleRecord, TensorRef
 from bnlint.protowire import WireError
 
 KERAS_ROLES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
@@ -157,9 +158,9 @@ class _Tracer:
         return None
 
 
-def bn_sites(meta: MetaGraph, signature_outputs: list[str]) -> list[Site]:
+def bn_sites(meta: MetaGraph, signature_outputs: list[str], tracer: _Tracer | None = None) -> list[Site]:
     """Every BatchNorm of the graph and its functions, with the variables it reads."""
-    tracer = _Tracer(meta)
+    tracer = tracer or _Tracer(meta)
     functions, graph_nodes = tracer.reachable([t.lstrip("^").split(":")[0] for t in signature_outputs])
     sites = []
     for scope, nodes in tracer.scopes.items():
@@ -269,7 +270,8 @@ def load_tf_savedmodel(path: Path, companion: Path | None = None) -> ModelInfo:
         if not metas:
             raise WireError("no MetaGraphDef")
         meta = next((m for m in metas if "serve" in m.tags), metas[0])
-        sites = bn_sites(meta, outputs)
+        tracer = _Tracer(meta)
+        sites = bn_sites(meta, outputs, tracer)
     except (WireError, RecursionError) as exc:
         raise InputError(where, f"not a valid SavedModel ({exc})") from None
     keras = _keras_metadata(folder, where)
@@ -290,9 +292,34 @@ def load_tf_savedmodel(path: Path, companion: Path | None = None) -> ModelInfo:
             info.layers.append(_layer(group, len(info.layers), meta, names, keras, bundle, keys, where))
     except (WireError, RecursionError) as exc:
         raise InputError(where, f"not a valid SavedModel ({exc})") from None
+    info.nodes_factory = lambda: _nodes(tracer, outputs, bundle, keys, where)
     if not sites:
         info.notes.append("no BatchNorm in the graph or its functions (neither FusedBatchNorm nodes nor the unfused pattern)")
+        info.folded_bn = any(node.op in OP_KINDS for nodes in tracer.scopes.values() for node in nodes.values())
     return info
+
+
+def _nodes(tracer: _Tracer, outputs: list[str], bundle: Bundle | None, keys: dict[int, str], where: str) -> list[GraphNode]:
+    """The graph's nodes and those of the functions a signature reaches (all, without signatures):
+    the other functions are training traces of the same layers."""
+    from bnlint.loaders.tf_nodes import build_nodes
+
+    meta = tracer.meta
+    reached, _ = tracer.reachable([t.lstrip("^").split(":")[0] for t in outputs])
+    names = [f.name for f in meta.graph.functions if f.name in reached or not outputs]
+    scopes = [("", Scope(list(tracer.scopes[""].values())))] + [(name, Scope(list(tracer.scopes[name].values()))) for name in names]
+
+    def weight_of(scope: str, tensor: str) -> tuple[Hashable, TensorRef] | None:
+        var = tracer.resolve(scope.removesuffix("/"), tensor)
+        ref = _tensor(var, meta, bundle, keys, where)
+        if var is None or ref is None:
+            return None
+        return (var[0], id(var[1]) if var[0] == "const" else var[1]), ref
+
+    try:
+        return build_nodes([(f"{name}/" if name else "", scope) for name, scope in scopes], weight_of)
+    except (WireError, RecursionError) as exc:
+        raise InputError(where, f"not a valid SavedModel ({exc})") from None
 
 
 def _add_modules(info: ModelInfo, keras: dict[int, dict[str, Any]]) -> None:
