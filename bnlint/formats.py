@@ -183,13 +183,13 @@ register_format(FormatRecord(
     cannot_run="running a Caffe model on --data is not supported (no Caffe runtime is bundled); convert it to ONNX to "
     "measure drift, or lint it statically",
     records=frozenset({"graph-modes", "deploy-pair", "graph", "producers"})))
-TF_CANNOT_RUN = ("running a TensorFlow model on --data is not supported yet; lint it statically, or convert it to ONNX "
-                 "(tf2onnx) and run that")
+TF_CANNOT_RUN = ("running a frozen TensorFlow GraphDef on --data is not supported (only SavedModels run); lint it "
+                 "statically, or convert it to ONNX (tf2onnx) and run that")
 register_format(FormatRecord(
     "tf-savedmodel", "tensorflow", "TensorFlow SavedModel", "bnlint.loaders.tf_savedmodel:load_tf_savedmodel",
     sniffers=((85, "bnlint.loaders.tf_savedmodel:sniff"),), folder="bnlint.loaders.tf_savedmodel:is_savedmodel_dir",
-    extensions=(".pb",), companions=("keras_metadata.pb", "fingerprint.pb"), cannot_run=TF_CANNOT_RUN, extra="tensorflow",
-    records=frozenset({"graph-modes", "trainable"})))
+    extensions=(".pb",), companions=("keras_metadata.pb", "fingerprint.pb"), runner="bnlint.dynamic.openers:open_tf_runner",
+    fixer="bnlint.fix.tf_fix:fix_tf", extra="tensorflow", records=frozenset({"graph-modes", "trainable", "run"})))
 register_format(FormatRecord(
     "tf-graphdef", "tensorflow", "TensorFlow frozen GraphDef", "bnlint.loaders.tf_graphdef:load_tf_graphdef",
     sniffers=((86, "bnlint.loaders.tf_graphdef:sniff"),), extensions=(".pb",), cannot_run=TF_CANNOT_RUN, extra="tensorflow",
@@ -197,4 +197,5 @@ register_format(FormatRecord(
 register_format(FormatRecord(
     "tf-checkpoint", "tensorflow", "TensorFlow checkpoint", "bnlint.loaders.tf_bundle:load_tf_checkpoint",
     sniffers=((84, "bnlint.loaders.tf_bundle:sniff"),), folder="bnlint.loaders.tf_bundle:is_checkpoint_dir",
-    extensions=(".index",), companions=("*.data-?????-of-?????",), cannot_run=TF_CANNOT_RUN, extra="tensorflow"))
+    extensions=(".index",), companions=("*.data-?????-of-?????",), extra="tensorflow",
+    cannot_run="a TensorFlow checkpoint has no graph to run: run (or fix) the SavedModel it belongs to"))
