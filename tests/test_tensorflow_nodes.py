@@ -189,3 +189,36 @@ def test_a_malformed_weight_is_one_error_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [str(path)])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "tensor_content holds 10 bytes" in result.output
+
+
+def test_a_conv_before_unfused_batchnorm_is_followed_by_bn() -> None:
+    """Keras 3 writes BN as arithmetic (x * rsqrt(var + eps) * gamma ...): its conv is not where a
+    folded BN went, so BN502/BN503 skip its weights as they do before a fused BN."""
+    nodes = by_name(load_tf_savedmodel(TF / "savedmodel_keras3"))
+    conv = nodes["convnet3_1/conv1_1/convolution"]
+    assert conv.kind == "conv" and conv.followed_by_bn and conv.weight is not None
+    assert not nodes["convnet3_1/head_1"].followed_by_bn
+
+
+@pytest.mark.parametrize("size", [0, 1, 9, 4095, 4096, 4097, 8 * 512 * 3 + 11, 300_001])
+def test_vectorised_crc32c_equals_the_byte_loop(size: int) -> None:
+    from bnlint.loaders import tf_bundle as tb
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    for start in (0, 0x1234ABCD):
+        assert tb.crc32c(data, start) == tb._register(data, start ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+    assert tb.crc32c(b"123456789") == 0xE3069283  # the standard check value
+
+
+def test_a_bias_read_through_reshape_and_squeeze_is_folded(tmp_path: Path) -> None:
+    """Keras 3 reads a conv bias as Squeeze(Reshape(variable)): still the conv's stored bias."""
+    kernel = np.ones((1, 1, 2, 2), dtype=np.float32).tobytes()
+    bias = np.array([0.5, np.nan], dtype=np.float32).tobytes()
+    path = tmp_path / "reshaped.pb"
+    path.write_bytes(node("x", "Placeholder", []) + const("w", (1, 1, 2, 2), kernel) + const("b", (2,), bias)
+                     + node("r", "Reshape", ["b", "w"]) + node("s", "Squeeze", ["r"])
+                     + node("conv", "Conv2D", ["x", "w"]) + node("add", "BiasAdd", ["conv", "s"]) + node("y", "Relu", ["add"]))
+    (conv,) = [n for n in load_tf_graphdef(path).nodes if n.kind == "conv"]
+    assert conv.bias is not None and conv.outputs == ("add",)
+    _, payload = lint(path)
+    assert [f["code"] for f in payload["files"][0]["findings"] if f["code"] == "BN502"] == ["BN502"]

@@ -54,13 +54,56 @@ def _crc_table() -> list[int]:
 _TABLE = _crc_table()
 
 
-def crc32c(data: bytes, crc: int = 0) -> int:
-    """CRC-32C (Castagnoli), as LevelDB and TF compute it."""
-    crc ^= 0xFFFFFFFF
+def _register(data: bytes | memoryview, register: int) -> int:
     table = _TABLE
     for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+        register = table[(register ^ byte) & 0xFF] ^ (register >> 8)
+    return register
+
+
+LANE_BYTES = 512  # bytes per lane of the vectorised CRC
+MAX_LANES = 1 << 16
+_NP_TABLE = np.array(_TABLE, dtype=np.uint32)
+_SHIFTS: dict[int, np.ndarray] = {}  # lane length -> (4, 256) tables of "feed that many zero bytes"
+
+
+def _shift_tables(length: int) -> np.ndarray:
+    """The register after `length` zero bytes is linear in the register before: its images of the
+    32 basis registers, spread into 4 byte-indexed tables."""
+    if length not in _SHIFTS:
+        basis = np.left_shift(np.uint32(1), np.arange(32, dtype=np.uint32))
+        for _ in range(length):
+            basis = _NP_TABLE[basis & 0xFF] ^ (basis >> 8)
+        bits = (np.arange(256)[:, None] >> np.arange(8)) & 1  # (256, 8): the bits of each byte value
+        tables = np.zeros((4, 256), dtype=np.uint32)
+        for k in range(4):
+            images = basis[8 * k:8 * k + 8]
+            tables[k] = np.bitwise_xor.reduce(np.where(bits.astype(bool), images, np.uint32(0)), axis=1)
+        _SHIFTS[length] = tables
+    return _SHIFTS[length]
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli), as LevelDB and TF compute it.
+
+    Large inputs (a conv kernel a rule reads) are split into lanes whose registers numpy computes
+    side by side; since the register update is linear over GF(2), lane k's contribution is chained
+    in by "feed LANE_BYTES zeros" (4 table lookups): the same value as the byte loop, ~50x faster.
+    """
+    register = crc ^ 0xFFFFFFFF
+    view, start = memoryview(data), 0
+    s0, s1, s2, s3 = _shift_tables(LANE_BYTES).tolist() if len(data) >= 8 * LANE_BYTES else ([], [], [], [])
+    while len(data) - start >= 8 * LANE_BYTES:
+        lanes = min((len(data) - start) // LANE_BYTES, MAX_LANES)
+        body = np.frombuffer(data, dtype=np.uint8, count=lanes * LANE_BYTES, offset=start)
+        columns = body.reshape(lanes, LANE_BYTES).T.copy()
+        lane = np.zeros(lanes, dtype=np.uint32)
+        for column in columns:
+            lane = _NP_TABLE[(lane ^ column) & 0xFF] ^ (lane >> 8)
+        for value in lane.tolist():
+            register = s0[register & 0xFF] ^ s1[(register >> 8) & 0xFF] ^ s2[(register >> 16) & 0xFF] ^ s3[register >> 24] ^ value
+        start += lanes * LANE_BYTES
+    return _register(view[start:], register) ^ 0xFFFFFFFF
 
 
 def unmask(masked: int) -> int:

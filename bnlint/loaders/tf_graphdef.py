@@ -151,6 +151,7 @@ class Unfused:
     name: str
     eps: float
     operands: dict[str, str]
+    inputs: tuple[str, ...] = ()  # the tensors normalised (x in x * s)
 
 
 def find_unfused(scope: Scope) -> list[Unfused]:
@@ -172,13 +173,18 @@ def find_unfused(scope: Scope) -> list[Unfused]:
             if other is not None:
                 factor, operands["weight"] = consumer, other
                 break
+        inputs = []
         for consumer in scope.consumers.get(factor.name, ()):
             other = _other(consumer, factor) if consumer.op == "Mul" else None
-            for sub in scope.consumers.get(consumer.name, ()) if other is not None else ():
-                if sub.op == "Sub" and len(sub.inputs) >= 2 and _name(sub.inputs[1]) == consumer.name:
-                    operands["running_mean"], operands["bias"] = str(other), sub.inputs[0]
+            subs = [sub for sub in scope.consumers.get(consumer.name, ()) if other is not None and sub.op == "Sub"
+                    and len(sub.inputs) >= 2 and _name(sub.inputs[1]) == consumer.name]
+            for sub in subs:
+                operands["running_mean"], operands["bias"] = str(other), sub.inputs[0]
+            if other is not None and not subs:
+                inputs.append(other)
         if "running_mean" in operands:
-            found.append(Unfused(rsqrt.name.rpartition("/")[0] or rsqrt.name, float(scalars[eps_at] or 0.0), operands))
+            found.append(Unfused(rsqrt.name.rpartition("/")[0] or rsqrt.name, float(scalars[eps_at] or 0.0), operands,
+                                 tuple(inputs)))
     return found
 
 

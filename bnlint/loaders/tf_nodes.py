@@ -15,12 +15,15 @@ Mapping (rules decide on `kind`; `op` is an ONNX-like name, for messages only):
 
 A BiasAdd (or Add/AddV2) that is the only consumer of a conv/dense node and adds a stored 1-D
 tensor is folded into that node as its bias, as ONNX's Conv/Gemm carry theirs; its output becomes
-the node's. `followed_by_bn` is set on conv/dense/matmul nodes only (what BN502/BN503 ask). "Stored" is a Const (frozen graphs) or a variable read from the SavedModel's bundle:
-`weight_of` resolves an operand, and values are read only when a rule calls `.numpy()`.
+the node's (the bias is looked up through Reshape/Squeeze/ExpandDims, as Keras 3 reads it).
+`followed_by_bn` is set on conv/dense/matmul nodes only (what BN502/BN503 ask). "Stored" is a
+Const (frozen graphs) or a variable read from the SavedModel's bundle: `weight_of` resolves an
+operand, and values are read only when a rule calls `.numpy()`.
 
 Tensor names: one per node, `scope/node` (all output ports of a node are one name: rules only follow
 reachability). `followed_by_bn` looks through pass-through ops (Identity, Cast, ...), at most
-MAX_FOLLOW nodes per conv/dense.
+MAX_FOLLOW nodes per conv/dense; the input of an unfused BatchNorm (tf.nn.batch_normalization,
+Keras 3: x * rsqrt(var + eps) * gamma, recognised as tf_graphdef.find_unfused does) counts too.
 Nodes come in file order, scope by scope (the graph, then each function), not re-sorted. A variable
 read by several nodes (a SavedModel keeps a function per trace) gives its weight to the first only,
 so a rule reports each stored tensor once.
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnlint.loaders.tf_graphdef import BN_OPS, OP_KINDS, PASS_OPS, Scope
+from bnlint.loaders.tf_graphdef import BN_OPS, OP_KINDS, PASS_OPS, Scope, find_unfused
 from bnlint.loaders.tf_proto import Node
 from bnlint.model import GraphNode, OpKind, TensorRef
 
@@ -45,6 +48,8 @@ OP_NAMES = {"Conv2D": "Conv", "Conv3D": "Conv", "DepthwiseConv2dNative": "Conv",
             "BatchMatMulV3": "MatMul", "AddV2": "Add", "Relu6": "Clip"}
 MATMUL_OPS = frozenset({"BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"})
 BIAS_OPS = frozenset({"BiasAdd", "Add", "AddV2"})
+SHAPE_OPS = frozenset({"Reshape", "Squeeze", "ExpandDims"})  # same values, another shape
+MAX_RESHAPES = 4
 MAX_FOLLOW = 256  # nodes visited looking through pass-through ops for a BatchNorm consumer
 
 
@@ -96,8 +101,14 @@ class _Builder:
         self.seen: set[Hashable] = set()  # stored tensors already given to a node
         self.nodes: list[GraphNode] = []
 
-    def stored(self, scope: str, tensor: str) -> TensorRef | None:
-        found = self.weight_of(scope, tensor)
+    def stored(self, prefix: str, scope: Scope, tensor: str) -> TensorRef | None:
+        found = self.weight_of(prefix, tensor)
+        for _ in range(MAX_RESHAPES):  # Keras 3 reads a conv bias through Reshape + Squeeze
+            node = scope.nodes.get(_name(tensor)) if found is None else None
+            if node is None or node.op not in SHAPE_OPS or not node.inputs:
+                break
+            tensor = node.inputs[0]
+            found = self.weight_of(prefix, tensor)
         if found is None or found[0] in self.seen:
             return None
         self.seen.add(found[0])
@@ -114,11 +125,13 @@ class _Builder:
             return None
         return add
 
-    def followed_by_bn(self, scope: Scope, name: str) -> bool:
+    def followed_by_bn(self, scope: Scope, name: str, unfused: set[str]) -> bool:
         stack, visited = [name], 0
         while stack and visited < MAX_FOLLOW:
             visited += 1
             current = stack.pop()
+            if current in unfused:
+                return True
             for consumer in scope.consumers.get(current, ()):
                 if consumer.op in BN_OPS and _name(_data_inputs(consumer)[0]) == current:  # x, not a statistic
                     return True
@@ -128,16 +141,17 @@ class _Builder:
 
     def add_scope(self, prefix: str, scope: Scope) -> None:
         folded: set[str] = set()
+        unfused = {_name(x) for match in find_unfused(scope) for x in match.inputs}  # x of x * rsqrt(var + eps)
         weighted = [n for n in scope.nodes.values() if n.op in OP_KINDS]
         plans: dict[str, tuple[TensorRef | None, TensorRef | None, Node | None]] = {}
         for node in weighted:  # first: which BiasAdds fold into their conv/dense
             operands = _data_inputs(node)
-            raw = self.stored(prefix, operands[1]) if len(operands) > 1 else None
+            raw = self.stored(prefix, scope, operands[1]) if len(operands) > 1 else None
             weight: TensorRef | None = raw
             if raw is not None and node.op != "MatMul" and node.op not in MATMUL_OPS:
                 weight = KernelTensor(raw, "depthwise" if node.op == "DepthwiseConv2dNative" else "conv")
             add = self.bias_add(scope, node)
-            bias = self.stored(prefix, _data_inputs(add)[1]) if add is not None else None
+            bias = self.stored(prefix, scope, _data_inputs(add)[1]) if add is not None else None
             if bias is not None and len(bias.shape) != 1:
                 bias = None
             if bias is None:
@@ -169,7 +183,7 @@ class _Builder:
                 index=len(self.nodes), name=node.name.removesuffix("/" + node.op), op=op, kind=kind,
                 inputs=tuple(prefix + _name(t) for t in _data_inputs(node)), outputs=(prefix + last.name,),
                 weight=weight, bias=bias, weight_rows_out=rows_out,
-                followed_by_bn=node.name in plans and self.followed_by_bn(scope, last.name)))
+                followed_by_bn=node.name in plans and self.followed_by_bn(scope, last.name, unfused)))
 
 
 def build_nodes(scopes: Sequence[tuple[str, Scope]], weight_of: WeightOf) -> list[GraphNode]:

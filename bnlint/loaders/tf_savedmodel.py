@@ -84,6 +84,13 @@ class _Tracer:
                     if node.op in CALL_OPS or node.op == callee:  # arguments passed in order
                         self.callers.setdefault(callee, []).append((scope, node))
         self.memo: dict[tuple[str, str], Var | None] = {}
+        self._scopes: dict[str, Scope] = {}
+
+    def scope(self, name: str) -> Scope:
+        """The graph's or a function's nodes with their consumers, built once."""
+        if name not in self._scopes:
+            self._scopes[name] = Scope(list(self.scopes[name].values()))
+        return self._scopes[name]
 
     def callees(self, node: Node) -> list[str]:
         if node.op in self.functions:
@@ -174,9 +181,9 @@ def bn_sites(meta: MetaGraph, signature_outputs: list[str], tracer: _Tracer | No
             sites.append(Site(scope, node.name, node.op, scope in functions or node.name in graph_nodes, variables,
                               float(op_attr(node, "epsilon")), training, factor,
                               op_attr(node, "data_format") in ("NHWC", "NDHWC")))
-        for match in find_unfused(Scope(list(nodes.values()))):
+        for match in find_unfused(tracer.scope(scope)):
             variables = tuple(tracer.resolve(scope, match.operands[r]) if r in match.operands else None for r in ROLES)
-            mean = Scope(list(nodes.values())).source(match.operands["running_mean"])
+            mean = tracer.scope(scope).source(match.operands["running_mean"])
             computed = variables[2] is None and mean is not None and mean.op in MOMENT_OPS
             sites.append(Site(scope, match.name, "batch_normalization (unfused)", scope in functions, variables, match.eps,
                               computed, computed=computed))
@@ -307,7 +314,7 @@ def _nodes(tracer: _Tracer, outputs: list[str], bundle: Bundle | None, keys: dic
     meta = tracer.meta
     reached, _ = tracer.reachable([t.lstrip("^").split(":")[0] for t in outputs])
     names = [f.name for f in meta.graph.functions if f.name in reached or not outputs]
-    scopes = [("", Scope(list(tracer.scopes[""].values())))] + [(name, Scope(list(tracer.scopes[name].values()))) for name in names]
+    scopes = [("", tracer.scope(""))] + [(name, tracer.scope(name)) for name in names]
 
     def weight_of(scope: str, tensor: str) -> tuple[Hashable, TensorRef] | None:
         var = tracer.resolve(scope.removesuffix("/"), tensor)
