@@ -7,7 +7,9 @@ the other's package at run time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from bnlint.errors import UsageError
@@ -34,22 +36,55 @@ _POSITIVE = {"timeout"}  # a zero limit could never be met
 _CHOICES = {"device": ("cpu", "cuda", "auto"), "onnx_engine": ("onnxruntime", "reference", "auto")}
 
 
-def checked_dynamic(table: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DynamicThresholds:
+    """The [tool.bnlint.dynamic] settings in force for one run, checked and typed (one field per key)."""
+
+    batch_size: int = DYNAMIC_DEFAULTS["batch_size"]
+    device: str = DYNAMIC_DEFAULTS["device"]
+    onnx_engine: str = DYNAMIC_DEFAULTS["onnx_engine"]
+    drift_kl: float = DYNAMIC_DEFAULTS["drift_kl"]
+    drift_significance: float = DYNAMIC_DEFAULTS["drift_significance"]
+    drift_z: float = DYNAMIC_DEFAULTS["drift_z"]
+    batch_noise_smd: float = DYNAMIC_DEFAULTS["batch_noise_smd"]
+    batch_noise_lvr: float = DYNAMIC_DEFAULTS["batch_noise_lvr"]
+    batch_dependence_rtol: float = DYNAMIC_DEFAULTS["batch_dependence_rtol"]
+    dependence_samples: int = DYNAMIC_DEFAULTS["dependence_samples"]
+    max_samples: int = DYNAMIC_DEFAULTS["max_samples"]
+    timeout: float | None = DYNAMIC_DEFAULTS["timeout"]
+
+    def as_dict(self) -> dict[str, Any]:
+        """Key -> value, as runners' openers take them (`settings["device"]`)."""
+        return dataclasses.asdict(self)
+
+    # Read access by key for callers written against the old dict (cli.py, sandbox, fix.run):
+    # new code reads the attributes.
+    def __getitem__(self, key: str) -> Any:
+        if key not in DYNAMIC_DEFAULTS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in DYNAMIC_DEFAULTS else default
+
+
+def checked_dynamic(table: Mapping[str, Any], source: str | None) -> DynamicThresholds:
     """The defaults overlaid with a [tool.bnlint.dynamic] table; unknown keys and bad values are UsageErrors."""
-    settings = dict(DYNAMIC_DEFAULTS)
+    settings: dict[str, Any] = {}
     where = source or "config"
     for raw_key, value in table.items():
         key = raw_key.replace("-", "_")
         if key not in DYNAMIC_DEFAULTS:
             raise UsageError(f"{where}: unknown [tool.bnlint.dynamic] key {raw_key!r} (known: {', '.join(k.replace('_', '-') for k in DYNAMIC_DEFAULTS)})")
         settings[key] = _check(key, value, where)
-    return settings
+    return DynamicThresholds(**settings)
 
 
-def override(settings: dict[str, Any], key: str, value: Any) -> None:
-    """A command-line value wins over the config file; checked like one."""
-    if value is not None:
-        settings[key] = _check(key, value, f"--{key.replace('_', '-')}")
+def override(settings: DynamicThresholds, key: str, value: Any) -> DynamicThresholds:
+    """`settings` with a command-line value in place of the config file's (None: not given); checked like one."""
+    if value is None:
+        return settings
+    return dataclasses.replace(settings, **{key: _check(key, value, f"--{key.replace('_', '-')}")})
 
 
 def _check(key: str, value: Any, where: str) -> Any:

@@ -208,11 +208,12 @@ def test_the_parent_never_imports_torch_for_data_runs(tmp_path: Path) -> None:
 
 
 def test_codec_round_trips_measurements_and_rejects_anything_else(tmp_path: Path) -> None:
-    from bnlint.measurements import BatchDependence, LayerDrift, Measurements
+    from bnlint.measurements import BatchDependence, ChannelMetrics, DriftSummary, DynamicThresholds, LayerDrift, Measurements
 
+    kl = np.array([0.1, float("nan")])
     layer = LayerDrift("bn1", 0, 2, 1e-5, 10, 4, np.array([0.5, 1.0]), np.array([1.0, 2.0]), True,
-                       per_channel={"kl": np.array([0.1, float("nan")])}, summary={"mean_kl": 0.1, "noise_kl": None})
-    measured = Measurements([layer], 10, {"drift_kl": 0.05}, "torch", None, None, BatchDependence(4, 0.0, 0.0), [])
+                       per_channel=ChannelMetrics(kl, kl, kl, kl, kl, kl), summary=DriftSummary(8, mean_kl=0.1, noise_kl=None))
+    measured = Measurements([layer], 10, DynamicThresholds(drift_kl=0.05), "torch", None, None, BatchDependence(4, 0.0, 0.0), [])
     codec.encode(measured, tmp_path)
     back = codec.decode(tmp_path)
     assert isinstance(back, Measurements) and isinstance(back.layers[0], LayerDrift)

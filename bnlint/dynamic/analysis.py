@@ -18,10 +18,10 @@ from bnlint.dynamic.runner import Capture, LayerSpec, Progress, Runner
 from bnlint.dynamic.stats import Collector
 from bnlint.errors import UsageError
 from bnlint.findings import DATA_WARNING
-from bnlint.measurements import BatchDependence, Measurements
+from bnlint.measurements import BatchDependence, DependentLayer, Measurements
 from bnlint.model import ModelInfo
 from bnlint.sandbox import events
-from bnlint.settings import override
+from bnlint.settings import DynamicThresholds, override
 
 
 def align_names(model: ModelInfo, runner_names: list[str], hints: dict[str, str]) -> dict[str, str]:
@@ -66,7 +66,7 @@ def _train_batch_size(model: ModelInfo, options: DynamicOptions) -> tuple[int | 
     return None, None
 
 
-def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, Any], module: Any = None) -> Runner:
+def _open_runner(model: ModelInfo, options: DynamicOptions, settings: DynamicThresholds, module: Any = None) -> Runner:
     """The runner for the model: a live module as it is, a file through its format record."""
     if module is not None:  # a live nn.Module from the Python API: run it where it already is
         from bnlint.dynamic.torch_runner import ModuleRunner, pick_device
@@ -80,7 +80,7 @@ def _open_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, 
         raise UsageError(f"{model.path}: no runner for a {model.format} model read from {model.file_format or 'no file'}")
     if record.runner is None:
         raise UsageError(record.cannot_run or f"running a {record.description} on --data is not supported")
-    runner: Runner = record.function(record.runner)(model, options, settings)
+    runner: Runner = record.function(record.runner)(model, options, settings.as_dict())  # openers take the key -> value dict
     return runner
 
 
@@ -176,15 +176,14 @@ def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: 
         entry = None
         if compared and reached.get(name) == compared:
             if x_diff[name] <= tolerance < y_rel[name]:
-                entry = {"layer": name, "max_abs_diff": y_abs[name], "relative_diff": y_rel[name],
-                         "evidence": "its input is the same in both batches, its output is not"}
+                entry = DependentLayer(name, y_abs[name], y_rel[name], "its input is the same in both batches, its output is not")
         expected = _eval_form(specs[name], x_b) if name in specs else None
         if entry is None and suspect and expected is not None:
             f_abs, f_rel = _relative(y_b, expected)
             if f_rel > tolerance:
-                entry = {"layer": name, "max_abs_diff": f_abs, "relative_diff": f_rel, "evidence": "its output is not its input normalised with its stored statistics"}
+                entry = DependentLayer(name, f_abs, f_rel, "its output is not its input normalised with its stored statistics")
         if entry is None and rel > tolerance and name in specs and specs[name].uses_batch_stats:
-            entry = {"layer": name, "max_abs_diff": None, "relative_diff": None, "evidence": "its stored form computes mean and variance from the batch"}
+            entry = DependentLayer(name, None, None, "its stored form computes mean and variance from the batch")
         if entry is not None:
             culprits.append(entry)
     samples = arrays[0].shape[0] if runner.fixed_batch is None else min(arrays[0].shape[0], 2 * runner.fixed_batch - 1)
@@ -206,15 +205,15 @@ def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: A
 def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any) -> Measurements:
     settings = dynamic_settings(config)
     for key in ("batch_size", "device", "onnx_engine"):
-        override(settings, key, getattr(options, key))
-    dataset = Dataset(options.data, max_samples=int(settings["max_samples"]))
+        settings = override(settings, key, getattr(options, key))
+    dataset = Dataset(options.data, max_samples=settings.max_samples)
     events.stage("opening the model")
     runner = _open_runner(model, options, settings, module)
     sources = dataset.select(runner.input_names, options.inputs)
     for source, shape, name in zip(sources, runner.input_shapes, runner.input_names):
         check_layout(source, shape, name, options.data)
     samples = sources[0].samples
-    batch_size = runner.fixed_batch or int(settings["batch_size"])
+    batch_size = runner.fixed_batch or settings.batch_size
     notes = [*runner.notes, *dataset.notes]
     for source in sources:
         if source.dtype.kind in "ui" and source.dtype.itemsize <= 2:
@@ -270,11 +269,11 @@ def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: 
 
     dependence = None
     wanted = 2 * runner.fixed_batch - 1 if runner.fixed_batch else 0  # sample 0 in two compositions
-    count = min(max(int(settings["dependence_samples"]), wanted), samples)
+    count = min(max(settings.dependence_samples, wanted), samples)
     if count >= 2 or (runner.fixed_batch and count >= runner.fixed_batch):
         first = next(zip_batches(sources, count, limit=count))[1]
         events.stage("checking batch dependence")
-        dependence = check_batch_dependence(runner, first, float(settings["batch_dependence_rtol"]), names)
+        dependence = check_batch_dependence(runner, first, settings.batch_dependence_rtol, names)
     return Measurements(
         layers=layers, samples=samples, settings=settings, engine=runner.engine,
         train_batch_size=train_batch, train_batch_source=train_source, dependence=dependence,

@@ -22,12 +22,14 @@ n_eff = var_t / SE(mean_t)^2 says how many independent values the sample was wor
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from bnlint.dynamic.stats import LayerMoments
-from bnlint.measurements import LayerDrift
+from bnlint.measurements import BatchNoise, ChannelMetrics, DriftSummary, LayerDrift, LayerStats
+from bnlint.settings import DynamicThresholds
 
 MIN_PSEUDO_BATCHES = 4  # below this, the spread of pseudo-batch statistics is too noisy to use
 
@@ -80,63 +82,56 @@ def analyse_layer(
     layer = LayerDrift(name=name, order=order, channels=channels, eps=eps, samples=moments.samples,
                        values_per_sample=moments.values_per_sample, mean_t=mean_t, var_t=var_t, has_running_stats=has_stats)
     groups = int((moments.group_count > 0).sum())
-    summary: dict[str, float | None] = {"groups": float(groups)}
+    effective_n: float | None = None
     if groups >= 2:
         rest_mean, rest_var = _leave_one_out(moments)
         se_mean = _jackknife_se(rest_mean)
         se_logvar = _jackknife_se(np.log(rest_var + eps))
         with np.errstate(divide="ignore", invalid="ignore"):
             n_eff = var_t / (se_mean * se_mean)
-        summary["effective_n"] = float(np.nanmedian(np.where(np.isfinite(n_eff), n_eff, np.nan))) if np.isfinite(n_eff).any() else None
+        effective_n = float(np.nanmedian(np.where(np.isfinite(n_eff), n_eff, np.nan))) if np.isfinite(n_eff).any() else None
     else:
         rest_mean = rest_var = None  # type: ignore[assignment]  # one group: no leave-one-out estimates
         se_mean = se_logvar = np.full(channels, np.nan)
-        summary["effective_n"] = None
+    layer.summary = DriftSummary(groups=groups, effective_n=effective_n)
     if has_stats and running_mean is not None and running_var is not None:
-        metrics = drift(mean_t, var_t, running_mean, running_var, eps)
+        raw = drift(mean_t, var_t, running_mean, running_var, eps)
         v_r = np.maximum(running_var + eps, np.finfo(np.float64).tiny)
-        metrics["se_smd"] = se_mean / np.sqrt(v_r)
-        metrics["se_lvr"] = se_logvar
+        metrics = ChannelMetrics(**raw, se_smd=se_mean / np.sqrt(v_r), se_lvr=se_logvar)
         layer.per_channel = metrics
-        finite = np.isfinite(metrics["kl"])
-        summary.update(_summaries(metrics, finite, weight))
-        floor = 0.5 * metrics["se_smd"] ** 2 + 0.25 * metrics["se_lvr"] ** 2
-        summary["noise_kl"] = float(np.mean(floor[finite])) if finite.any() and groups >= 2 else None
+        finite = np.isfinite(metrics.kl)
+        floor = 0.5 * metrics.se_smd ** 2 + 0.25 * metrics.se_lvr ** 2
+        noise_kl = float(np.mean(floor[finite])) if finite.any() and groups >= 2 else None
+        kl_se = None
         if rest_mean is not None and rest_var is not None and finite.any():
             loo_kl = [float(np.mean(drift(rest_mean[g], rest_var[g], running_mean, running_var, eps)["kl"][finite])) for g in range(groups)]
-            summary["kl_se"] = float(_jackknife_se(np.asarray(loo_kl)[:, None])[0])
-        else:
-            summary["kl_se"] = None
-    layer.summary = summary
+            kl_se = float(_jackknife_se(np.asarray(loo_kl)[:, None])[0])
+        layer.summary = _summary(layer.summary, metrics, finite, weight, noise_kl, kl_se)
     if moments.batch_size:
         layer.batch_size = moments.batch_size
         layer.batch_noise = _batch_noise(moments, mean_t, var_t, eps)
     return layer
 
 
-def _summaries(metrics: dict[str, np.ndarray], finite: np.ndarray, weight: np.ndarray | None) -> dict[str, float | None]:
+def _summary(base: DriftSummary, metrics: ChannelMetrics, finite: np.ndarray, weight: np.ndarray | None,
+             noise_kl: float | None, kl_se: float | None) -> DriftSummary:
+    """`base` (groups, effective_n) with the layer's drift over its finite channels."""
+    base = replace(base, nonfinite_channels=int((~finite).sum()), noise_kl=noise_kl, kl_se=kl_se)
     if not finite.any():
-        return {"mean_kl": None, "max_kl": None, "nonfinite_channels": float((~finite).sum())}
-    smd, lvr, kl = np.abs(metrics["smd"][finite]), np.abs(metrics["lvr"][finite]), metrics["kl"][finite]
-    out: dict[str, float | None] = {
-        "mean_abs_smd": float(smd.mean()),
-        "max_abs_smd": float(smd.max()),
-        "mean_abs_lvr": float(lvr.mean()),
-        "max_abs_lvr": float(lvr.max()),
-        "mean_kl": float(kl.mean()),
-        "max_kl": float(kl.max()),
-        "mean_w2": float(metrics["w2"][finite].mean()),
-        "max_channel": float(np.flatnonzero(finite)[int(np.argmax(kl))]),
-        "nonfinite_channels": float((~finite).sum()),
-    }
-    if weight is not None and weight.size == finite.size:
+        return base
+    smd, lvr, kl = np.abs(metrics.smd[finite]), np.abs(metrics.lvr[finite]), metrics.kl[finite]
+    gamma_weighted_kl = None
+    weighted = weight is not None and weight.size == finite.size
+    if weight is not None and weighted:
         gamma = np.abs(weight[finite])
         # channels a dead (gamma ~ 0) unit makes irrelevant should not dominate the summary
-        out["gamma_weighted_kl"] = float((gamma * kl).sum() / gamma.sum()) if gamma.sum() > 0 else None
-    return out
+        gamma_weighted_kl = float((gamma * kl).sum() / gamma.sum()) if gamma.sum() > 0 else None
+    return replace(base, mean_abs_smd=float(smd.mean()), max_abs_smd=float(smd.max()), mean_abs_lvr=float(lvr.mean()),
+                   max_abs_lvr=float(lvr.max()), mean_kl=float(kl.mean()), max_kl=float(kl.max()), mean_w2=float(metrics.w2[finite].mean()),
+                   max_channel=int(np.flatnonzero(finite)[int(np.argmax(kl))]), weighted=weighted, gamma_weighted_kl=gamma_weighted_kl)
 
 
-def _batch_noise(moments: LayerMoments, mean_t: np.ndarray, var_t: np.ndarray, eps: float) -> dict[str, Any]:
+def _batch_noise(moments: LayerMoments, mean_t: np.ndarray, var_t: np.ndarray, eps: float) -> BatchNoise:
     """How far statistics of one training batch of B samples stray from the population's, per channel.
 
     RMS over pseudo-batches of (batch mean - population mean) / sqrt(population var + eps) and of
@@ -146,52 +141,49 @@ def _batch_noise(moments: LayerMoments, mean_t: np.ndarray, var_t: np.ndarray, e
     """
     size = int(moments.batch_size or 0)
     scale = np.sqrt(var_t + eps)
-    out: dict[str, Any] = {"batch_size": size, "values_per_batch": size * moments.values_per_sample,
-                           "pseudo_batches": moments.batches}
+    rms_lvr: np.ndarray | None = None
     if moments.batches >= MIN_PSEUDO_BATCHES and moments.batch_means is not None and moments.batch_logvars is not None:
         means, logvars = moments.batch_means, moments.batch_logvars
         rms_smd = np.sqrt(means.m2[0] / means.count[0] + (means.mean[0] - mean_t) ** 2) / scale
         rms_lvr = np.sqrt(logvars.m2[0] / logvars.count[0] + (logvars.mean[0] - np.log(var_t + eps)) ** 2)
-        out.update(method="pseudo-batches", rms_smd=rms_smd, rms_lvr=rms_lvr)
+        method = "pseudo-batches"
     else:
         rms_smd = np.sqrt(moments.sample_mean_var / max(size, 1)) / scale
-        out.update(method="analytic-mean", rms_smd=rms_smd, rms_lvr=None)
-    out["mean_rms_smd"] = float(np.mean(rms_smd))
-    out["mean_rms_lvr"] = None if out["rms_lvr"] is None else float(np.mean(out["rms_lvr"]))
-    return out
+        method = "analytic-mean"
+    return BatchNoise(batch_size=size, values_per_batch=size * moments.values_per_sample, pseudo_batches=moments.batches,
+                      method=method, rms_smd=rms_smd, rms_lvr=rms_lvr, mean_rms_smd=float(np.mean(rms_smd)),
+                      mean_rms_lvr=None if rms_lvr is None else float(np.mean(rms_lvr)))
 
 
-def layer_record(layer: LayerDrift, thresholds: dict[str, float]) -> dict[str, Any]:
-    """The JSON-able statistics of one layer: summaries plus the full per-channel arrays."""
-    summary = dict(layer.summary)
-    record: dict[str, Any] = {
-        "layer": layer.name,
-        "order": layer.order,
-        "channels": layer.channels,
-        "samples": layer.samples,
-        "values_per_sample": layer.values_per_sample,
-        "values_per_channel": layer.samples * layer.values_per_sample,
-        "effective_n": summary.pop("effective_n", None),
-        "has_running_stats": layer.has_running_stats,
-        "calls_per_forward": layer.calls_per_forward,
-    }
-    record.update({k: _clean(v) for k, v in summary.items()})
-    kl = layer.per_channel.get("kl")
-    if kl is not None:
-        finite = np.isfinite(kl)
-        record["fraction_over_threshold"] = float((kl[finite] > thresholds["drift_kl"]).mean()) if finite.any() else None
-        noise = summary.get("noise_kl")
-        record["significance"] = None if not noise or summary.get("mean_kl") is None else float(summary["mean_kl"] or 0.0) / noise
+def layer_stats(layer: LayerDrift, thresholds: DynamicThresholds) -> LayerStats:
+    """What is reported about one layer: its summaries plus the full per-channel arrays."""
+    summary, metrics = layer.summary, layer.per_channel
+    fraction = significance = None
+    if metrics is not None:
+        finite = np.isfinite(metrics.kl)
+        fraction = float((metrics.kl[finite] > thresholds.drift_kl).mean()) if finite.any() else None
+        noise = summary.noise_kl
+        significance = None if not noise or summary.mean_kl is None else float(summary.mean_kl or 0.0) / noise
     # "var" is the population (biased) variance of every value seen, which the drift metrics use;
     # "var_unbiased" applies Bessel's correction n/(n-1), the estimate PyTorch's running_var holds
     # (and Caffe's); Keras' moving_variance averages biased batch variances.
     count = layer.samples * layer.values_per_sample
     unbiased = layer.var_t * (count / (count - 1)) if count > 1 else np.full_like(layer.var_t, np.nan)
-    record["channel"] = {"mean": _list(layer.mean_t), "var": _list(layer.var_t), "var_unbiased": _list(unbiased)}
-    record["channel"].update({k: _list(v) for k, v in layer.per_channel.items()})
-    if layer.batch_noise:
-        record["batch_noise"] = {k: (_list(v) if isinstance(v, np.ndarray) else _clean(v)) for k, v in layer.batch_noise.items()}
-    return record
+    noise_record = None
+    if layer.batch_noise is not None:
+        noise_record = {k: (_list(v) if isinstance(v, np.ndarray) else _clean(v)) for k, v in layer.batch_noise.record().items()}
+    return LayerStats(
+        layer=layer.name, order=layer.order, channels=layer.channels, samples=layer.samples,
+        values_per_sample=layer.values_per_sample, values_per_channel=count, has_running_stats=layer.has_running_stats,
+        calls_per_forward=layer.calls_per_forward, summary=summary, fraction_over_threshold=fraction, significance=significance,
+        mean=_list(layer.mean_t), var=_list(layer.var_t), var_unbiased=_list(unbiased),
+        metrics=None if metrics is None else {k: _list(v) for k, v in metrics.items()}, batch_noise=noise_record,
+    )
+
+
+def layer_record(layer: LayerDrift, thresholds: DynamicThresholds) -> dict[str, Any]:
+    """The JSON-able statistics of one layer (`layer_stats(...).record()`)."""
+    return layer_stats(layer, thresholds).record()
 
 
 def _clean(value: Any) -> Any:

@@ -12,10 +12,10 @@ from typing import Any, Mapping
 
 from bnlint.config import Config
 from bnlint.errors import UsageError
-from bnlint.settings import checked_dynamic
+from bnlint.settings import DynamicThresholds, checked_dynamic
 
 
-def dynamic_settings(config: Config) -> dict[str, Any]:
+def dynamic_settings(config: Config) -> DynamicThresholds:
     """The defaults overlaid with the config's [tool.bnlint.dynamic]; bad values are UsageErrors."""
     return checked_dynamic(config.dynamic, config.source)
 

@@ -217,7 +217,7 @@ def finish_layer(name: str, module: str, order: int, moments: LayerMoments, call
     before: dict[str, float | None] = {}
     if old_mean is not None and old_var is not None and old_mean.size == mean.size:
         with np.errstate(all="ignore"):  # NaN / negative old statistics give NaN drift, reported as such
-            before = dict(analyse_layer(name, order, moments, eps, old_mean, old_var, old.get("weight")).summary)
+            before = analyse_layer(name, order, moments, eps, old_mean, old_var, old.get("weight")).summary.record()
     return LayerRecalibration(
         name=name, module=module, order=order, eps=eps, samples=moments.samples, count=int(round(count)),
         calls=calls, mean=mean, var=var, old_mean=old_mean, old_var=old_var, old_num_batches_tracked=old_counter,

@@ -19,9 +19,12 @@ TOOL_NAME = "bnlint"
 # SARIF wants a page about the tool; the package index page is the one address known to exist.
 INFORMATION_URI = "https://pypi.org/project/bnlint/"
 
-# Keys the dynamic analysis puts in each FileResult.layer_stats entry (see text.py and the
-# JSON schema). Reporters read these names and nothing else; a missing key shows as "-".
-LAYER_STAT_KEYS = ("layer", "channels", "mean_abs_smd", "max_abs_smd", "max_kl", "fraction_over_threshold")
+# Keys of a FileResult.layer_stats entry (bnlint.measurements.LayerStats.record(), the JSON
+# schema) that reporters read; they read these names and nothing else ("channel" holds the
+# per-channel lists). A missing key shows as "-". tests/test_measure_contract.py checks the record has them.
+LAYER_STAT_KEYS = ("layer", "order", "channels", "samples", "mean_abs_smd", "max_abs_smd", "mean_abs_lvr", "mean_kl", "max_kl",
+                   "noise_kl", "significance", "fraction_over_threshold", "channel")
+CHANNEL_KEYS = ("smd", "lvr", "se_smd", "se_lvr")  # the per-channel lists plots draw
 
 # Control characters, and the invisible bidi / direction marks that can reorder what a reader sees
 # (Trojan Source, CVE-2021-42574): a model file controls its layer names.
@@ -158,6 +161,24 @@ def fix_text(spec: RuleSpec, frameworks: Iterable[str | None] = ()) -> str:
     every finding is from that framework, else the rule's text for all frameworks."""
     distinct = {f for f in frameworks if f is not None}
     return fix_for(spec.fix, distinct.pop() if len(distinct) == 1 else None)
+
+
+def doc_text(spec: RuleSpec, frameworks: Iterable[str | None] = ()) -> str:
+    """The rule's documentation for these frameworks: when `fix_text` picks a framework's own fix,
+    that text is the "## Use instead" section (the general one names every framework's way)."""
+    fix = fix_text(spec, frameworks)
+    doc = spec.doc
+    if fix == str(spec.fix):
+        return doc
+    start = doc.find(USE_INSTEAD)
+    if start < 0:
+        return doc
+    body = start + len(USE_INSTEAD)
+    end = doc.find("\n## ", body)
+    return f"{doc[:body]}\n\n{fix}\n{doc[end:] if end >= 0 else ''}"
+
+
+USE_INSTEAD = "## Use instead"
 
 
 def severity_counts(findings: Iterable[Finding]) -> dict[Severity, int]:

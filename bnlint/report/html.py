@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 from bnlint.errors import UsageError
 from bnlint.findings import DYNAMIC_NOT_RUN, FileResult, Finding, Report, Severity
 from bnlint.report import plots
-from bnlint.report._common import TOOL_NAME, rule_name, severity_counts
+from bnlint.report._common import TOOL_NAME, fix_text, framework_of, rule_name, severity_counts
 from bnlint.rules.registry import RuleSpec
 
 _ENGINE_NOTE = re.compile(r"^dynamic analysis ran on (?P<engine>.*?)(?: over (?P<samples>\d+) samples?)?$", re.DOTALL)
@@ -239,17 +239,17 @@ def _findings(report: Report, rules: Mapping[str, RuleSpec]) -> list[str]:
     for result in report.files:
         if result.findings and len(report.files) > 1:  # one heading row per file
             out.append(f'<tr class="file-row"><th colspan="5"><code>{_e(result.path)}</code></th></tr>')
-        out += [_finding_row(f, rules) for f in result.findings]
+        out += [_finding_row(f, rules, framework_of(result)) for f in result.findings]
     out.append("</tbody></table></section>")
     return out
 
 
-def _finding_row(finding: Finding, rules: Mapping[str, RuleSpec]) -> str:
+def _finding_row(finding: Finding, rules: Mapping[str, RuleSpec], framework: str | None = None) -> str:
     sev = finding.severity.label
     name = rule_name(rules, finding.code)
     code = f"<b>{_e(finding.code)}</b>" + (f'<br><span class="muted">{_e(name)}</span>' if name else "")
     spec = rules.get(finding.code)
-    rule = (f'<p>{_e(spec.summary)}</p><p class="fix"><b>Fix:</b> {_e(spec.fix)}</p>' if spec is not None
+    rule = (f'<p>{_e(spec.summary)}</p><p class="fix"><b>Fix:</b> {_e(fix_text(spec, [framework]))}</p>' if spec is not None
             else '<p class="muted">not in the rule table</p>')
     layer = f"<code>{_e(finding.layer)}</code>" if finding.layer is not None else '<span class="muted">(model)</span>'
     return (f'<tr class="finding sev-{sev}"><td><span class="badge {sev}">{sev}</span></td><td class="code">{code}</td>'

@@ -10,10 +10,20 @@ Loader notes become notifications of level "note".
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-from bnlint.findings import DYNAMIC_NOT_RUN, Finding, Report, Severity
-from bnlint.report._common import INFORMATION_URI, TOOL_NAME, artifact_uri, finding_codes, first_paragraph, json_safe
+from bnlint.findings import DYNAMIC_NOT_RUN, FileResult, Finding, Report, Severity
+from bnlint.report._common import (
+    INFORMATION_URI,
+    TOOL_NAME,
+    artifact_uri,
+    doc_text,
+    finding_codes,
+    first_paragraph,
+    fix_text,
+    framework_of,
+    json_safe,
+)
 from bnlint.rules.registry import RuleSpec
 
 SARIF_VERSION = "2.1.0"
@@ -22,8 +32,9 @@ SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schem
 LEVELS: dict[Severity, str] = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
 
 
-def _descriptor(spec: RuleSpec) -> dict[str, Any]:
-    doc = spec.doc or spec.summary
+def _descriptor(spec: RuleSpec, frameworks: Iterable[str | None] = ()) -> dict[str, Any]:
+    """The rule's entry; its help is the fix for the frameworks of its findings, as the text output shows."""
+    doc = doc_text(spec, frameworks) or spec.summary
     descriptor: dict[str, Any] = {
         "id": spec.code,
         "name": spec.name,
@@ -51,7 +62,7 @@ def _region(finding: Finding, size: int | None) -> dict[str, int] | None:
     return {"byteOffset": 0, "byteLength": size} if size is not None else None
 
 
-def _result(finding: Finding, index: Mapping[str, int], size: int | None = None) -> dict[str, Any]:
+def _result(finding: Finding, index: Mapping[str, int], size: int | None = None, fix: str | None = None) -> dict[str, Any]:
     uri = artifact_uri(finding.path)
     physical: dict[str, Any] = {"artifactLocation": {"uri": uri}}
     region = _region(finding, size)
@@ -72,7 +83,14 @@ def _result(finding: Finding, index: Mapping[str, int], size: int | None = None)
             "properties": {"values": json_safe(dict(finding.values))},
         }
     )
+    if fix is not None:  # the fix for this finding's framework (a rule's help can only hold one text)
+        result["properties"]["fix"] = fix
     return result
+
+
+def _fix(finding: Finding, rules: Mapping[str, RuleSpec], result: FileResult) -> str | None:
+    spec = rules.get(finding.code)
+    return None if spec is None else fix_text(spec, [framework_of(result)])
 
 
 def _notification(path: str, level: str, text: str) -> dict[str, Any]:
@@ -95,6 +113,10 @@ def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) ->
         elif result.dynamic_error is not None:
             notifications.append(_notification(result.path, "error", f"{result.path}: {DYNAMIC_NOT_RUN}: {result.dynamic_error}"))
         notifications.extend(_notification(result.path, "note", f"{result.path}: {n}") for n in result.notes)
+    frameworks: dict[str, set[str | None]] = {}
+    for result in report.files:
+        for finding in result.findings:
+            frameworks.setdefault(finding.code, set()).add(framework_of(result))
     invocation: dict[str, Any] = {"executionSuccessful": not report.errors}
     if notifications:
         invocation["toolExecutionNotifications"] = notifications
@@ -102,7 +124,8 @@ def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) ->
         "name": TOOL_NAME,
         "version": tool_version,
         "informationUri": INFORMATION_URI,
-        "rules": [_descriptor(rules[c]) for c in codes],
+        # a rule without findings is described for the frameworks of every file checked
+        "rules": [_descriptor(rules[c], frameworks.get(c) or {framework_of(r) for r in report.files}) for c in codes],
     }
     return {
         "$schema": SARIF_SCHEMA,
@@ -111,7 +134,7 @@ def to_dict(report: Report, rules: Mapping[str, RuleSpec], tool_version: str) ->
             {
                 "tool": {"driver": driver},
                 "invocations": [invocation],
-                "results": [_result(f, index, result.size) for result in report.files for f in result.findings],
+                "results": [_result(f, index, result.size, _fix(f, rules, result)) for result in report.files for f in result.findings],
             }
         ],
     }

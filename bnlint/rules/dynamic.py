@@ -30,7 +30,7 @@ def _judgeable(layer: LayerDrift) -> bool:
     independent units are samples, not values; with fewer than GROUPS samples the jackknife
     standard error has too few degrees of freedom to be trusted, in any architecture.
     """
-    return (layer.summary.get("groups") or 0) >= GROUPS and nonfinite_channels(layer) < layer.channels
+    return layer.summary.groups >= GROUPS and nonfinite_channels(layer) < layer.channels
 
 
 def nonfinite_channels(layer: LayerDrift) -> int:
@@ -56,9 +56,9 @@ SHIFT_DOMINANCE = 2.0  # mean |LVR| at least this many times mean |SMD|
 
 
 def _one_sided(layer: LayerDrift) -> bool:
-    lvr, smd = layer.per_channel.get("lvr"), layer.per_channel.get("smd")
-    if lvr is None or smd is None:
+    if layer.per_channel is None:
         return False
+    lvr, smd = layer.per_channel.lvr, layer.per_channel.smd
     finite = np.isfinite(lvr) & np.isfinite(smd)
     if not finite.any():
         return False
@@ -85,12 +85,12 @@ def _over_noise(analysis: Measurements) -> list[LayerDrift]:
         s = layer.summary
         if not layer.has_running_stats or layer.name in analysis.batch_stats_layers or not _judgeable(layer):
             continue
-        kl, noise, se = s.get("mean_kl"), s.get("noise_kl"), s.get("kl_se")
+        kl, noise, se = s.mean_kl, s.noise_kl, s.kl_se
         if kl is None or noise is None or se is None:
             continue
         # large, far above what noise alone gives, and more than drift_z standard errors above it: channels of
         # one layer are correlated, so the floor's expectation alone is not enough for small samples
-        if kl >= settings["drift_kl"] and kl >= settings["drift_significance"] * noise and kl - noise >= settings["drift_z"] * se:
+        if kl >= settings.drift_kl and kl >= settings.drift_significance * noise and kl - noise >= settings.drift_z * se:
             found.append(layer)
     return found
 
@@ -154,20 +154,19 @@ def distribution_drift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit
     - Zhao et al. 2023 (DELTA) and Lim et al. 2023 (TTN), ICLR: test-time BN with small or non-i.i.d. batches.
     """
     for layer in _drifting(analysis):
-        s = layer.summary
-        over = sum(1 for v in layer.per_channel["kl"] if v > analysis.settings["drift_kl"])
-        max_channel, mean_kl, noise_kl = s.get("max_channel"), s.get("mean_kl"), s.get("noise_kl")
-        worst = int(max_channel) if max_channel is not None else None
+        s, kl = layer.summary, layer.per_channel.kl if layer.per_channel is not None else np.empty(0)
+        over = sum(1 for v in kl if v > analysis.settings.drift_kl)
+        worst, mean_kl, noise_kl = s.max_channel, s.mean_kl, s.noise_kl
         ratio = num(mean_kl / noise_kl) if mean_kl is not None and noise_kl else "inf"
         yield Hit(
-            message=f"input statistics on the data differ from the stored running statistics: mean KL {num(s['mean_kl'])} "
-            f"(mean |SMD| {num(s['mean_abs_smd'])}, mean |log var ratio| {num(s['mean_abs_lvr'])}; "
-            f"{over} of {layer.channels} channels over {num(analysis.settings['drift_kl'])}; worst channel {worst}, KL {num(s['max_kl'])}), "
+            message=f"input statistics on the data differ from the stored running statistics: mean KL {num(s.mean_kl)} "
+            f"(mean |SMD| {num(s.mean_abs_smd)}, mean |log var ratio| {num(s.mean_abs_lvr)}; "
+            f"{over} of {layer.channels} channels over {num(analysis.settings.drift_kl)}; worst channel {worst}, KL {num(s.max_kl)}), "
             f"{ratio}x the noise floor of {layer.samples} samples; "
             "eval mode normalises with the stored statistics, so this layer's output is shifted and rescaled",
             layer=layer.name,
-            values={"mean_kl": s["mean_kl"], "max_kl": s["max_kl"], "mean_abs_smd": s["mean_abs_smd"], "max_abs_smd": s["max_abs_smd"],
-                    "mean_abs_lvr": s["mean_abs_lvr"], "max_abs_lvr": s["max_abs_lvr"], "noise_kl": s["noise_kl"],
+            values={"mean_kl": s.mean_kl, "max_kl": s.max_kl, "mean_abs_smd": s.mean_abs_smd, "max_abs_smd": s.max_abs_smd,
+                    "mean_abs_lvr": s.mean_abs_lvr, "max_abs_lvr": s.max_abs_lvr, "noise_kl": s.noise_kl,
                     "channels_over": over, "channels": layer.channels, "samples": layer.samples, "worst_channel": worst},
         )
 
@@ -210,14 +209,14 @@ def drift_onset(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     if not drifting:
         return
     first = min(drifting, key=lambda layer: layer.order)
-    shift = first.summary.get("mean_abs_smd") or 0.0
+    shift = first.summary.mean_abs_smd or 0.0
     hint = ""
     if first.order == min(layer.order for layer in analysis.layers) and shift >= UNNORMALISED_SMD:
         hint = (f"; a shift of {num(shift)} standard deviations at the first BatchNorm usually means the data is not "
                 "normalised as in training (raw 0-255 pixels? missing mean/std normalisation?)")
     yield Hit(
         message=f"drift begins here: the first of {len(drifting)} drifting BatchNorm layer(s) in execution order "
-        f"(mean KL {num(first.summary['mean_kl'])}); later layers inherit it, so look at the data and the layers before this one{hint}",
+        f"(mean KL {num(first.summary.mean_kl)}); later layers inherit it, so look at the data and the layers before this one{hint}",
         layer=first.name,
         values={"drifting_layers": [layer.name for layer in drifting], "order": first.order, "unnormalised_hint": bool(hint)},
     )
@@ -272,7 +271,7 @@ def variance_shift(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     if not shifted:
         return
     first = min(shifted, key=lambda layer: layer.order)
-    lvr = [float(np.nanmean(layer.per_channel["lvr"])) for layer in shifted]
+    lvr = [float(np.nanmean(layer.per_channel.lvr)) for layer in shifted if layer.per_channel is not None]
     marked = [name for name in analysis.after_stochastic if name in {layer.name for layer in shifted}]
     if marked:
         cause = "dropout / stochastic depth runs before these layers in this model"
@@ -326,7 +325,7 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     - Efron & Stein 1981 (jackknife variance); Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm".
     """
     settings = analysis.settings
-    limit = settings["drift_kl"] / max(settings["drift_significance"], 1e-12)
+    limit = settings.drift_kl / max(settings.drift_significance, 1e-12)
     drifting = {layer.name for layer in _drifting(analysis)}
     unjudged = []
     for layer in analysis.layers:
@@ -334,7 +333,7 @@ def sample_too_small(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
             continue
         if layer.channels and nonfinite_channels(layer) == layer.channels:
             continue  # nothing finite to judge: BN608 says why
-        noise = layer.summary.get("noise_kl")
+        noise = layer.summary.noise_kl
         if noise is None or noise > limit or not _judgeable(layer):
             unjudged.append((math.inf if noise is None or not _judgeable(layer) else noise, layer))
     if not unjudged:
@@ -403,19 +402,19 @@ def small_batch_noise(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]
         return
     for layer in analysis.layers:
         noise = layer.batch_noise
-        if not noise or layer.values_per_batch is None or layer.values_per_batch <= 1:
+        if noise is None or layer.values_per_batch is None or layer.values_per_batch <= 1:
             continue
-        smd, lvr = noise.get("mean_rms_smd"), noise.get("mean_rms_lvr")
-        if (smd is not None and smd >= settings["batch_noise_smd"]) or (lvr is not None and lvr >= settings["batch_noise_lvr"]):
+        smd, lvr = noise.mean_rms_smd, noise.mean_rms_lvr
+        if smd >= settings.batch_noise_smd or (lvr is not None and lvr >= settings.batch_noise_lvr):
             lvr_text = "" if lvr is None else f" and RMS log-variance error {num(lvr)}"
             yield Hit(
                 message=f"at training batch size {analysis.train_batch_size} (from {analysis.train_batch_source}) this layer sees "
                 f"{layer.values_per_batch} values per channel per batch; a batch's statistics stray from the population's by RMS "
-                f"normalised-mean error {num(smd)}{lvr_text} (over {noise.get('pseudo_batches')} batches of the data): "
+                f"normalised-mean error {num(smd)}{lvr_text} (over {noise.pseudo_batches} batches of the data): "
                 "training normalises differently from eval",
                 layer=layer.name,
                 values={"batch_size": analysis.train_batch_size, "values_per_batch": layer.values_per_batch,
-                        "mean_rms_smd": smd, "mean_rms_lvr": lvr, "method": noise.get("method")},
+                        "mean_rms_smd": smd, "mean_rms_lvr": lvr, "method": noise.method},
             )
 
 
@@ -504,7 +503,7 @@ def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
     - onnx/onnxscript#1791; microsoft/onnxruntime#29790 (training-mode BatchNormalization).
     """
     dependence = analysis.dependence
-    tolerance = analysis.settings["batch_dependence_rtol"]
+    tolerance = analysis.settings.batch_dependence_rtol
     if dependence is None or (dependence.relative_diff <= tolerance and not dependence.layers):
         return
     if dependence.skipped:  # batch fixed at 1 (or too few samples): only the per-layer eval-form test ran
@@ -521,12 +520,12 @@ def batch_dependence(analysis: Measurements, ctx: RuleContext) -> Iterator[Hit]:
                   "dropout left in train mode)", layer=None, values=values)
         return
     for entry in dependence.layers:
-        size = "" if entry["max_abs_diff"] is None else f" (by up to {num(entry['max_abs_diff'])})"
+        size = "" if entry.max_abs_diff is None else f" (by up to {num(entry.max_abs_diff)})"
         yield Hit(
-            message=f"{head}; this layer normalises with batch statistics at inference ({entry['evidence']}{size})",
-            layer=entry["layer"],
-            values={**values, "layer_max_abs_diff": entry["max_abs_diff"], "layer_relative_diff": entry["relative_diff"],
-                    "evidence": entry["evidence"]},
+            message=f"{head}; this layer normalises with batch statistics at inference ({entry.evidence}{size})",
+            layer=entry.layer,
+            values={**values, "layer_max_abs_diff": entry.max_abs_diff, "layer_relative_diff": entry.relative_diff,
+                    "evidence": entry.evidence},
         )
 
 

@@ -17,9 +17,21 @@ from typing import Any, Union
 
 import numpy as np
 
-from bnlint.measurements import BatchDependence, LayerDrift, Measurements
+from bnlint.measurements import (
+    BatchDependence,
+    BatchNoise,
+    ChannelMetrics,
+    DependentLayer,
+    DriftSummary,
+    DynamicThresholds,
+    LayerDrift,
+    Measurements,
+)
 
-KINDS: dict[str, type] = {cls.__name__: cls for cls in (Measurements, LayerDrift, BatchDependence)}
+# Every class a measuring run returns, nested ones included. LayerStats is not here: the parent
+# rebuilds the reported records from the checked layers rather than trusting the child's.
+KINDS: dict[str, type] = {cls.__name__: cls for cls in (Measurements, LayerDrift, BatchDependence, DependentLayer, ChannelMetrics,
+                                                       DriftSummary, BatchNoise, DynamicThresholds)}
 MAX_RESULT_BYTES = 256 << 20
 
 
@@ -89,6 +101,13 @@ def decode(folder: Path) -> Any:
                 except TypeError:
                     raise ResultError(f"incomplete {cls.__name__}") from None
                 _check_fields(instance)
+                if isinstance(instance, LayerDrift):
+                    _check_channels(instance)
+                if isinstance(instance, Measurements):
+                    try:
+                        instance.layer_stats = instance.records()
+                    except (ValueError, TypeError, ArithmeticError, IndexError):
+                        raise ResultError("inconsistent layer statistics") from None
                 return instance
             return {k: build(v, depth + 1) for k, v in item.items()}
         if isinstance(item, list):
@@ -103,6 +122,17 @@ def _check_fields(instance: Any) -> None:
     for field in dataclasses.fields(instance):
         if not _matches(getattr(instance, field.name), hints[field.name]):
             raise ResultError(f"{type(instance).__name__}.{field.name} has the wrong type")
+
+
+def _check_channels(layer: LayerDrift) -> None:
+    """Every per-channel array of a layer holds one number per channel (rules index them together)."""
+    arrays = [layer.mean_t, layer.var_t]
+    if layer.per_channel is not None:
+        arrays += [array for _, array in layer.per_channel.items()]
+    if layer.batch_noise is not None:
+        arrays += [a for a in (layer.batch_noise.rms_smd, layer.batch_noise.rms_lvr) if a is not None]
+    if layer.channels < 0 or any(array.shape != (layer.channels,) for array in arrays):
+        raise ResultError(f"LayerDrift {layer.name[:40]!r} has arrays of the wrong shape")
 
 
 def _matches(value: Any, hint: Any) -> bool:
