@@ -143,6 +143,10 @@ class BNLayer:
     # frozen). trainable=False puts Keras BatchNorm in inference mode even inside fit().
     trainable: bool | None = None
     effective_trainable: bool | None = None
+    # Keras: the `training` argument a Functional config records at the call of this layer or of
+    # its nearest enclosing sub-model that records one (`base(x, training=False)`); None when no
+    # call records a bool. Keras 3's fit() passes training=True over it; tf.keras 2 honours it.
+    call_training: bool | None = None
     stats_source: StatsSource = "stored"
     stats_ops: tuple[str, ...] = ()  # ops computing the statistics when stats_source == "computed"
     producer: Producer | None = None

@@ -22,6 +22,7 @@ from bnlint.norms import classify
 
 MAX_MODEL_DEPTH = 64  # sub-models inside sub-models; real models nest a handful of levels
 MAX_LAYERS = 200_000
+MAX_CALLS = 1000  # inbound nodes read per layer for call arguments (a layer is called once per node)
 
 # BatchNormalization variables in creation order, the order `Layer.save_own_variables` stores
 # them as vars/0, vars/1, ... (trainable first, then non-trainable; both BN builds create gamma,
@@ -130,6 +131,9 @@ class ConfigLayer:
     is_container: bool = False
     inbound_nodes: list[Any] = field(default_factory=list)  # raw, from the entry (Functional models)
     build_config: dict[str, Any] | None = None  # raw, from the entry (Keras 3)
+    # The `training` argument recorded at the call of this layer or, when its own calls record
+    # none, of the nearest enclosing sub-model whose calls do (see `call_training`).
+    call_training: bool | None = None
 
 
 @dataclass
@@ -184,8 +188,37 @@ def walk_config(model: Any, path: str) -> WalkResult:
     return WalkResult(layers, model["class_name"], name, own, model_inputs(model, top or []), notes)
 
 
+def _node_kwargs(node: Any) -> Any:
+    """The call's keyword arguments in one inbound node: Keras 3 {"args": [...], "kwargs": {...}};
+    tf.keras 2 [[name, node, tensor, {kwargs}], ...] (the kwargs ride on each input's entry)."""
+    if isinstance(node, dict):
+        return node.get("kwargs")
+    if isinstance(node, list) and node and isinstance(node[0], list) and len(node[0]) >= 4:
+        return node[0][3]
+    return None
+
+
+def call_training(inbound_nodes: Any) -> bool | None:
+    """The `training` value every recorded call of a layer passes, as the config proves it.
+
+    True/False only when each of its (first MAX_CALLS) calls passes that same bool; None when no
+    call passes one, when calls disagree, or when the value is not a bool (untrusted JSON: "yes",
+    a list, ... prove nothing).
+    """
+    if not isinstance(inbound_nodes, list):
+        return None
+    seen: set[bool] = set()
+    for node in inbound_nodes[:MAX_CALLS]:
+        kwargs = _node_kwargs(node)
+        value = kwargs.get("training") if isinstance(kwargs, dict) else None
+        if not isinstance(value, bool):
+            return None
+        seen.add(value)
+    return seen.pop() if len(seen) == 1 else None
+
+
 def _walk(path: str, model: dict[str, Any], entries: list[Any], prefix: str, group: str,
-          enclosing: list[bool | None], out: list[ConfigLayer], depth: int) -> None:
+          enclosing: list[bool | None], out: list[ConfigLayer], depth: int, inherited: bool | None = None) -> None:
     if depth > MAX_MODEL_DEPTH:
         raise InputError(path, f"models nested more than {MAX_MODEL_DEPTH} deep")
     is_sequential = model.get("class_name") == "Sequential"
@@ -219,11 +252,15 @@ def _walk(path: str, model: dict[str, Any], entries: list[Any], prefix: str, gro
         inbound, build = entry.get("inbound_nodes"), entry.get("build_config")
         node.inbound_nodes = inbound if isinstance(inbound, list) else []
         node.build_config = build if isinstance(build, dict) else None
+        # An explicit value at a layer's own call is the one its call sees (layer.py
+        # `_resolve_and_populate_arg`); otherwise it inherits the enclosing call's.
+        own_call = call_training(node.inbound_nodes)
+        node.call_training = inherited if own_call is None else own_call
         out.append(node)
         children = _container_layers(entry)
         if children is not None:
             node.is_container = True
-            _walk(path, entry, children, layer_path, v3_group or "", enclosing + [own], out, depth + 1)
+            _walk(path, entry, children, layer_path, v3_group or "", enclosing + [own], out, depth + 1, node.call_training)
         elif isinstance(layer_config.get("layer"), dict):
             _walk_wrapped(node, layer_config["layer"], enclosing + [own], out)
 
@@ -240,7 +277,7 @@ def _walk_wrapped(wrapper: ConfigLayer, inner: dict[str, Any], enclosing: list[b
     out.append(ConfigLayer(f"{wrapper.path}/{name}", name, inner["class_name"],
                            inner.get("module") if isinstance(inner.get("module"), str) else None,
                            config, _bool_or_none(config.get("trainable")), wrapper.path, len(out),
-                           enclosing, group, wrapper.top_name))
+                           enclosing, group, wrapper.top_name, call_training=wrapper.call_training))
 
 
 def _shape(value: Any) -> tuple[int | None, ...] | None:

@@ -226,6 +226,41 @@ def _preceding_weighted(model: ModelInfo, layer: BNLayer) -> ModuleRecord | None
     return max(earlier, key=lambda m: m.order) if earlier else None
 
 
+def _keras_major(model: ModelInfo) -> int | None:
+    """The major version of the Keras that wrote the file ("Keras 2.15.0" -> 2), None if unsaid."""
+    version = model.format_version or ""
+    head = version[len("Keras "):].split(".", 1)[0] if version.startswith("Keras ") else ""
+    return int(head) if head.isdigit() else None
+
+
+def _frozen_in_same_base(model: ModelInfo, layer: BNLayer) -> ModuleRecord | None:
+    """A frozen weighted layer inside the same top-level sub-model as a nested BN: the shape of a
+    backbone partly unfrozen for fine-tuning (None for a BN at the top level)."""
+    record = model.modules.get(layer.name)
+    if record is None or not record.parent:
+        return None
+    base = f"{layer.name.split('/', 1)[0]}/"
+    frozen = [m for m in model.modules.values()
+              if m.name.startswith(base) and m.has_weights and m.effective_trainable is False]
+    return min(frozen, key=lambda m: m.order) if frozen else None
+
+
+_MOVES = "it runs in training mode, normalises with each batch's statistics and moves its moving mean/variance to the fine-tuning data"
+
+
+def _consequence(layer: BNLayer, major: int | None) -> str:
+    """What fit() does to the layer, given the `training` argument its call records and the Keras that wrote the file."""
+    if layer.call_training is True:
+        return f"in fit() {_MOVES} (its call records training=True)"
+    if layer.call_training is not False:
+        return f"in fit() {_MOVES}"
+    if major is not None and major < 3:
+        return ("tf.keras 2, which wrote this file, honours the training=False its call records and keeps it in "
+                f"inference mode in fit(); Keras 3 does not: loaded into Keras 3 and fit, {_MOVES}")
+    return (f"in fit() {_MOVES}; the training=False its call records does not protect them: Keras 3's Functional "
+            "model passes fit()'s training=True over the recorded value (functional.py operation_fn), on every backend")
+
+
 @rule(
     code="BN408",
     reads=("trainable",),
@@ -234,15 +269,22 @@ def _preceding_weighted(model: ModelInfo, layer: BNLayer) -> ModuleRecord | None
     summary="A Keras BatchNormalization stays trainable while the layers around it are frozen: fit() moves its statistics.",
     fix="Set trainable=False on the BatchNormalization layers too (for layer in base_model.layers: if "
     "isinstance(layer, keras.layers.BatchNormalization): layer.trainable = False), or freeze the whole backbone "
-    "with base_model.trainable = False; a BatchNormalization with trainable=False runs in inference mode in fit(). "
-    "Calling base_model(x, training=False) alone does not protect the statistics in Keras 3.",
+    "with base_model.trainable = False; a BatchNormalization with trainable=False runs in inference mode in fit(), "
+    "on every backend. In Keras 3 a Functional model's base_model(x, training=False) does not protect the "
+    "statistics: fit() passes training=True over the recorded value (tf.keras 2 honoured it).",
 )
 def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
     Finds BatchNormalization layers that are trainable (their own flag and every enclosing
     model's) while the weighted layer before them is frozen (`trainable: false`) — the shape of
-    a backbone frozen layer by layer with its BatchNorm layers left out. A BatchNorm layer with
-    `trainable: false`, the correct Keras freeze, is never reported.
+    a backbone frozen layer by layer with its BatchNorm layers left out. As a warning, also a
+    trainable BatchNormalization inside a sub-model (a backbone) of which other weighted layers
+    are frozen: a backbone partly unfrozen for fine-tuning, its BatchNorm layers included. A
+    BatchNorm layer with `trainable: false`, the correct Keras freeze, is never reported.
+
+    The message says what the config records about the `training` argument of the call (the
+    backbone's `base_model(x, training=...)`, from the Functional config's inbound nodes) and
+    what that means for the Keras that wrote the file.
 
     ## Why is this bad?
     In Keras (TF 2 and Keras 3), a BatchNormalization layer with `trainable=True` runs in
@@ -251,16 +293,25 @@ def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[H
     were trained against the old statistics, so the "frozen" backbone changes anyway, most of
     all on a small or differently distributed fine-tuning set. Setting `trainable=False` on a
     BatchNormalization layer makes it run in inference mode (it reads its moving statistics and
-    updates nothing), which is what a frozen backbone needs.
+    updates nothing; BatchNormalization.call updates them only `if training and
+    self.trainable`), on every backend.
 
-    Calling the backbone with `training=False` is not enough in Keras 3. Observed with Keras
-    3.15.1 on the torch backend (tests/test_keras_training_semantics.py runs fit()):
-    `x = base_model(inputs, training=False)` followed by `base_model.trainable = True` still
-    moved the moving statistics, because the outer functional model passes its own
-    `training=True` to every layer that takes `training`, over the value recorded when the graph
-    was built (keras/src/models/functional.py, `operation_fn`). `bn.trainable = False` and
-    `base_model.trainable = False` both kept them unchanged (BatchNormalization.call updates
-    only `if training and self.trainable`).
+    Calling the backbone with `training=False` is not enough in Keras 3, on any backend.
+    Observed with Keras 3.15.1 on the torch and the TensorFlow backends
+    (tests/test_keras_training_semantics.py runs fit()): `x = base_model(inputs,
+    training=False)` in a Functional model, with the backbone trainable (never frozen, or frozen
+    and then unfrozen as the transfer-learning guide does), still moved the moving statistics.
+    A Functional model runs each recorded call with the `training` value the model itself is
+    called with whenever that is not None, over the value recorded when the graph was built
+    (keras/src/models/functional.py, `operation_fn`), and `fit()` calls the model with
+    `training=True`. The recorded `training=False` only applies when the model is called
+    with no `training` value, which `fit()`, `evaluate()` and `predict()` never do. Two
+    things differ: tf.keras 2 honours the recorded value (its Functional model calls each layer
+    with the recorded arguments, and an explicit argument wins), so an `.h5` written by tf.keras
+    2 with `training=False` keeps the layer in inference mode there, and not once loaded into
+    Keras 3; and a subclassed model whose `call()` itself passes `self.base(x, training=False)`
+    keeps it in inference mode (an explicit argument wins, `Layer._resolve_and_populate_arg`),
+    but that call is code, not a config bnlint can read.
 
     ## Example
     ```python
@@ -279,22 +330,36 @@ def trainable_bn_in_frozen_model(layer: BNLayer, ctx: RuleContext) -> Iterator[H
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False   # inference mode in fit(): moving statistics read, never updated
     ```
+    Set it again after every `base_model.trainable = True`, which switches every sublayer,
+    BatchNormalization included, back on.
 
     ## References
     - Keras guide: "Transfer learning & fine-tuning" (BatchNormalization and `trainable=False`).
+    - keras/src/models/functional.py `operation_fn`; keras/src/layers/normalization/batch_normalization.py `call`.
     - keras-team/keras#4762 and #9965 (BatchNorm statistics updated in "frozen" models before Keras 2.1.3).
     """
     if layer.effective_trainable is not True:
         return
-    before = _preceding_weighted(ctx.model, layer)
-    if before is None or before.effective_trainable is not False:
+    model = ctx.model
+    major = _keras_major(model)
+    # tf.keras 2 keeps the layer in inference mode in fit() when its call records training=False.
+    severity = Severity.WARNING if layer.call_training is False and major is not None and major < 3 else None
+    values = {"call_training": layer.call_training}
+    before = _preceding_weighted(model, layer)
+    if before is not None and before.effective_trainable is False:
+        yield Hit(
+            message=f"trainable while the layer before it, {before.name!r}, is frozen: {_consequence(layer, major)}",
+            layer=layer.name, values={"frozen_neighbour": before.name, **values}, severity=severity,
+        )
         return
-    yield Hit(
-        message=f"trainable while the layer before it, {before.name!r}, is frozen: in fit() it runs in training mode, "
-        "normalises with each batch's statistics and moves its moving mean/variance to the fine-tuning data",
-        layer=layer.name,
-        values={"frozen_neighbour": before.name},
-    )
+    frozen = _frozen_in_same_base(model, layer)
+    if frozen is not None:
+        base = layer.name.split("/", 1)[0]
+        yield Hit(
+            message=f"trainable inside {base!r}, part of which is frozen ({frozen.name!r}), the shape of a partly "
+            f"unfrozen backbone being fine-tuned: {_consequence(layer, major)}",
+            layer=layer.name, values={"frozen_in_base": frozen.name, **values}, severity=Severity.WARNING,
+        )
 
 
 @rule(
