@@ -195,3 +195,15 @@ def test_training_graph_reports_batch_statistics_layers(tmp_path: Path) -> None:
     assert code == 1 and entry["dynamic_error"] is None
     assert codes(entry)["BN606"] == {"bn1", "bn2"}
     assert codes(entry, "BN404")["BN404"] == {"bn1", "bn2"}  # the static finding, under the same names
+
+
+@pytest.mark.tensorflow
+@pytest.mark.skipif(not HAS_TF, reason=NO_TF)
+def test_fix_of_a_training_graph_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    plain, _ = _data(tmp_path)
+    out = tmp_path / "fixed"
+    result = CliRunner().invoke(main, ["fix", str(TF / "savedmodel_training"), "--data", str(plain), "-o", str(out)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "nothing written" in lines[0] and "layer bn1" in lines[0] and "is_training=true" in lines[0]
+    assert not out.exists()

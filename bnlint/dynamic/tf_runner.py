@@ -114,8 +114,9 @@ class TFGraph:
         tf = self.tf = import_tensorflow()
         from tensorflow.python.framework import convert_to_constants as freeze  # type: ignore[import-untyped]
 
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."  # saved_model.pb given: its folder
         try:
-            loaded = tf.saved_model.load(path)  # graphs and tensors only: no Python from the file runs
+            loaded = tf.saved_model.load(folder)  # graphs and tensors only: no Python from the file runs
         except Exception as exc:  # TensorFlow raises many types for unreadable SavedModels
             raise InputError(path, f"tf.saved_model.load failed: {_first_line(exc)}") from None
         signatures = dict(getattr(loaded, "signatures", {}) or {})

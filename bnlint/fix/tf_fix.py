@@ -63,8 +63,9 @@ def recalibrate_tf(info: ModelInfo, data: str, *, layers: str | Sequence[str] | 
         if name not in chosen:
             continue
         if b.training:
-            skipped[name] = (f"{b.node} has is_training=true: the serving graph normalises with each batch's moments and "
-                             "never reads its statistics; export the model with training=False")
+            skipped[name] = (f"its node {b.node.removeprefix('StatefulPartitionedCall/')} has is_training=true: the serving "
+                             "graph normalises with each batch's moments and never reads its statistics; export the model "
+                             "with training=False")
             continue
         collector = Collector(runner.ops, {name: spec.eps})
         for _, arrays in zip_batches(sources, batch_size, limit=sources[0].samples - sources[0].samples % batch_size
@@ -147,6 +148,10 @@ def fix_tf(info: ModelInfo, options: Any, outcome: Any, target: str | None) -> N
     if not Path(info.path).is_dir():
         raise UsageError(f"{info.path}: give the SavedModel directory, not its saved_model.pb (the fix rewrites the folder)")
     result, _ = recalibrate_tf(info, options.data, layers=options.layers, inputs=options.inputs, batch_size=options.batch_size)
+    if not result.layers:  # an unchanged copy would pass for a repair
+        why = next((f"layer {name}: {reason}" for name, reason in result.skipped.items()),
+                   "no FusedBatchNorm node was selected (unfused BatchNorm arithmetic, as Keras 3 exports it, is not recalibrated)")
+        raise RecalibrationError(f"{info.path}: nothing to recalibrate, nothing written: {why}")
     outcome.actions.append(f"recalibrated {len(result.layers)} layer(s) ({result.passes} truncated pass(es))")
     outcome.refused.update(result.skipped)
     outcome.notes.extend(result.notes)
