@@ -131,9 +131,11 @@ def fixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.skipif(not HAS_TF, reason=NO_TF)
 def test_savedmodel_on_shifted_data_drifts_under_the_static_names(tmp_path: Path) -> None:
     _, shifted = _data(tmp_path)
+    imported = "tensorflow" in sys.modules  # True only if another test imported it in this process first
     code, payload = lint(str(HEALTHY), "--data", str(shifted))
     (entry,) = payload["files"]
     assert code == 1 and entry["dynamic_error"] is None
+    assert imported or "tensorflow" not in sys.modules  # TensorFlow ran in the isolated child only
     assert codes(entry)["BN601"] == {"bn1", "bn2"} and codes(entry)["BN602"] == {"bn1"}
     assert any("tensorflow" in note for note in entry["notes"]), entry["notes"]
     assert [s["layer"] for s in entry["layer_stats"]] == ["bn1", "bn2"]
