@@ -35,9 +35,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 CDIR = Path(__file__).resolve().parent.parent / "fixtures" / "keras" / "call_args"
 MANIFEST: dict[str, Any] = json.loads((CDIR / "manifest.json").read_text())
-PLUMBING = ("BNLayer.call_training is not yet copied from ConfigLayer by keras_archive.py/keras_file.py "
-            "(files owned by others; the change is in the report)")
-
 
 def v3_node(source: str, kwargs: Any) -> dict[str, Any]:
     return {"args": [{"class_name": "__keras_tensor__", "config": {"shape": [None, 4], "keras_history": [source, 0, 0]}}],
@@ -201,13 +198,11 @@ def test_no_recorded_argument_makes_no_claim_about_it() -> None:
     assert [f.layer for f in found] == ["base/bn2"] and "training=" not in found[0].message
 
 
-@pytest.mark.xfail(strict=True, reason=PLUMBING)
 def test_cli_reports_the_recorded_training_false() -> None:
     found = bn408("keras_call_training_false_unfrozen.keras")
     assert all(f["values"]["call_training"] is False for f in found.values()) and found
 
 
-@pytest.mark.xfail(strict=True, reason=PLUMBING)
 def test_cli_tf_keras2_file_is_a_warning() -> None:
     found = bn408("keras_call_training_false_tf2.h5")
     assert {layer: f["severity"] for layer, f in found.items()} == MANIFEST["keras_call_training_false_tf2.h5"]["expect"]

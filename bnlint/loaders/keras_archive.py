@@ -84,6 +84,7 @@ class KerasLayer:
     # [[[name, node, tensor, {}]]]) and Keras 3's `build_config` ({"input_shape": [...]}).
     inbound_nodes: list[Any] = field(default_factory=list)
     build_config: dict[str, Any] | None = None
+    call_training: bool | None = None  # the `training` argument its calls record (keras_config.call_training)
 
     @property
     def is_batchnorm(self) -> bool:
@@ -287,7 +288,8 @@ def _assemble(path: str, kind: KerasKind, version: str | None, backend: str | No
             notes.append(f"{node.path}: trainable while an enclosing model is not; Keras 3 trains it fully, "
                          "tf.keras 2 freezes its weights but a BatchNormalization still updates its statistics")
         layers.append(KerasLayer(node.path, node.name, node.class_name, node.module, node.config, node.trainable,
-                                 effective, node.parent, node.order, weights, node.inbound_nodes, node.build_config))
+                                 effective, node.parent, node.order, weights, node.inbound_nodes, node.build_config,
+                                 node.call_training))
     other = [layer.path for layer in layers if kc.norm_kind(layer.class_name) == "other-norm"]
     return KerasFile(path, kind, version, backend, layers, walk.inputs, notes, other, walk.model_class,
                      walk.model_trainable, owner)

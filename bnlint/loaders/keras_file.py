@@ -144,6 +144,7 @@ def _bn_layer(layer: KerasLayer, order: int, channels_first: bool) -> BNLayer:
     center, scale = config.get("center", True), config.get("scale", True)
     bn.affine = bool(center or scale)
     bn.trainable, bn.effective_trainable = layer.trainable, layer.effective_trainable
+    bn.call_training = layer.call_training
     bn.axis, bn.channel_axis = _channel_axis(layer, channels_first)
     options = {key: config[key] for key in ("renorm", "synchronized") if config.get(key)}
     if isinstance(config.get("virtual_batch_size"), int):
