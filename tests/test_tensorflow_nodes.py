@@ -222,3 +222,38 @@ def test_a_bias_read_through_reshape_and_squeeze_is_folded(tmp_path: Path) -> No
     assert conv.bias is not None and conv.outputs == ("add",)
     _, payload = lint(path)
     assert [f["code"] for f in payload["files"][0]["findings"] if f["code"] == "BN502"] == ["BN502"]
+
+
+@pytest.mark.parametrize("body", [
+    field(1, field(1, 7)),  # a node whose name is a varint
+    field(1, b"\x0a\x09abc"),  # a name longer than its node
+    field(1, b"\x12"),  # a key with no length
+    field(1, b"\x00\x01"),  # field number 0
+])
+def test_malformed_nodes_are_one_error(tmp_path: Path, body: bytes) -> None:
+    path = tmp_path / "bad.pb"
+    path.write_bytes(body)
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+def test_flipped_bytes_never_escape_as_tracebacks(tmp_path: Path) -> None:
+    """The node scanner and node building on corrupted copies of a real frozen graph: a model, or InputError."""
+    from bnlint.errors import InputError
+
+    good = (TF / "frozen_folded.pb").read_bytes()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "flipped.pb"
+    for _ in range(150):
+        data = bytearray(good)
+        for at in rng.integers(0, len(data), 3):
+            data[at] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(data))
+        try:
+            info = load_tf_graphdef(path)
+            for graph_node in info.nodes:
+                for ref in (graph_node.weight, graph_node.bias):
+                    if ref is not None:
+                        ref.numpy()
+        except InputError:
+            pass

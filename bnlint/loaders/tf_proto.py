@@ -233,21 +233,23 @@ class ConstTensor:
 class Node:
     """A NodeDef: name 1, op 2, input 3, device 4, attr 5 (map<string, AttrValue>).
 
-    The attribute map is parsed on first use: most nodes of a large graph are never asked for one."""
+    Read by a scanner of its own (a graph has thousands of nodes, and every one's name, op and
+    inputs are needed); the attribute map is parsed on first use: most nodes are never asked for one."""
 
-    __slots__ = ("_attrs", "_message", "device", "inputs", "name", "op")
+    __slots__ = ("_attrs", "_range", "device", "inputs", "name", "op")
 
-    def __init__(self, message: Msg) -> None:
-        self.name, self.op, self.device = message.text(1), message.text(2), message.text(4)
-        self.inputs = tuple(message.texts(3))
-        self._message: Msg | None = message
+    def __init__(self, buf: Buffer, start: int, end: int, depth: int) -> None:
+        if depth > pw.MAX_DEPTH:
+            raise WireError(f"messages nested deeper than {pw.MAX_DEPTH} levels")
+        self.name, self.op, self.device, self.inputs = _scan_node(buf, start, end)
+        self._range: tuple[Buffer, int, int, int] | None = (buf, start, end, depth)
         self._attrs: dict[str, Msg] | None = None
 
     @property
     def attrs(self) -> dict[str, Msg]:
         if self._attrs is None:
-            self._attrs = self._message.map(5) if self._message is not None else {}
-            self._message = None
+            self._attrs = Msg(*self._range).map(5) if self._range is not None else {}
+            self._range = None
         return self._attrs
 
     def attr(self, name: str, default: Any = None) -> Any:
@@ -255,8 +257,65 @@ class Node:
         return default if value is None else attr_value(value, self.name)
 
 
+def _scan_node(buf: Buffer, pos: int, end: int) -> tuple[str, str, str, tuple[str, ...]]:
+    """(name, op, device, inputs) of the NodeDef in buf[pos:end], every length checked as
+    protowire.iter_fields checks it; one-byte keys and lengths (nearly all) decoded inline."""
+    if isinstance(buf, memoryview) and buf.format != "B":
+        buf = buf.cast("B")
+    if not 0 <= pos <= end <= len(buf):
+        raise WireError(f"message range [{pos}, {end}) lies outside a buffer of {len(buf)} bytes")
+    texts: dict[int, str] = {}
+    inputs: list[str] = []
+    while pos < end:
+        at = pos
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = pw.read_varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0 or number > pw.MAX_FIELD_NUMBER:
+            raise WireError(f"invalid field number {number} at byte {at}")
+        if wire == LEN:
+            if pos >= end:
+                raise WireError(f"truncated varint at byte {pos}")
+            size = buf[pos]
+            if size < 0x80:
+                pos += 1
+            else:
+                size, pos = pw.read_varint(buf, pos, end)
+            if size > end - pos:
+                raise WireError(f"field {number} at byte {at} has length {size}, past the end of its message")
+            if number == 3:
+                inputs.append(str(buf[pos:pos + size], "utf-8", "replace"))
+            elif number in (1, 2, 4):
+                texts[number] = str(buf[pos:pos + size], "utf-8", "replace")  # the last one wins
+            pos += size
+        elif number in (1, 2, 3, 4):
+            raise WireError(f"field {number} at byte {at} has wire type {wire}, expected {LEN}")
+        elif wire == VARINT:
+            _, pos = pw.read_varint(buf, pos, end)
+        elif wire in (FIXED32, FIXED64):
+            pos += 4 if wire == FIXED32 else 8
+            if pos > end:
+                raise WireError(f"truncated fixed field {number} at byte {at}")
+        else:
+            raise WireError(f"invalid wire type {wire} at byte {at}")
+    return texts.get(1, ""), texts.get(2, ""), texts.get(4, ""), tuple(inputs)
+
+
 def read_node(message: Msg) -> Node:
-    return Node(message)
+    return Node(message.buf, message.start, message.end, message.depth)
+
+
+def read_nodes(message: Msg, number: int) -> list[Node]:
+    """The NodeDefs in a repeated field, without building a Msg for each."""
+    out = []
+    for f in message.fields.get(number, ()):
+        if f.wire_type != LEN:
+            raise WireError(f"field {f.number} at byte {f.start} is not a message")
+        out.append(Node(message.buf, f.start, f.end, message.depth + 1))
+    return out
 
 
 @dataclass(frozen=True)
@@ -330,7 +389,7 @@ def read_function(message: Msg) -> Function:
     signature = message.msg(1)
     name = signature.text(1) if signature is not None else ""
     inputs = [arg.text(1) for arg in signature.msgs(2)] if signature is not None else []
-    return Function(name, inputs, [read_node(n) for n in message.msgs(3)], message.str_map(4))
+    return Function(name, inputs, read_nodes(message, 3), message.str_map(4))
 
 
 @dataclass
@@ -345,7 +404,7 @@ class Graph:
 def read_graph(message: Msg) -> Graph:
     library = message.msg(2)
     versions = message.msg(4)
-    return Graph([read_node(n) for n in message.msgs(1)],
+    return Graph(read_nodes(message, 1),
                  [read_function(f) for f in library.msgs(1)] if library is not None else [],
                  versions.num(1) if versions is not None else None)
 

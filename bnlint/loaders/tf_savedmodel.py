@@ -224,10 +224,12 @@ def _checkpoint_keys(bundle: Bundle) -> dict[int, str]:
     if "_CHECKPOINTABLE_OBJECT_GRAPH" not in bundle.entries:
         return {}
     try:
-        nodes = Msg(bundle.string("_CHECKPOINTABLE_OBJECT_GRAPH")).msgs(1)
+        graph = Msg(bundle.string("_CHECKPOINTABLE_OBJECT_GRAPH"))
         keys = {}
-        for index, node in enumerate(nodes):
-            attribute = read_object(node).attributes.get("VARIABLE_VALUE")
+        for index, entry in enumerate(graph.fields.get(1, ())):
+            if b"VARIABLE_VALUE" not in graph.buf[entry.start:entry.end]:  # most objects are not variables
+                continue
+            attribute = read_object(graph.sub(entry)).attributes.get("VARIABLE_VALUE")
             if attribute is not None:
                 keys[index] = attribute[1]
         return keys
