@@ -99,30 +99,15 @@ def test_publish_folder_puts_a_new_folder_in_place_and_replaces_an_old_one(tmp_p
 
 @pytest.fixture(scope="module")
 def fixed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """`bnlint fix` of the healthy SavedModel on the plain data (one isolated run for the module).
-
-    bnlint.fix.publish moves single files; the folder is published by tf_write.publish_folder,
-    dispatched here as publish.py is asked to (see the report)."""
+    """`bnlint fix` of the healthy SavedModel on the plain data (one isolated run for the module),
+    published as a folder by bnlint.fix.publish."""
     if not HAS_TF:
         pytest.skip(NO_TF)
-    from bnlint.fix import publish as publishing
-
     folder = tmp_path_factory.mktemp("tf_fix")
     plain, _ = _data(folder)
     out = folder / "fixed"
-    original = publishing.publish
-
-    def publish(staged: Path, target: Path, *, source: Path, in_place: bool) -> list[Path]:
-        if Path(staged).is_dir():
-            return publish_folder(staged, target, source=source, in_place=in_place)
-        return original(staged, target, source=source, in_place=in_place)
-
-    publishing.publish = publish
-    try:
-        result = CliRunner().invoke(main, ["fix", str(HEALTHY), "--data", str(plain), "-o", str(out), "--format", "json"],
-                                    catch_exceptions=False)
-    finally:
-        publishing.publish = original
+    result = CliRunner().invoke(main, ["fix", str(HEALTHY), "--data", str(plain), "-o", str(out), "--format", "json"],
+                                catch_exceptions=False)
     assert "Traceback" not in result.output, result.output
     return {"code": result.exit_code, "payload": json.loads(result.stdout), "out": out, "plain": plain}
 
