@@ -6,7 +6,6 @@ Exit codes: 0 clean (nothing at or above --fail-on), 1 findings at or above it,
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Sequence
 import click
 
 from bnlint import __version__
+from bnlint.cli_options import CheckOptions, FixCommandOptions, check_fix_output, common_options
 from bnlint.errors import BnlintError, UsageError
 from bnlint.report import FORMATS
 
@@ -42,15 +42,6 @@ class DefaultCheckGroup(click.Group):
         with formatter.section("Lint options (bnlint PATH... is bnlint check PATH...)"):
             formatter.write_dl(rows)
 
-
-def _timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """--timeout: a positive, finite number of seconds (click's FloatRange lets NaN and inf through)."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(f"expected a positive number of seconds, got {value}")
-    return value
-
-
-TIMEOUT_HELP = "wall-clock limit for running the model in its isolated child (default: sized to the model and data)"
 
 # First bytes of files that are models whatever their name: zip (torch, .keras), HDF5, pickle.
 _MODEL_MAGIC = (b"PK\x03\x04", b"\x89HDF", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -122,10 +113,6 @@ def _split_codes(values: Sequence[str], flag: str = "--select") -> tuple[str, ..
     return codes or None
 
 
-TRUST_HELP = ("Allow running code from the input file: a pickled nn.Module, TorchScript whose code is not recognised "
-              "as pure tensor computation, a Keras Lambda layer. Only for files you trust.")
-
-
 @click.group(cls=DefaultCheckGroup, context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, "--version", "-V", prog_name="bnlint")
 @click.pass_context
@@ -149,22 +136,13 @@ def main(ctx: click.Context) -> None:
 @click.option("--ignore", multiple=True, help="Skip these rule codes or prefixes (comma-separated, repeatable).")
 @click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]), default=None, help="Lowest severity that makes the exit code 1 [default: warning].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None, help="Write the report to FILE instead of stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="Findings only: no summary, no progress.")
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Read settings from this TOML file instead of the nearest pyproject.toml/bnlint.toml.")
 @click.option("--deploy-precision", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Precision the model is deployed in: half-precision hazards (BN107, BN109) are warnings only for float16/bfloat16 [default: float32].")
 @click.option("--reference", type=click.Path(), default=None, help="Checkpoint fine-tuning started from (enables BN407).")
 @click.option("--data", type=click.Path(), default=None, help="Sample of the data the model now sees (.npz, .npy or a folder of shards): enables BN6xx.")
-@click.option("--input", "inputs", multiple=True, metavar="NAME=KEY", help="Map a model input to an array in --data (repeatable).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size for the analysis pass [default: 32].")
 @click.option("--train-batch-size", type=click.IntRange(min=1), default=None, help="Batch size used in training (else from a Lightning checkpoint).")
-@click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Architecture for state dicts: package.module:factory or path/to/file.py:factory.")
-@click.option("--arch-kwargs", default=None, metavar="JSON", help='Keyword arguments for the factory, e.g. \'{"num_classes": 10}\'.')
-@click.option("--trust", is_flag=True, help=TRUST_HELP)
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Where the dynamic analysis runs [default: the config's device, else auto: cuda when available].")
-@click.option("--timeout", type=float, default=None, callback=_timeout, metavar="SECONDS", help=TIMEOUT_HELP)
-@click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default=None, help="How ONNX models run for --data [default: auto, onnxruntime when installed].")
+@common_options
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Report only findings not in this baseline file.")
 @click.option("--skip-unrecognised", is_flag=True, help="Skip files in no model format (e.g. Git LFS pointers) with a note instead of an error (the pre-commit hook uses this).")
 @click.option("--write-baseline", is_flag=True, help="Write the current findings to --baseline and exit 0.")
@@ -175,75 +153,73 @@ def main(ctx: click.Context) -> None:
 @click.option("--jobs", "-j", type=click.IntRange(min=0), default=1, show_default=True,
               help="Lint files in N worker processes (0: one per CPU).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip paths matching GLOB when searching folders (repeatable; adds to extend-exclude).")
-@click.option("--debug", is_flag=True, help="Show the traceback of an internal error instead of one line.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also write a self-contained HTML report (findings, fixes, drift plots) to FILE.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the drift overview (mean |SMD| and KL per layer) as a PNG to FILE (needs --data and bnlint[plot]).")
-def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tuple[str, ...], fail_on: str | None,
-          output: str | None, quiet: bool, color: str, config_path: str | None, reference: str | None,
-          data: str | None, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
-          arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, timeout: float | None, onnx_engine: str | None,
-          baseline: str | None, write_baseline: bool, skip_unrecognised: bool, show_fixes: bool, group: bool,
-          statistics: bool, exit_zero: bool, jobs: int, exclude: tuple[str, ...], debug: bool, report_path: str | None, plot_path: str | None,
-          deploy_precision: str | None) -> None:
+def check(**params: Any) -> None:
     """Lint model files (folders are searched for .pt/.pth/.ckpt/.bin/.safetensors/.onnx/.keras/.h5/.caffemodel/.prototxt files)."""
+    run_check(CheckOptions.from_click(**params))
+
+
+def run_check(opts: CheckOptions) -> None:
+    """The body of `bnlint check`: lint, print, exit (never returns)."""
     from bnlint.api import lint_paths
     from bnlint.config import load_config
     from bnlint.selection import resolve
 
-    if debug:
+    if opts.debug:
         os.environ["BNLINT_DEBUG"] = "1"
     try:
-        config = resolve(load_config(config_path).with_overrides(
-            select=_split_codes(select), ignore=_split_codes(ignore, "--ignore"), fail_on="never" if exit_zero else fail_on,
-            deploy_precision=deploy_precision,
+        config = resolve(load_config(opts.config_path).with_overrides(
+            select=_split_codes(opts.select), ignore=_split_codes(opts.ignore, "--ignore"),
+            fail_on="never" if opts.exit_zero else opts.fail_on, deploy_precision=opts.deploy_precision,
         ))
-        if exclude:
-            config = config.with_overrides(exclude=(*config.exclude, *exclude))
-        if write_baseline and not baseline:
+        opts.validate()
+        if opts.exclude:
+            config = config.with_overrides(exclude=(*config.exclude, *opts.exclude))
+        if opts.write_baseline and not opts.baseline:
             raise BnlintError("--write-baseline needs --baseline FILE")
-        _refuse_overwrite({"--output": output, "--report": report_path, "--plot": plot_path,
-                           "--baseline": baseline if write_baseline else None},
-                          [*paths, reference, data, config_path, None if write_baseline else baseline])
-        _side_file("--reference", reference)
-        _side_file("--data", data, folder_ok=True)
-        dynamic = _dynamic_options(data, inputs, batch_size, train_batch_size, arch, arch_kwargs, trust, device, onnx_engine, quiet,
-                                   timeout) if data else None
-        if plot_path:  # fail before a long run, not after it
-            if not data:
+        _refuse_overwrite({"--output": opts.output, "--report": opts.report_path, "--plot": opts.plot_path,
+                           "--baseline": opts.baseline if opts.write_baseline else None},
+                          [*opts.paths, opts.reference, opts.data, opts.config_path, None if opts.write_baseline else opts.baseline])
+        _side_file("--reference", opts.reference)
+        _side_file("--data", opts.data, folder_ok=True)
+        dynamic = _dynamic_options(opts) if opts.data else None
+        if opts.plot_path:  # fail before a long run, not after it
+            if not opts.data:
                 raise BnlintError("--plot needs --data (it draws the measured drift)")
             from bnlint.report.plots import require
 
             require()
-        if not paths:
-            if data:
+        if not opts.paths:
+            if opts.data:
                 raise BnlintError("--data needs a model file to run")
             # Nothing to lint (e.g. a pre-commit hook with no model files staged): clean exit.
-            if not quiet:
+            if not opts.quiet:
                 click.echo("bnlint: nothing to lint (no paths given)", err=True)
             sys.exit(EXIT_CLEAN)
-        readable, refused = _not_regular(paths)
-        bar = _FileProgress() if not quiet and sys.stderr.isatty() else None
+        readable, refused = _not_regular(opts.paths)
+        bar = _FileProgress() if not opts.quiet and sys.stderr.isatty() else None
         try:
-            report = lint_paths(readable, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
-                                baseline=None if write_baseline else baseline, jobs=jobs or (os.cpu_count() or 1),
+            report = lint_paths(readable, config, reference=opts.reference, dynamic=dynamic, skip_unrecognised=opts.skip_unrecognised,
+                                baseline=None if opts.write_baseline else opts.baseline, jobs=opts.jobs or (os.cpu_count() or 1),
                                 progress=bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
         report.files[:0] = refused
-        if write_baseline and baseline:
+        if opts.write_baseline and opts.baseline:
             from bnlint.baseline import write_baseline_file
 
-            count = write_baseline_file(report, baseline)
-            click.echo(f"bnlint: wrote {count} findings to {baseline}", err=True)
+            count = write_baseline_file(report, opts.baseline)
+            click.echo(f"bnlint: wrote {count} findings to {opts.baseline}", err=True)
             sys.exit(EXIT_CLEAN)
     except BnlintError as exc:
         click.echo(f"bnlint: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     except (Exception, RecursionError) as exc:  # noqa: BLE001 - a bug outside any one file: one line, exit 2
-        if debug:
+        if opts.debug:
             raise
         click.echo(f"bnlint: internal error: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]} "
                    "(--debug shows the traceback)", err=True)
@@ -252,16 +228,17 @@ def check(paths: tuple[str, ...], fmt: str, select: tuple[str, ...], ignore: tup
     for note in report.notes:
         click.echo(f"bnlint: {note}", err=True)
     rules_run = _rules_run(config, dynamic is not None)
-    _write(report, rules_run, fmt, output, quiet, color, show_fixes=show_fixes, group=group, statistics=statistics)
+    _write(report, rules_run, opts.fmt, opts.output, opts.quiet, opts.color, show_fixes=opts.show_fixes, group=opts.group,
+           statistics=opts.statistics)
     try:
-        if report_path:
+        if opts.report_path:
             from bnlint.report.html import write_html
 
-            write_html(report, rules_run, report_path, tool_version=__version__)
-        if plot_path:
+            write_html(report, rules_run, opts.report_path, tool_version=__version__)
+        if opts.plot_path:
             from bnlint.report.plots import write_drift_png
 
-            write_drift_png(report, plot_path)
+            write_drift_png(report, opts.plot_path)
     except BnlintError as exc:
         click.echo(f"bnlint: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
@@ -301,16 +278,14 @@ def exit_code(report: Any, fail_level: Any) -> int:
     return EXIT_CLEAN
 
 
-def _dynamic_options(data: str, inputs: tuple[str, ...], batch_size: int | None, train_batch_size: int | None,
-                     arch: str | None, arch_kwargs: str | None, trust: bool, device: str | None, onnx_engine: str | None,
-                     quiet: bool, timeout: float | None = None) -> Any:
-    from bnlint.dynamic import DynamicOptions, parse_arch_kwargs, parse_inputs
+def _dynamic_options(opts: CheckOptions) -> Any:
+    """What `measure` needs from check's options (only called with --data)."""
+    from bnlint.dynamic import DynamicOptions
 
-    mapping, kwargs = parse_inputs(inputs), parse_arch_kwargs(arch_kwargs)
     return DynamicOptions(
-        data=data, inputs=mapping, batch_size=batch_size, train_batch_size=train_batch_size, arch=arch,
-        arch_kwargs=kwargs, trust=trust, device=device, onnx_engine=onnx_engine, quiet=quiet or not sys.stderr.isatty(),
-        timeout=timeout,
+        data=opts.data or "", inputs=opts.input_map(), batch_size=opts.batch_size, train_batch_size=opts.train_batch_size,
+        arch=opts.arch, arch_kwargs=opts.factory_kwargs(), trust=opts.trust, device=opts.device, onnx_engine=opts.onnx_engine,
+        quiet=opts.quiet or not sys.stderr.isatty(), timeout=opts.timeout,
     )
 
 
@@ -352,28 +327,17 @@ def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, qui
 @main.command("fix")
 @click.argument("model", type=click.Path())
 @click.option("--data", type=click.Path(), default=None, help="Target data (.npz, .npy or a folder of shards): the statistics are re-estimated on it.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the fixed model to FILE (the input is never modified).")
+@click.option("--output", "-o", type=click.Path(), default=None,
+              help="Write the fixed model to FILE, or to a folder for a folder-format model (a TensorFlow SavedModel); "
+                   "the input is never modified.")
 @click.option("--in-place", is_flag=True, help="Overwrite the input file (written to a temporary file, then renamed).")
 @click.option("--dry-run", is_flag=True, help="Compute and report, write nothing.")
 @click.option("--layers", default=None, metavar="GLOB", help="Only layers whose name matches GLOB (comma-separated globs).")
 @click.option("--fold", is_flag=True, help="ONNX: fold inference BatchNorm into the Conv/Gemm before it, checked numerically.")
-@click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Architecture for state dicts (as for linting).")
-@click.option("--arch-kwargs", default=None, metavar="JSON", help="Keyword arguments for the factory.")
-@click.option("--trust", is_flag=True, help=TRUST_HELP)
-@click.option("--input", "inputs", multiple=True, metavar="NAME=KEY", help="Map a model input to an array in --data (repeatable).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size for the passes over --data [default: the config's, else 32].")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Where the model runs [default: the config's device, else auto: cuda when available].")
-@click.option("--timeout", type=float, default=None, callback=_timeout, metavar="SECONDS", help=TIMEOUT_HELP)
-@click.option("--onnx-engine", type=click.Choice(["onnxruntime", "reference", "auto"]), default=None, help="How ONNX models run [default: the config's, else auto: onnxruntime when installed].")
+@common_options
 @click.option("--format", "--output-format", "fmt", type=click.Choice(["text", "json", "sarif"]), default="text", show_default=True, help="Output format.")
-@click.option("--quiet", "-q", is_flag=True, help="Text output: what was done and written only (no per-layer table, no notes).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write an HTML report with before/after plots.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Read settings from this TOML file instead of the nearest pyproject.toml/bnlint.toml.")
-@click.option("--debug", is_flag=True, help="Show the traceback of an internal error instead of one line.")
-def fix_command(model: str, data: str | None, output: str | None, in_place: bool, dry_run: bool, layers: str | None, fold: bool,
-                arch: str | None, arch_kwargs: str | None, trust: bool, inputs: tuple[str, ...], batch_size: int | None, device: str | None,
-                timeout: float | None, onnx_engine: str | None, fmt: str, quiet: bool, report_path: str | None, config_path: str | None,
-                debug: bool) -> None:
+def fix_command(**params: Any) -> None:
     """Repair what the linter finds: exact BatchNorm recalibration on --data (layer by layer, in
     execution order), ONNX training-mode BatchNorm rewritten to inference form, --fold.
 
@@ -381,30 +345,31 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
     bnlint fix model.pt --arch models.py:net --data target.npz -o fixed.pt
     bnlint fix model.onnx --data target.npz -o fixed.onnx --fold
     """
-    from bnlint.config import load_config
-    from bnlint.dynamic import parse_arch_kwargs, parse_inputs
-    from bnlint.dynamic.options import dynamic_settings
-    from bnlint.fix.run import FixOptions, distributed_group, run_fix
+    run_fix_command(FixCommandOptions.from_click(**params))
 
-    if debug:
+
+def run_fix_command(opts: FixCommandOptions) -> None:
+    """The body of `bnlint fix`: repair, print, exit (never returns)."""
+    from bnlint.config import load_config
+    from bnlint.dynamic.options import dynamic_settings
+    from bnlint.fix.run import distributed_group, run_fix
+
+    if opts.debug:
         os.environ["BNLINT_DEBUG"] = "1"
     try:
         from bnlint.selection import resolve
 
-        config = resolve(load_config(config_path))
+        config = resolve(load_config(opts.config_path))
+        opts.validate()
         settings = dynamic_settings(config)  # flags win over [tool.bnlint.dynamic], as for linting
-        batch_size = batch_size or settings["batch_size"]
-        onnx_engine = onnx_engine or settings["onnx_engine"]
-        _refuse_overwrite({"--report": report_path}, [model, output, data, config_path])
-        _side_file("MODEL", model)
-        _side_file("--data", data, folder_ok=True)
-        device = _fix_device(device or settings["device"], model)
+        _refuse_overwrite({"--report": opts.report_path}, [opts.model, opts.output, opts.data, opts.config_path])
+        _side_file("MODEL", opts.model)
+        _side_file("--data", opts.data, folder_ok=True)
+        check_fix_output(opts.model, opts.output)
+        device = _fix_device(opts.device or settings["device"], opts.model)
         group = distributed_group(device)  # torchrun: each process reads its shard; rank 0 writes and reports
-        options = FixOptions(model=model, data=data, output=output, in_place=in_place, layers=layers, dry_run=dry_run, fold=fold,
-                             arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust=trust, inputs=parse_inputs(inputs),
-                             batch_size=batch_size, device=device, onnx_engine=onnx_engine, process_group=group, timeout=timeout)
-        outcome = run_fix(options, config)
-        if group is not None and outcome.output is None and not dry_run:
+        outcome = run_fix(opts.resolved(settings, device, group), config)
+        if group is not None and outcome.output is None and not opts.dry_run:
             sys.exit(EXIT_CLEAN)  # not rank 0: nothing to print
     except BnlintError as exc:  # OutputError included: an unwritable output is one line, exit 2
         click.echo(f"bnlint: error: {exc}", err=True)
@@ -414,7 +379,7 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
         click.echo(f"bnlint: error: cannot write the fixed model: {where}{exc.strerror or exc}", err=True)
         sys.exit(EXIT_ERROR)
     except (Exception, RecursionError) as exc:  # noqa: BLE001 - a bug: one line, exit 2, as for linting
-        if debug:
+        if opts.debug:
             raise
         click.echo(f"bnlint: internal error: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]} "
                    "(--debug shows the traceback)", err=True)
@@ -423,18 +388,18 @@ def fix_command(model: str, data: str | None, output: str | None, in_place: bool
 
     from bnlint.report.fix import render_fix
 
-    shown = replace(outcome, layers=[], notes=[]) if quiet and fmt == "text" else outcome
-    click.echo(render_fix(shown, fmt, tool_version=__version__), nl=False)
-    if report_path and outcome.after is not None:
+    shown = replace(outcome, layers=[], notes=[]) if opts.quiet and opts.fmt == "text" else outcome
+    click.echo(render_fix(shown, opts.fmt, tool_version=__version__), nl=False)
+    if opts.report_path and outcome.after is not None:
         from bnlint.report.html import FixComparison, write_html
         from bnlint.rules import all_rules
 
         stats_before = [s for r in outcome.before.files for s in r.layer_stats] if outcome.before else []
         stats_after = [s for r in outcome.after.files for s in r.layer_stats]
-        comparison = FixComparison.from_layer_stats(model, stats_before, stats_after, first_drift_before=outcome.first_drift_before,
+        comparison = FixComparison.from_layer_stats(opts.model, stats_before, stats_after, first_drift_before=outcome.first_drift_before,
                                                     first_drift_after=outcome.first_drift_after, output=outcome.output)
         try:
-            write_html(outcome.after, all_rules(), report_path, comparison=comparison, tool_version=__version__)
+            write_html(outcome.after, all_rules(), opts.report_path, comparison=comparison, tool_version=__version__)
         except BnlintError as exc:
             click.echo(f"bnlint: error: {exc}", err=True)
             sys.exit(EXIT_ERROR)

@@ -3,8 +3,8 @@ the drift on the data before and after with the linter itself.
 
     outcome = run_fix(FixOptions(model="m.pt", data="target.npz", output="fixed.pt", arch="models.py:net"))
 
-The before/after table is the linter's own dynamic analysis (`bnlint.api.lint_paths` with --data)
-on the input and on the output: the same metrics BN601/BN602 judge, so "fixed" means bnlint on
+The before/after table is the linter's own dynamic analysis (`bnlint.dynamic.measure`, judged by
+`bnlint.api.lint_file`) on the input and on the output: the same metrics BN601/BN602 judge, so "fixed" means bnlint on
 the output with the same data reports no drift.
 """
 
@@ -79,13 +79,15 @@ def _dynamic_options(options: FixOptions) -> Any:
                           onnx_engine=options.onnx_engine, quiet=True, timeout=options.timeout)
 
 
-def _measure(path: str, options: FixOptions, config: Config) -> Report | None:
-    """The linter's own run on `path` with the data (None without data)."""
+def _measure_here(info: Any, path: str, options: FixOptions, config: Config) -> Report | None:
+    """The linter's report on `path` from measuring the already loaded `info` in this process (None
+    without data): under torchrun the processes torchrun started are the isolation, and the
+    model is not loaded again to be measured."""
     if options.data is None:
         return None
-    from bnlint.api import lint_paths
+    from bnlint.dynamic import measure
 
-    return lint_paths([path], config, dynamic=_dynamic_options(options))
+    return _judge(path, options, config, measure(info, _dynamic_options(options), config))
 
 
 def _judge(path: str, options: FixOptions, config: Config, measured: Any) -> Report | None:
@@ -284,11 +286,22 @@ def _judged_by_recalibration(before: Any, outcome: FixOutcome, info: Any) -> Any
         notes=[*before.notes, "the output was judged from the exact recalibration's own measurements (no second run)"])
 
 
+# Fixers that cannot run at all without their framework (the format record's `extra`), and its
+# name for the message: said in the parent, in one line, before an isolated child is started.
+_FIX_NEEDS = {"tensorflow": "TensorFlow"}
+
+
 def _fixer(info: Any, options: FixOptions) -> Any:
     """The repair function of the model's format record, or a UsageError saying why there is none."""
+    import importlib.util
+
     from bnlint.formats import FORMATS
 
     record = FORMATS.get(info.file_format or "")
+    needs = _FIX_NEEDS.get(record.extra or "") if record is not None else None
+    if record is not None and needs is not None and importlib.util.find_spec(record.extra or "") is None:
+        raise UsageError(f"{options.model}: bnlint fix of a {record.description} needs {needs}, which is not installed "
+                         f"(pip install {record.extra})")
     if record is None or record.fixer is None:
         raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")
     return record.function(record.fixer)
@@ -303,14 +316,16 @@ def _run_in_process(info: Any, options: FixOptions, config: Config, target: str 
     leader = _rank(options.process_group) == 0
     if info.framework != "torch":
         raise UsageError("distributed recalibration (torchrun) is for PyTorch models; run ONNX and Keras fixes in one process")
-    before = _measure(options.model, options, config) if leader else None
+    before = _measure_here(info, options.model, options, config) if leader else None
     outcome = FixOutcome(options.model, target, info.framework, [], [], _first_drift(before), None, before=before)
     fix_torch(info, options, outcome, target)
     if not leader:
         outcome.output = None  # rank 0 writes and measures; the others only contributed statistics
         return outcome
     if target is not None and options.data is not None:
-        outcome.after = _measure(target, options, config)
+        from bnlint.loaders import load_model
+
+        outcome.after = _measure_here(load_model(target), target, options, config)
         outcome.first_drift_after = _first_drift(outcome.after)
     outcome.layers = _table(before, outcome.after)
     return outcome
