@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO
 from bnlint.errors import UsageError
 from bnlint.findings import DYNAMIC_NOT_RUN, FileResult, Finding, Report, Severity
 from bnlint.report import plots
-from bnlint.report._common import TOOL_NAME, fix_text, framework_of, rule_name, severity_counts
+from bnlint.report._common import TOOL_NAME, fix_text, rule_name, severity_counts
 from bnlint.rules.registry import RuleSpec
 
 _ENGINE_NOTE = re.compile(r"^dynamic analysis ran on (?P<engine>.*?)(?: over (?P<samples>\d+) samples?)?$", re.DOTALL)
@@ -239,7 +239,9 @@ def _findings(report: Report, rules: Mapping[str, RuleSpec]) -> list[str]:
     for result in report.files:
         if result.findings and len(report.files) > 1:  # one heading row per file
             out.append(f'<tr class="file-row"><th colspan="5"><code>{_e(result.path)}</code></th></tr>')
-        out += [_finding_row(f, rules, framework_of(result)) for f in result.findings]
+        # result.framework is what the loader found (set on every analysed file); a hand-made
+        # FileResult without it gets the text for every framework
+        out += [_finding_row(f, rules, result.framework) for f in result.findings]
     out.append("</tbody></table></section>")
     return out
 
