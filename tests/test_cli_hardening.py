@@ -268,7 +268,7 @@ def test_timeout_setting_is_accepted(tmp_path: Path) -> None:
 
     path = tmp_path / "ci.toml"
     path.write_text("[dynamic]\ntimeout = 90\n")
-    assert dynamic_settings(load_config(path))["timeout"] == 90.0
+    assert dynamic_settings(load_config(path)).timeout == 90.0
     assert DYNAMIC_DEFAULTS["timeout"] is None
 
 

@@ -173,8 +173,8 @@ def test_jackknife_noise_floor_and_standard_error() -> None:
     acc = Accumulator(NumpyOps(), np.ones(channels, dtype=np.int64), np.full(channels, 1e-5))
     acc.add(*per_sample_moments_numpy(x[:, :, None]))
     layer = analyse_layer("bn", 0, acc.result(), 1e-5, mean_r, var_r)
-    se_mean = layer.per_channel["se_smd"] * np.sqrt(var_r + 1e-5)
+    se_mean = layer.per_channel.se_smd * np.sqrt(var_r + 1e-5)
     ratio = np.mean(se_mean / (np.sqrt(var_r) / np.sqrt(n)))
     assert 0.8 < ratio < 1.2
-    assert 0.3 < layer.summary["mean_kl"] / layer.summary["noise_kl"] < 3  # type: ignore[operator]
-    assert 300 < (layer.summary["effective_n"] or 0) < 550
+    assert 0.3 < layer.summary.mean_kl / layer.summary.noise_kl < 3  # type: ignore[operator]
+    assert 300 < (layer.summary.effective_n or 0) < 550

@@ -61,8 +61,8 @@ def measure_isolated(model: ModelInfo, path: str, companion: str | None, options
 
     # The data's headers (shapes, dtypes, sizes, zip structure) are read as data here too: a broken
     # sample is one line at once, without starting a child and its framework (the child reads it again).
-    Dataset(options.data, max_samples=int(settings["max_samples"]))
-    timeout = options.timeout or settings.get("timeout") or default_timeout([path, options.data])
+    Dataset(options.data, max_samples=settings.max_samples)
+    timeout = options.timeout or settings.timeout or default_timeout([path, options.data])
     set_quiet(options.quiet)
     job = {"kind": "measure", "model": path, "companion": companion, "options": dataclasses.asdict(options),
            "config": config_record(config)}
@@ -71,7 +71,7 @@ def measure_isolated(model: ModelInfo, path: str, companion: str | None, options
     folders = [str(Path(p).resolve().parent) for p in (path, companion) if p]  # external data lives beside the model
     with paused():  # the child has its own deadline
         outcome = run_job(job, reads=[*folders, options.data, arch_file(options.arch) or ""], trust=options.trust,
-                          device=options.device or settings.get("device"), timeout=float(timeout), describe=model.path,
+                          device=options.device or settings.device, timeout=float(timeout), describe=model.path,
                           preload=preload_for(model.file_format))
     try:
         measured = outcome.result
