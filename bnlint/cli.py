@@ -192,6 +192,10 @@ def run_check(opts: CheckOptions) -> None:
             from bnlint.report.plots import require
 
             require()
+        if (opts.plot_path or opts.report_path) and opts.data:
+            from bnlint.report.plots import warm_up
+
+            warm_up()  # matplotlib's import and first drawing overlap the isolated run
         if not opts.paths:
             if opts.data:
                 raise BnlintError("--data needs a model file to run")
@@ -366,8 +370,12 @@ def run_fix_command(opts: FixCommandOptions) -> None:
         _side_file("MODEL", opts.model)
         _side_file("--data", opts.data, folder_ok=True)
         check_fix_output(opts.model, opts.output)
-        device = _fix_device(opts.device or settings["device"], opts.model)
+        device = _fix_device(opts.device or settings.device, opts.model)
         group = distributed_group(device)  # torchrun: each process reads its shard; rank 0 writes and reports
+        if opts.report_path:
+            from bnlint.report.plots import warm_up
+
+            warm_up()  # matplotlib's import and first drawing overlap the isolated run
         outcome = run_fix(opts.resolved(settings, device, group), config)
         if group is not None and outcome.output is None and not opts.dry_run:
             sys.exit(EXIT_CLEAN)  # not rank 0: nothing to print

@@ -154,8 +154,8 @@ class FixCommandOptions(CommonOptions):
 
         return FixOptions(model=self.model, data=self.data, output=self.output, in_place=self.in_place, layers=self.layers,
                           dry_run=self.dry_run, fold=self.fold, arch=self.arch, arch_kwargs=self.factory_kwargs(), trust=self.trust,
-                          inputs=self.input_map(), batch_size=self.batch_size or settings["batch_size"], device=device,
-                          onnx_engine=self.onnx_engine or settings["onnx_engine"], process_group=process_group, timeout=self.timeout)
+                          inputs=self.input_map(), batch_size=self.batch_size or settings.batch_size, device=device,
+                          onnx_engine=self.onnx_engine or settings.onnx_engine, process_group=process_group, timeout=self.timeout)
 
 
 def folder_format(path: str) -> str | None:

@@ -11,7 +11,7 @@ None, numpy arrays, lists and these dataclasses.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,18 +23,8 @@ from bnlint.settings import DynamicThresholds
 GROUPS = 8
 
 
-class _ByKey:
-    """Read access by field name (`summary["mean_kl"]`) for code written against the old dicts;
-    bnlint itself reads the attributes."""
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in {f.name for f in fields(self)}:  # type: ignore[arg-type]  # every subclass is a dataclass
-            raise KeyError(key)
-        return getattr(self, key)
-
-
 @dataclass(frozen=True)
-class ChannelMetrics(_ByKey):
+class ChannelMetrics:
     """Per-channel drift of one layer's data from its stored statistics (bnlint.dynamic.metrics)."""
 
     smd: np.ndarray  # (mean_t - running_mean) / sqrt(running_var + eps)
@@ -51,7 +41,7 @@ class ChannelMetrics(_ByKey):
 
 
 @dataclass(frozen=True)
-class DriftSummary(_ByKey):
+class DriftSummary:
     """One layer's drift in a few numbers. None: not computed (no stored statistics, no finite
     channel, one jackknife group); `record()` leaves out what today's JSON leaves out."""
 
@@ -100,7 +90,7 @@ def _float(value: int | None) -> float | None:
 
 
 @dataclass(frozen=True)
-class BatchNoise(_ByKey):
+class BatchNoise:
     """How far one training batch's statistics stray from the population's, per channel (BN604)."""
 
     batch_size: int  # the training batch size B
@@ -190,7 +180,7 @@ def _finite(value: float | None) -> float | None:
 
 
 @dataclass(frozen=True)
-class DependentLayer(_ByKey):
+class DependentLayer:
     """A BatchNorm layer whose output depends on its batch mates (BN606)."""
 
     layer: str

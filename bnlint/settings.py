@@ -53,20 +53,6 @@ class DynamicThresholds:
     max_samples: int = DYNAMIC_DEFAULTS["max_samples"]
     timeout: float | None = DYNAMIC_DEFAULTS["timeout"]
 
-    def as_dict(self) -> dict[str, Any]:
-        """Key -> value, as runners' openers take them (`settings["device"]`)."""
-        return dataclasses.asdict(self)
-
-    # Read access by key for callers written against the old dict (cli.py, sandbox, fix.run):
-    # new code reads the attributes.
-    def __getitem__(self, key: str) -> Any:
-        if key not in DYNAMIC_DEFAULTS:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in DYNAMIC_DEFAULTS else default
-
 
 def checked_dynamic(table: Mapping[str, Any], source: str | None) -> DynamicThresholds:
     """The defaults overlaid with a [tool.bnlint.dynamic] table; unknown keys and bad values are UsageErrors."""

@@ -59,7 +59,7 @@ def test_thresholds_have_one_typed_field_per_config_key_with_its_default() -> No
     checked = checked_dynamic({"drift-kl": 1, "batch_size": 8}, "pyproject.toml")
     assert isinstance(checked, DynamicThresholds)
     assert checked.drift_kl == 1.0 and isinstance(checked.drift_kl, float) and checked.batch_size == 8
-    assert checked["drift_kl"] == 1.0 and checked.get("nope", 3) == 3  # old callers' key access still answers
+    assert not hasattr(checked, "__getitem__") and not hasattr(checked, "get")  # attributes only: no string keys
     with pytest.raises(UsageError, match="dynamic drift-kl: expected a number >= 0"):
         checked_dynamic({"drift_kl": -1}, None)
     with pytest.raises(UsageError, match="unknown"):

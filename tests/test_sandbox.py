@@ -217,7 +217,7 @@ def test_codec_round_trips_measurements_and_rejects_anything_else(tmp_path: Path
     codec.encode(measured, tmp_path)
     back = codec.decode(tmp_path)
     assert isinstance(back, Measurements) and isinstance(back.layers[0], LayerDrift)
-    np.testing.assert_array_equal(back.layers[0].per_channel["kl"], layer.per_channel["kl"])
+    np.testing.assert_array_equal(back.layers[0].per_channel.kl, layer.per_channel.kl)
     assert back.dependence == measured.dependence
 
     for forged in ({"__kind__": "Popen", "args": ["sh"]},

@@ -80,7 +80,7 @@ def _open_runner(model: ModelInfo, options: DynamicOptions, settings: DynamicThr
         raise UsageError(f"{model.path}: no runner for a {model.format} model read from {model.file_format or 'no file'}")
     if record.runner is None:
         raise UsageError(record.cannot_run or f"running a {record.description} on --data is not supported")
-    runner: Runner = record.function(record.runner)(model, options, settings.as_dict())  # openers take the key -> value dict
+    runner: Runner = record.function(record.runner)(model, options, settings)
     return runner
 
 

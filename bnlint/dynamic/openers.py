@@ -7,12 +7,11 @@ naming what to install.
 
 from __future__ import annotations
 
-from typing import Any
-
 from bnlint.dynamic.options import DynamicOptions, parse_arch_kwargs
 from bnlint.dynamic.runner import Runner
 from bnlint.errors import UsageError
 from bnlint.model import ModelInfo
+from bnlint.settings import DynamicThresholds
 
 
 def require_cuda_for_torch() -> None:
@@ -25,7 +24,7 @@ def require_cuda_for_torch() -> None:
         raise UsageError("--device cuda: no CUDA device is available to torch here (use --device cpu or auto)")
 
 
-def open_torch_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, Any]) -> Runner:
+def open_torch_runner(model: ModelInfo, options: DynamicOptions, settings: DynamicThresholds) -> Runner:
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -34,35 +33,35 @@ def open_torch_runner(model: ModelInfo, options: DynamicOptions, settings: dict[
     from bnlint.dynamic.loading import open_torch
     from bnlint.dynamic.torch_runner import pick_device
 
-    device = pick_device(settings["device"])
+    device = pick_device(settings.device)
     runner: Runner = open_torch(model, options.arch, parse_arch_kwargs(options.arch_kwargs), options.trust, device, options.data)
     return runner
 
 
-def open_onnx_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, Any]) -> Runner:
+def open_onnx_runner(model: ModelInfo, options: DynamicOptions, settings: DynamicThresholds) -> Runner:
     if options.arch:
         raise UsageError("--arch applies to PyTorch weights, not to an ONNX file")
     from bnlint.dynamic.onnx_runner import OnnxRunner
 
-    runner = OnnxRunner(model, settings["onnx_engine"], settings["device"], options.data)
-    if settings["device"] == "cuda" and "CUDA" not in runner.engine:
+    runner = OnnxRunner(model, settings.onnx_engine, settings.device, options.data)
+    if settings.device == "cuda" and "CUDA" not in runner.engine:
         raise UsageError(f"--device cuda: the ONNX engine here has no CUDA ({runner.engine}); "
                          "install onnxruntime-gpu, or use --device cpu / auto")
     return runner
 
 
-def open_keras_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, Any]) -> Runner:
+def open_keras_runner(model: ModelInfo, options: DynamicOptions, settings: DynamicThresholds) -> Runner:
     from bnlint.dynamic.keras_runner import KerasRunner
 
-    if settings["device"] == "cuda":
+    if settings.device == "cuda":
         require_cuda_for_torch()
     return KerasRunner(model, None, options.data, options.trust, options.arch)
 
 
-def open_tf_runner(model: ModelInfo, options: DynamicOptions, settings: dict[str, Any]) -> Runner:
+def open_tf_runner(model: ModelInfo, options: DynamicOptions, settings: DynamicThresholds) -> Runner:
     if options.arch:
         raise UsageError("--arch applies to PyTorch weights and Keras custom classes, not to a TensorFlow SavedModel")
-    if settings["device"] == "cuda":
+    if settings.device == "cuda":
         raise UsageError("--device cuda: bnlint runs TensorFlow SavedModels on the CPU (use --device cpu or auto)")
     from bnlint.dynamic.tf_runner import TFRunner
 

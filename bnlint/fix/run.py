@@ -170,7 +170,7 @@ def _run_isolated(options: FixOptions, config: Config, target: str | None, file_
     from bnlint.sandbox import arch_file, config_record, default_timeout, preload_for, run_job
 
     settings = dynamic_settings(config)
-    timeout = options.timeout or settings.get("timeout") or 3 * default_timeout([options.model, options.data])
+    timeout = options.timeout or settings.timeout or 3 * default_timeout([options.model, options.data])
     record = {k: v for k, v in dataclasses.asdict(options).items() if k != "process_group"}
     job = {"kind": "fix", "options": record, "config": config_record(config),
            "staged": Path(target).name if target is not None else None}
@@ -301,7 +301,7 @@ def _fixer(info: Any, options: FixOptions) -> Any:
     needs = _FIX_NEEDS.get(record.extra or "") if record is not None else None
     if record is not None and needs is not None and importlib.util.find_spec(record.extra or "") is None:
         raise UsageError(f"{options.model}: bnlint fix of a {record.description} needs {needs}, which is not installed "
-                         f"(pip install {record.extra})")
+                         f"(pip install 'bnlint[{record.extra}]')")
     if record is None or record.fixer is None:
         raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")
     return record.function(record.fixer)

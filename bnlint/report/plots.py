@@ -22,6 +22,7 @@ import io
 import math
 import os
 import re
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -98,6 +99,39 @@ def _matplotlib() -> Any:
     return matplotlib
 
 
+_warming: threading.Thread | None = None
+
+
+def warm_up() -> None:
+    """Import matplotlib and draw one tiny figure in a background thread.
+
+    The CLI calls this before a `--report`/`--plot` run: the import and the first drawing (fonts,
+    the Agg canvas) then overlap the model's run in its isolated child instead of following it.
+    Drawing waits for the warm-up (`_render`), so matplotlib is never used from two threads.
+    """
+    global _warming
+    import importlib.util
+
+    if _warming is None and importlib.util.find_spec("matplotlib") is not None:
+        _warming = threading.Thread(target=_draw_tiny, name="bnlint-plot-warm-up", daemon=True)
+        _warming.start()
+
+
+def _draw_tiny() -> None:
+    try:
+        _render_now(_tiny_figure)
+    except Exception:  # noqa: BLE001 - a failed warm-up only means the real drawing pays the cost
+        pass
+
+
+def _tiny_figure() -> Figure:
+    fig = _figure((1.0, 0.5), {"left": 20.0, "right": 2.0, "top": 2.0, "bottom": 12.0})
+    ax = fig.add_subplot()
+    ax.bar([0, 1], [1.0, 2.0])
+    ax.set_title("warm-up")
+    return fig
+
+
 def first_drift_layer(findings: Iterable[Finding]) -> str | None:
     """The layer BN602 names (the first drifting layer in execution order), if any."""
     return next((f.layer for f in findings if f.code == "BN602"), None)
@@ -166,6 +200,12 @@ def _figure(size: tuple[float, float], margins: Mapping[str, float] | None = Non
 
 def _render(draw: Any, *args: Any) -> bytes:
     """Run `draw(*args) -> Figure` under bnlint's rc settings and return the PNG bytes."""
+    if _warming is not None and _warming is not threading.current_thread():
+        _warming.join()
+    return _render_now(draw, *args)
+
+
+def _render_now(draw: Any, *args: Any) -> bytes:
     matplotlib = _matplotlib()
     with matplotlib.rc_context(_RC), warnings.catch_warnings():
         # A layer name in a script DejaVu lacks draws boxes; the HTML shows the real name.
