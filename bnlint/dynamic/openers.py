@@ -65,4 +65,4 @@ def open_tf_runner(model: ModelInfo, options: DynamicOptions, settings: DynamicT
         raise UsageError("--device cuda: bnlint runs TensorFlow SavedModels on the CPU (use --device cpu or auto)")
     from bnlint.dynamic.tf_runner import TFRunner
 
-    return TFRunner(model, options.data)
+    return TFRunner(model, options.data, options.trust)

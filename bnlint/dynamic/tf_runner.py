@@ -1,7 +1,9 @@
 """Run TensorFlow SavedModels for --data, with TensorFlow, in the isolated child only.
 
 A SavedModel is a graph plus a variables bundle: loading it (`tf.saved_model.load`) builds ops
-and reads tensors, it runs no Python from the file, so no --trust is needed. The serving
+and reads tensors and runs no Python from the file, but graph ops can read and write files, so
+without --trust every op is first vetted from the file's bytes (bnlint.dynamic.tf_gate: pure
+arithmetic on the serving path, checkpoint I/O only off it), before TensorFlow is imported. The serving
 signature (or the only one) is frozen: its variables become constants
 (`convert_to_constants`, functions inlined, control flow lowered), and then every
 FusedBatchNorm/V2/V3 node's mean and variance inputs are replaced by placeholders. One imported
@@ -246,7 +248,10 @@ def _first_line(exc: BaseException) -> str:
 class TFRunner:
     """A SavedModel's frozen serving graph, measured at every fused BatchNorm's input."""
 
-    def __init__(self, info: ModelInfo, data_path: str) -> None:
+    def __init__(self, info: ModelInfo, data_path: str, trust: bool = False) -> None:
+        from bnlint.dynamic.tf_gate import vet_savedmodel
+
+        vet_savedmodel(info.path, trust)  # before TensorFlow is imported: every op checked from the bytes
         self.graph = TFGraph(info.path)
         tf = self.graph.tf
         self.data_path = data_path

@@ -38,7 +38,7 @@ STALE = frozenset({"fingerprint.pb"})
 
 
 def recalibrate_tf(info: ModelInfo, data: str, *, layers: str | Sequence[str] | None = None, inputs: Mapping[str, str] | None = None,
-                   batch_size: int = 32) -> tuple[RecalibrationResult, Any]:
+                   batch_size: int = 32, trust: bool = False) -> tuple[RecalibrationResult, Any]:
     """New statistics for every selected fused BN node, in topological order; returns the result and
     the runner (its graph knows the nodes). Training-mode nodes are refused: their statistics are
     never read by the serving graph."""
@@ -46,7 +46,7 @@ def recalibrate_tf(info: ModelInfo, data: str, *, layers: str | Sequence[str] | 
     from bnlint.dynamic.stats import per_sample_moments_numpy
     from bnlint.dynamic.tf_runner import TFRunner, channels_second
 
-    runner = TFRunner(info, data)
+    runner = TFRunner(info, data, trust)
     sources = Dataset(data).select(runner.input_names, dict(inputs or {}))
     for source, shape, name in zip(sources, runner.input_shapes, runner.input_names):
         check_layout(source, shape, name, data)
@@ -147,7 +147,8 @@ def fix_tf(info: ModelInfo, options: Any, outcome: Any, target: str | None) -> N
                          "invents them)")
     if not Path(info.path).is_dir():
         raise UsageError(f"{info.path}: give the SavedModel directory, not its saved_model.pb (the fix rewrites the folder)")
-    result, _ = recalibrate_tf(info, options.data, layers=options.layers, inputs=options.inputs, batch_size=options.batch_size)
+    result, _ = recalibrate_tf(info, options.data, layers=options.layers, inputs=options.inputs, batch_size=options.batch_size,
+                               trust=options.trust)
     if not result.layers:  # an unchanged copy would pass for a repair
         why = next((f"layer {name}: {reason}" for name, reason in result.skipped.items()),
                    "no FusedBatchNorm node was selected (unfused BatchNorm arithmetic, as Keras 3 exports it, is not recalibrated)")

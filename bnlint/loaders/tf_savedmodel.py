@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlint.errors import InputError
+from bnlint.fileio import open_regular
 from bnlint.formats import Sniff
 from bnlint.loaders.keras_config import effective_trainable
 from bnlint.loaders.keras_file import OP_KINDS as KERAS_OP_KINDS
@@ -264,7 +265,8 @@ def _open(path: Path) -> tuple[Path, bytes]:
     try:
         if file.stat().st_size > MAX_PB_BYTES:
             raise InputError(str(file), f"larger than protobuf's {MAX_PB_BYTES}-byte limit")
-        return file.parent, file.read_bytes()
+        with open_regular(file) as handle:  # a FIFO named saved_model.pb is refused, never waited on
+            return file.parent, handle.read(MAX_PB_BYTES + 1)
     except OSError as exc:
         raise InputError(str(file), f"cannot read: {exc.strerror or exc}") from None
 
