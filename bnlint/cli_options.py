@@ -22,7 +22,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound="CommonOptions")
 
 TRUST_HELP = ("Allow running code from the input file: a pickled nn.Module, TorchScript whose code is not recognised "
-              "as pure tensor computation, a Keras Lambda layer. Only for files you trust.")
+              "as pure tensor computation, a Keras Lambda layer, a TensorFlow SavedModel with ops outside bnlint's vetted "
+              "arithmetic (file or Python ops). Only for files you trust.")
 TIMEOUT_HELP = "wall-clock limit for running the model in its isolated child (default: sized to the model and data)"
 
 
