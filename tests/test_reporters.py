@@ -214,6 +214,7 @@ def test_json_content() -> None:
     files = _strict_loads(render("json"))["files"]
     assert [f["path"] for f in files] == [r.path for r in make_report().files]
     first = files[0]["findings"][0]
+    assert first.pop("fix") == "fix nonfinite-stats"  # the rule table's fix, as the text output shows it
     assert first == {
         "code": "BN101", "name": "nonfinite-stats", "severity": "error", "layer": "layer1.0.bn1",
         "message": "running_var has 2 NaN", "values": {"lo": "-inf", "max": "inf", "min": "nan", "nan": 2},

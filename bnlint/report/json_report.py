@@ -5,7 +5,7 @@ Shape (keys always present, in this order):
     {"version": 1,
      "tool": {"name": "bnlint", "version": "0.1.0"},
      "files": [{"path": str, "format": str | null, "layers": int, "error": str | null,
-                "findings": [{"code", "name", "severity", "layer", "message", "values"}],
+                "findings": [{"code", "name", "severity", "layer", "message", "values", "fix"}],
                 "layer_stats": [{...}], "notes": [str],
                 "dynamic_error": str | null, "not_shown": str | null}],
      "summary": {"error": n, "warning": n, "info": n, "files": n, "unreadable": n, "dynamic_not_run": n}}
@@ -29,7 +29,7 @@ from importlib import resources
 from typing import Any, Mapping
 
 from bnlint.findings import FileResult, Finding, Report, Severity
-from bnlint.report._common import TOOL_NAME, json_safe, not_shown, rule_name, severity_counts
+from bnlint.report._common import TOOL_NAME, fix_text, framework_of, json_safe, not_shown, rule_name, severity_counts
 from bnlint.rules.registry import RuleSpec
 
 JSON_VERSION = 1
@@ -43,7 +43,8 @@ def load_schema() -> dict[str, Any]:
     return loaded
 
 
-def _finding(finding: Finding, rules: Mapping[str, RuleSpec]) -> dict[str, Any]:
+def _finding(finding: Finding, rules: Mapping[str, RuleSpec], framework: str | None) -> dict[str, Any]:
+    spec = rules.get(finding.code)
     return {
         "code": finding.code,
         "name": rule_name(rules, finding.code),
@@ -51,6 +52,7 @@ def _finding(finding: Finding, rules: Mapping[str, RuleSpec]) -> dict[str, Any]:
         "layer": finding.layer,
         "message": finding.message,
         "values": json_safe(dict(finding.values)),
+        "fix": fix_text(spec, [framework]) if spec is not None else None,
     }
 
 
@@ -60,7 +62,7 @@ def _file(result: FileResult, rules: Mapping[str, RuleSpec]) -> dict[str, Any]:
         "format": result.format,
         "layers": result.layer_count,
         "error": result.error.message if result.error is not None else None,
-        "findings": [_finding(f, rules) for f in result.findings],
+        "findings": [_finding(f, rules, framework_of(result)) for f in result.findings],
         "layer_stats": [json_safe(dict(s)) for s in result.layer_stats],
         "notes": list(result.notes),
         "dynamic_error": result.dynamic_error if result.error is None else None,
