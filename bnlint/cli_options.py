@@ -161,17 +161,10 @@ class FixCommandOptions(CommonOptions):
 
 def folder_format(path: str) -> str | None:
     """The description of the folder format `path` is one model of (a SavedModel directory), else None."""
-    from pathlib import Path
+    from bnlint.formats import folder_format as record_of
 
-    from bnlint.formats import FORMATS
-
-    folder = Path(path)
-    if not folder.is_dir():
-        return None
-    for record in FORMATS.values():
-        if record.folder is not None and record.function(record.folder)(folder):
-            return record.description
-    return None
+    record = record_of(path)
+    return record.description if record is not None else None
 
 
 def check_fix_output(model: str, output: str | None) -> None:

@@ -63,10 +63,28 @@ class FormatRecord:
     cannot_run: str | None = None  # why the format cannot run on --data, when runner is None
     fixer: str | None = None  # "module:function"(info, options, outcome, target) -> None
     extra: str | None = None  # the optional dependency its runner and fixer need, for messages
+    # The module (and its name in messages) its fixer cannot start without: checked in the parent,
+    # in one line, before an isolated child is started.
+    engine: tuple[str, str] | None = None
     records: frozenset[str] = field(default_factory=frozenset)  # FACTS its loader records
 
     def function(self, spec: str) -> Callable[..., Any]:
         return function_at(spec)
+
+
+def folder_format(path: str | Path) -> FormatRecord | None:
+    """The record of the folder format `path` is one model of (a SavedModel directory), else None."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    return next((r for r in FORMATS.values() if r.folder is not None and r.function(r.folder)(folder)), None)
+
+
+def plugin_modules() -> list[str]:
+    """Modules outside bnlint that registered formats: an isolated child imports them too, so a
+    format registered from a plugin is known wherever bnlint reads or runs a model."""
+    modules = {record.loader.partition(":")[0] for record in FORMATS.values()}
+    return sorted(m for m in modules if m != "bnlint" and not m.startswith("bnlint."))
 
 
 def function_at(spec: str) -> Callable[..., Any]:
@@ -108,7 +126,7 @@ def facts_of(framework: str) -> frozenset[str]:
 
 def is_model_folder(path: Path) -> bool:
     """A folder that is one model of some format (a SavedModel directory): linted, not searched."""
-    return any(record.folder is not None and record.function(record.folder)(path) for record in FORMATS.values())
+    return folder_format(path) is not None
 
 
 def is_companion(path: Path) -> bool:
@@ -189,7 +207,8 @@ register_format(FormatRecord(
     "tf-savedmodel", "tensorflow", "TensorFlow SavedModel", "bnlint.loaders.tf_savedmodel:load_tf_savedmodel",
     sniffers=((85, "bnlint.loaders.tf_savedmodel:sniff"),), folder="bnlint.loaders.tf_savedmodel:is_savedmodel_dir",
     extensions=(".pb",), companions=("keras_metadata.pb", "fingerprint.pb"), runner="bnlint.dynamic.openers:open_tf_runner",
-    fixer="bnlint.fix.tf_fix:fix_tf", extra="tensorflow", records=frozenset({"graph-modes", "trainable", "run"})))
+    fixer="bnlint.fix.tf_fix:fix_tf", extra="tensorflow", engine=("tensorflow", "TensorFlow"),
+    records=frozenset({"graph-modes", "trainable", "run"})))
 register_format(FormatRecord(
     "tf-graphdef", "tensorflow", "TensorFlow frozen GraphDef", "bnlint.loaders.tf_graphdef:load_tf_graphdef",
     sniffers=((86, "bnlint.loaders.tf_graphdef:sniff"),), extensions=(".pb",), cannot_run=TF_CANNOT_RUN, extra="tensorflow",

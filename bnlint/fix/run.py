@@ -286,11 +286,6 @@ def _judged_by_recalibration(before: Any, outcome: FixOutcome, info: Any) -> Any
         notes=[*before.notes, "the output was judged from the exact recalibration's own measurements (no second run)"])
 
 
-# Fixers that cannot run at all without their framework (the format record's `extra`), and its
-# name for the message: said in the parent, in one line, before an isolated child is started.
-_FIX_NEEDS = {"tensorflow": "TensorFlow"}
-
-
 def _fixer(info: Any, options: FixOptions) -> Any:
     """The repair function of the model's format record, or a UsageError saying why there is none."""
     import importlib.util
@@ -298,9 +293,8 @@ def _fixer(info: Any, options: FixOptions) -> Any:
     from bnlint.formats import FORMATS
 
     record = FORMATS.get(info.file_format or "")
-    needs = _FIX_NEEDS.get(record.extra or "") if record is not None else None
-    if record is not None and needs is not None and importlib.util.find_spec(record.extra or "") is None:
-        raise UsageError(f"{options.model}: bnlint fix of a {record.description} needs {needs}, which is not installed "
+    if record is not None and record.engine is not None and importlib.util.find_spec(record.engine[0]) is None:
+        raise UsageError(f"{options.model}: bnlint fix of a {record.description} needs {record.engine[1]}, which is not installed "
                          f"(pip install 'bnlint[{record.extra}]')")
     if record is None or record.fixer is None:
         raise UsageError(f"{options.model}: bnlint fix does not repair {info.framework} models (no runtime to run them)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from bnlint.errors import UsageError
 from bnlint.sandbox.isolate import ModelRunError, Outcome, Walls, arch_is_module, arch_target, default_timeout, run_job, set_quiet
 
 if TYPE_CHECKING:
@@ -57,6 +58,11 @@ def measure_isolated(model: ModelInfo, path: str, companion: str | None, options
     from bnlint.measurements import Measurements
 
     settings = dynamic_settings(config)  # bad settings are usage errors here, before any child starts
+    from bnlint.formats import FORMATS
+
+    record = FORMATS.get(model.file_format or "")
+    if record is not None and record.runner is None:  # said here: no child is started for nothing
+        raise UsageError(record.cannot_run or f"running a {record.description} on --data is not supported")
     from bnlint.dynamic.data import Dataset
 
     # The data's headers (shapes, dtypes, sizes, zip structure) are read as data here too: a broken

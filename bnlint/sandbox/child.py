@@ -52,9 +52,13 @@ def _wall(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(job: dict[str, Any], out: Path) -> None:
+    import importlib
+
     from bnlint.config import Config
     from bnlint.sandbox import codec
 
+    for module in job.get("plugins") or ():  # formats registered by plugins, as in the parent
+        importlib.import_module(module)
     raw = job["config"]
     config = Config(select=tuple(raw["select"]), ignore=tuple(raw["ignore"]), fail_on=raw["fail_on"],
                     per_layer_ignores={k: tuple(v) for k, v in raw["per_layer_ignores"].items()},

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bnlint.errors import BnlintError, DataError, InputError, NotAModel, TrustRequired, UsageError
+from bnlint.formats import plugin_modules
 
 # Environment variables a model run may see: locale, library search paths and the numeric
 # libraries' threading and CPU-feature settings. Everything else (tokens, credentials) is dropped.
@@ -282,7 +283,8 @@ def run_job(job: dict[str, Any], *, reads: list[str], trust: bool, device: str |
     reads = [str(Path(r).resolve()) for r in reads if r] + ([os.getcwd()] if arch_module else [])
     memory = _memory_limit()
     job = {**job, "out": str(private), "policy": _policy(reads, private, trust, gpu), "memory_bytes": memory,
-           "limit_data": not gpu, "max_file_bytes": _max_file_bytes(job), "cwd": os.getcwd()}
+           "limit_data": not gpu, "max_file_bytes": _max_file_bytes(job), "cwd": os.getcwd(),
+           "plugins": plugin_modules()}
     sys_path = _sys_path(arch_module)
     stderr_path = private / "stderr.txt"
     outcome = Outcome(None, Walls(), private)
