@@ -206,7 +206,7 @@ TF_CANNOT_RUN = ("running a frozen TensorFlow GraphDef on --data is not supporte
 register_format(FormatRecord(
     "tf-savedmodel", "tensorflow", "TensorFlow SavedModel", "bnlint.loaders.tf_savedmodel:load_tf_savedmodel",
     sniffers=((85, "bnlint.loaders.tf_savedmodel:sniff"),), folder="bnlint.loaders.tf_savedmodel:is_savedmodel_dir",
-    extensions=(".pb",), companions=("keras_metadata.pb", "fingerprint.pb"), runner="bnlint.dynamic.openers:open_tf_runner",
+    extensions=(".pb",), companions=("keras_metadata.pb", "fingerprint.pb"), runner="bnlint.dynamic.tf_runner:open_tf_runner",
     fixer="bnlint.fix.tf_fix:fix_tf", extra="tensorflow", engine=("tensorflow", "TensorFlow"),
     records=frozenset({"graph-modes", "trainable", "run"})))
 register_format(FormatRecord(

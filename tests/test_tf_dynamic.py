@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from bnlint.cli import main
 from bnlint.errors import OutputError
-from bnlint.fix.tf_write import publish_folder
+from bnlint.fix.publish_folder import publish_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TF = ROOT / "fixtures" / "tf_formats"

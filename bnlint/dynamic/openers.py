@@ -56,13 +56,3 @@ def open_keras_runner(model: ModelInfo, options: DynamicOptions, settings: Dynam
     if settings.device == "cuda":
         require_cuda_for_torch()
     return KerasRunner(model, None, options.data, options.trust, options.arch)
-
-
-def open_tf_runner(model: ModelInfo, options: DynamicOptions, settings: DynamicThresholds) -> Runner:
-    if options.arch:
-        raise UsageError("--arch applies to PyTorch weights and Keras custom classes, not to a TensorFlow SavedModel")
-    if settings.device == "cuda":
-        raise UsageError("--device cuda: bnlint runs TensorFlow SavedModels on the CPU (use --device cpu or auto)")
-    from bnlint.dynamic.tf_runner import TFRunner
-
-    return TFRunner(model, options.data, options.trust)

@@ -245,6 +245,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
+def open_tf_runner(model: ModelInfo, options: Any, settings: Any) -> TFRunner:
+    """The tf-savedmodel record's runner (bnlint.formats): the SavedModel's serving graph on --data."""
+    if options.arch:
+        raise UsageError("--arch applies to PyTorch weights and Keras custom classes, not to a TensorFlow SavedModel")
+    if settings.device == "cuda":
+        raise UsageError("--device cuda: bnlint runs TensorFlow SavedModels on the CPU (use --device cpu or auto)")
+    return TFRunner(model, options.data, options.trust)
+
+
 class TFRunner:
     """A SavedModel's frozen serving graph, measured at every fused BatchNorm's input."""
 

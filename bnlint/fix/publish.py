@@ -48,8 +48,8 @@ def publish(staged: Path, target: Path, *, source: Path, in_place: bool) -> list
     """Move `staged` (and every other file in its folder: its companions) to `target`; returns the
     published paths, model first. Raises OutputError for any OSError, leaving the target as it was."""
     staged, target, source = Path(staged), Path(target), Path(source)
-    if staged.is_dir():  # a folder model (a SavedModel): swapped in as a whole
-        from bnlint.fix.tf_write import publish_folder
+    if staged.is_dir():  # a folder-format model (a SavedModel): swapped in as a whole
+        from bnlint.fix.publish_folder import publish_folder
 
         return publish_folder(staged, target, source=source, in_place=in_place)
     dest = Path(os.path.realpath(target)) if in_place else target  # in place through a link: its target

@@ -1,5 +1,5 @@
-"""Publishing a fixed model that is a folder (a TensorFlow SavedModel): `bnlint.fix.publish` moves
-single files; this moves a staged folder into place.
+"""Publishing a fixed model that is a folder (any folder format, e.g. a TensorFlow SavedModel):
+`bnlint.fix.publish` moves single files and hands a staged folder to this.
 
     publish_folder(stage / "fixed", Path("out/fixed"), source=Path("model_dir"), in_place=False)
 
@@ -36,7 +36,7 @@ def publish_folder(staged: Path, target: Path, *, source: Path, in_place: bool) 
     if not folder.is_dir():
         raise OutputError(f"cannot write {target}: folder {folder} does not exist")
     if os.path.lexists(dest) and not dest.is_dir():
-        raise OutputError(f"cannot write {target}: it exists and is not a folder (a SavedModel is a folder)")
+        raise OutputError(f"cannot write {target}: it exists and is not a folder (the model is a folder)")
     temp = folder / f".{dest.name}.{secrets.token_hex(4)}.tmp"
     try:
         shutil.copytree(staged, temp, copy_function=_copy_synced)
