@@ -106,6 +106,12 @@ def _tensor_of(owner: Any, key: str) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _storages(owner: Any) -> set[int]:
+    """Where a layer's running statistics live: two layers sharing any is one layer."""
+    found = (_tensor_of(owner, key) for key in ("running_mean", "running_var"))
+    return {t.untyped_storage().data_ptr() for t in found if t is not None and t.numel()}
+
+
 def _host(value: torch.Tensor | None) -> np.ndarray | None:
     return None if value is None else value.detach().double().cpu().numpy().reshape(-1)
 
@@ -443,6 +449,18 @@ def _only_checks(block: Any) -> bool:
     return all(n.kind() in CHECK_OPS and all(_only_checks(b) for b in n.blocks()) for n in block.nodes())
 
 
+def _unoptimised() -> Any:
+    """TorchScript's executor without its profiling and optimising passes, for the segment functions.
+
+    Each segment is a new function run a few times: the profiling executor would profile its
+    first calls, then compile a specialised plan for it (seconds per model, more than the
+    convolutions on CPU) that the next batch size throws away. The ops and their kernels are the
+    same, so are the results. Graphs must be inlined before this runs: a callee first compiled
+    here keeps an un-inlined graph for the rest of the process (`_frozen_graph` inlines first).
+    """
+    return torch.jit.optimized_execution(False)
+
+
 def _frozen_graph(module: torch.jit.ScriptModule) -> Any:
     """The inlined forward graph in eval mode: `self.training` reads are False, so train-only branches fold away."""
     graph = module.forward.graph.copy()  # type: ignore[attr-defined]  # a ScriptMethod
@@ -573,12 +591,13 @@ def recalibrate_script(module: torch.jit.ScriptModule, batches: Iterable[Batch],
     chunks, alias = _chunks(batches, target, dtype), dict(names or {})
     run, notes, skipped = _Run(target, process_group), [], {}
     with torch.no_grad(), eval_mode(module):
+        graph = _frozen_graph(module)  # first: it caches every callee's inlined graph before anything runs unoptimised
         if chunks:
             try:
-                module(*_one_sample(chunks[0]))
+                with _unoptimised():
+                    module(*_one_sample(chunks[0]))
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 raise RecalibrationError(f"the model rejected the data: {str(exc).strip().splitlines()[-1][:300]}") from None
-        graph = _frozen_graph(module)
         top = list(graph.nodes())
         nodes = [(i, node) for i, node in enumerate(top) if node.kind() == "aten::batch_norm"]  # by top-level position
         nested = len(graph.findAllNodes("aten::batch_norm", True)) - len(nodes)
@@ -595,23 +614,27 @@ def recalibrate_script(module: torch.jit.ScriptModule, batches: Iterable[Batch],
             if path is None:
                 skipped[name] = "no running statistics in the graph"
                 continue
-            if any(layer.path == ".".join(path[:-1]) for layer in by_index.values()):
-                raise RecalibrationError(f"BatchNorm layer {name} is called more than once per forward pass: exact recalibration is not "
-                                         "defined for it")
             owner: Any = module
             for part in path[:-1]:
                 owner = getattr(owner, part)
+            # One module under two attribute names (nn.Sequential(bn, relu, bn) scripted) has two
+            # paths but one set of buffers: it is the same layer called twice.
+            if any(layer.path == ".".join(path[:-1]) or _storages(layer.owner) & _storages(owner) for layer in by_index.values()):
+                raise RecalibrationError(f"BatchNorm layer {name} is called more than once per forward pass: exact recalibration is not "
+                                         "defined for it")
             by_index[i] = _Layer(name, ".".join(path[:-1]), owner)
         chosen = set(select([layer.name for layer in by_index.values()], layers, {layer.name: layer.path for layer in by_index.values()}))
         selected = {i: layer for i, layer in by_index.items() if layer.name in chosen}
         segments = ScriptSegments(graph, list(selected))
-        estimate = segments.run(module, [_one_sample(chunks[0])], selected, None) if chunks else 0
+        with _unoptimised():
+            estimate = segments.run(module, [_one_sample(chunks[0])], selected, None) if chunks else 0
         estimate *= sum(int(c[0].shape[0]) for c in chunks)
         if estimate > _budget(memory_budget, target):
             notes.append(f"carrying values between segments would hold ~{gib(estimate)} (budget {gib(_budget(memory_budget, target))}): "
                          "ran truncated passes")
             segments = ScriptSegments(graph, list(selected), carry=False)
-        segments.run(module, chunks, selected, run)
+        with _unoptimised():
+            segments.run(module, chunks, selected, run)
     settled = {r.module for r in run.results}
     skipped.update({layer.name: "never ran on this data" for layer in by_index.values() if layer.name in chosen and layer.path not in settled})
     passes = 1 if segments.carry else len(selected)

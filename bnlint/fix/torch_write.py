@@ -227,9 +227,22 @@ def vet_pickles(path: str, kind: str) -> None:
         raise InputError(path, f"refusing to copy a pickle bnlint cannot read to its end ({problems[0][:200]})")
 
 
-def _verify(path: str, patches: dict[int, bytes], report: PatchReport, kind: str) -> None:
+def _runs(patches: Mapping[int, bytes]) -> list[tuple[int, bytes]]:
+    """The patches as (offset, bytes) runs, adjacent elements joined: one seek per buffer, not per element."""
+    runs: list[tuple[int, list[bytes]]] = []
+    end = -1
+    for offset, data in sorted(patches.items()):
+        if offset == end:
+            runs[-1][1].append(data)
+        else:
+            runs.append((offset, [data]))
+        end = offset + len(data)
+    return [(offset, b"".join(parts)) for offset, parts in runs]
+
+
+def _verify(path: str, runs: Sequence[tuple[int, bytes]], report: PatchReport, kind: str) -> None:
     with open(path, "rb") as handle:
-        for offset, data in patches.items():
+        for offset, data in runs:
             handle.seek(offset)
             if handle.read(len(data)) != data:
                 raise RecalibrationError(f"{path}: patched bytes did not read back")
@@ -265,17 +278,18 @@ def write_torch_fix(input_path: str | os.PathLike[str], output_path: str | os.Pa
     patches, report = plan_patches(source, new_stats)
     report.output = target
     folder = os.path.dirname(os.path.abspath(target))
+    runs = _runs(patches)
     fd, temp = tempfile.mkstemp(prefix=".bnlint-fix-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as out, open(source, "rb") as inp:
             shutil.copyfileobj(inp, out, 1 << 20)
-            for offset, data in sorted(patches.items()):
+            for offset, data in runs:
                 out.seek(offset)
                 out.write(data)
             out.flush()
         if kind == "torch-zip":
             _update_crcs(temp, report.ranges, report)
-        _verify(temp, patches, report, kind)
+        _verify(temp, runs, report, kind)
         shutil.copymode(source, temp)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
