@@ -79,8 +79,10 @@ def _display(path: Path) -> str:
 
 def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None, dynamic: Any = None,
               skip_unrecognised: bool = False, notes: list[str] | None = None, companion: Path | None = None,
-              measured: Measurements | None = None) -> FileResult | None:
+              measured: Measurements | None = None, model: ModelInfo | None = None) -> FileResult | None:
     """Lint one file; any unreadable input becomes FileResult.error, never an exception.
+
+    `model`: this file already loaded (`bnlint fix` judges its input without reading it again).
 
     With skip_unrecognised, a file in no model format (a Git LFS pointer, a plain HDF5 data
     file) gives a note in `notes` and None instead of an error.
@@ -93,7 +95,7 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
         result.size = None
     try:
         with static_budget(shown):
-            model = load_model(path, companion)
+            model = model if model is not None else load_model(path, companion)
             model.path = shown
             try:
                 _analyse(result, model, config, reference=reference, dynamic=dynamic, source=(path, companion), measured=measured)

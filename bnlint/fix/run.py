@@ -87,16 +87,17 @@ def _measure_here(info: Any, path: str, options: FixOptions, config: Config) -> 
         return None
     from bnlint.dynamic import measure
 
-    return _judge(path, options, config, measure(info, _dynamic_options(options), config))
+    return _judge(path, options, config, measure(info, _dynamic_options(options), config), model=info)
 
 
-def _judge(path: str, options: FixOptions, config: Config, measured: Any) -> Report | None:
-    """The linter's report on `path` from measurements the isolated child already made."""
+def _judge(path: str, options: FixOptions, config: Config, measured: Any, model: Any = None) -> Report | None:
+    """The linter's report on `path` from measurements the isolated child already made (`model`:
+    the file already loaded here)."""
     if measured is None:
         return None
     from bnlint.api import lint_file
 
-    result = lint_file(Path(path), config, dynamic=_dynamic_options(options), measured=measured)
+    result = lint_file(Path(path), config, dynamic=_dynamic_options(options), measured=measured, model=model)
     return Report(files=[result] if result is not None else [])
 
 
@@ -159,10 +160,10 @@ def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
     _fixer(info, options)  # a format without a repair is refused before anything runs
     if options.process_group is not None:
         return _run_in_process(info, options, config, target)
-    return _run_isolated(options, config, target, info.file_format)
+    return _run_isolated(options, config, target, info)
 
 
-def _run_isolated(options: FixOptions, config: Config, target: str | None, file_format: str | None) -> FixOutcome:
+def _run_isolated(options: FixOptions, config: Config, target: str | None, info: Any) -> FixOutcome:
     import dataclasses
     import shutil
 
@@ -176,7 +177,7 @@ def _run_isolated(options: FixOptions, config: Config, target: str | None, file_
            "staged": Path(target).name if target is not None else None}
     folder = str(Path(options.model).resolve().parent)
     ran = run_job(job, reads=[folder, options.data or "", arch_file(options.arch) or ""], trust=options.trust,
-                  device=options.device, timeout=float(timeout), describe=options.model, preload=preload_for(file_format))
+                  device=options.device, timeout=float(timeout), describe=options.model, preload=preload_for(info.file_format))
     try:
         result = ran.result
         if not isinstance(result, dict) or not isinstance(result.get("record"), dict):
@@ -188,7 +189,7 @@ def _run_isolated(options: FixOptions, config: Config, target: str | None, file_
 
             staged = ran.folder / "staged" / Path(target).name
             publish(staged, Path(target), source=Path(options.model), in_place=options.in_place)
-        outcome.before = _judge(options.model, options, config, result.get("before"))
+        outcome.before = _judge(options.model, options, config, result.get("before"), model=info)
         outcome.first_drift_before = _first_drift(outcome.before)
         if target is not None:
             outcome.after = _judge(target, options, config, result.get("after"))
