@@ -108,3 +108,18 @@ def test_cli_fix_of_a_torchscript_writes_the_exact_statistics(tmp_path: Path) ->
     for name, (mean, var) in reference.items():
         assert np.max(np.abs(written[f"{name}.running_mean"].double().numpy() - mean) / np.sqrt(var)) < 1e-6, name
         np.testing.assert_allclose(written[f"{name}.running_var"].double().numpy(), var, rtol=1e-6, err_msg=name)
+
+
+def test_recalibrate_file_reuses_the_callers_parse_of_the_same_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnlint.loaders
+    from bnlint.fix.torch_recalibrate import recalibrate_file
+
+    scripted, other = str(DATA.parents[1] / "convnet_scripted.pt"), str(DATA.parents[1] / "fault_traced_train.pt")
+    info, parse = bnlint.loaders.load_model(scripted), bnlint.loaders.load_model
+    calls: list[str] = []
+    monkeypatch.setattr(bnlint.loaders, "load_model", lambda path, *a, **k: calls.append(str(path)) or parse(path, *a, **k))
+    assert len(recalibrate_file(scripted, str(DATA), info=info).layers) == len(info.layers)
+    assert calls == []
+    with pytest.raises(RecalibrationError, match="traced in train mode"):  # another file's parse is never trusted for this one
+        recalibrate_file(other, str(DATA), info=info)
+    assert calls == [other]

@@ -32,6 +32,8 @@ explained in `bnlint.fix.recalibrate`. Three ways to run, chosen by `method="aut
    layer-major again, each segment run over every batch from the values carried across the cut,
    returning the layer's per-sample input moments and what later nodes need. The scripted
    forward reads its buffers at run time, so `copy_` into them is what the next segment sees.
+   Segments run without the profiling executor (`_unoptimised`): same kernels, same bits, none
+   of the per-function profiling and specialisation that cost more than the convolutions.
    Above `memory_budget`, each segment starts from the inputs instead ("torchscript-truncated",
    ~K/2 passes). A graph traced in train mode has batch_norm(training=True) baked in and is
    refused: re-trace it after model.eval() (BN405).
@@ -790,18 +792,19 @@ def static_names(model_info: Any, module_names: Sequence[str], hints: Mapping[st
 def recalibrate_file(path: str, data: str, *, arch: str | None = None, arch_kwargs: Mapping[str, Any] | None = None, trust: bool = False,
                      inputs: Mapping[str, str] | None = None, batch_size: int = 32, layers: str | Sequence[str] | None = None,
                      device: str = "cpu", process_group: Any = None, method: str = "auto",
-                     memory_budget: float | None = None) -> RecalibrationResult:
+                     memory_budget: float | None = None, info: Any = None) -> RecalibrationResult:
     """Recalibrate the model in `path` on the --data sample `data`, layers named as bnlint's static loader names them.
 
     The model is opened as the linter's dynamic analysis opens it (TorchScript; weights + --arch;
     a pickled module only with trust). With a process group, process r reads batches r, r+W, ...
     The file is not written: pass `result.new_stats()` to `bnlint.fix.torch_write.write_torch_fix`.
+    info: `load_model(path)` when the caller has it already (the file is not parsed twice).
     """
     from bnlint.dynamic.data import Dataset, zip_batches
     from bnlint.dynamic.loading import open_torch
     from bnlint.loaders import load_model
 
-    info = load_model(path)
+    info = info if info is not None and getattr(info, "path", None) == path else load_model(path)
     if info.traced_training:
         call = info.traced_training[0]
         raise RecalibrationError(f"{path}: traced in train mode ({call.code} at {call.location}): batch statistics are baked into the graph, "
