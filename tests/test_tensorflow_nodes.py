@@ -18,6 +18,7 @@ from bnlint.loaders.tf_nodes import KernelTensor
 from bnlint.loaders.tf_proto import Msg, read_graph
 from bnlint.loaders.tf_savedmodel import load_tf_savedmodel
 from bnlint.model import ArrayTensor, GraphNode, ModelInfo
+from tests.proto_bytes import field
 
 TF = Path(__file__).resolve().parents[1] / "fixtures" / "tf_formats"
 GRAPH_RULES = {"BN501", "BN502", "BN503"}
@@ -127,21 +128,6 @@ def test_healthy_graphs_stay_quiet(fixture: str) -> None:
 
 
 # ---- hostile graphs --------------------------------------------------------------------------------
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes | int) -> bytes:
-    if isinstance(payload, int):
-        return varint(number << 3) + varint(payload)
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def const(name: str, shape: tuple[int, ...], content: bytes) -> bytes:

@@ -26,6 +26,7 @@ from bnlint.loaders.tf_graphdef import load_tf_graphdef
 from bnlint.loaders.tf_proto import sniff_pb
 from bnlint.loaders.tf_savedmodel import load_tf_savedmodel
 from bnlint.model import ModelInfo
+from tests.proto_bytes import field, varint
 
 TF = Path(__file__).resolve().parent.parent / "fixtures" / "tf_formats"
 EXPECTED: dict[str, Any] = json.loads((TF / "expected.json").read_text())
@@ -192,21 +193,6 @@ print("ok")
 
 
 # ---- hostile inputs ------------------------------------------------------------------------------
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes | int) -> bytes:
-    if isinstance(payload, int):
-        return varint(number << 3) + varint(payload)
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def entry(dims: list[int], offset: int, size: int, shard: int = 0, crc: int | None = None, dtype: int = 1) -> bytes:

@@ -22,25 +22,13 @@ from bnlint.cli import main
 from bnlint.dynamic.tf_gate import CHECKPOINT_OPS, COMPUTE_OPS, vet_savedmodel
 from bnlint.errors import InputError, TrustRequired
 from bnlint.protowire import LEN, iter_fields
+from tests.proto_bytes import field, varint
 
 ROOT = Path(__file__).resolve().parents[1]
 TF = ROOT / "fixtures" / "tf_formats"
 DATA = ROOT / "fixtures" / "data" / "convnet_tiny.npz"
 
 Chooser = Callable[[bytes], bool]
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def node(name: str, op: str, *inputs: str) -> bytes:

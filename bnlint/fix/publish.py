@@ -74,7 +74,7 @@ def publish(staged: Path, target: Path, *, source: Path, in_place: bool) -> list
             final_companions.append(final)
         old_refs = _references(dest) if os.path.lexists(dest) else set()
         temp_model = _stage_beside(staged, dest, mode, created, payload)
-        _fsync_folder(folder)
+        fsync_folder(folder)
         os.replace(temp_model, dest)  # step 2: the one switch
         created.clear()
     except OutputError:
@@ -83,7 +83,7 @@ def publish(staged: Path, target: Path, *, source: Path, in_place: bool) -> list
     except OSError as exc:
         _remove(created)
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-    _fsync_folder(folder)
+    fsync_folder(folder)
     final_companions = _tidy(dest, folder, mode, old_refs, source, renames, final_companions)  # step 3: best effort
     return [target, *final_companions]
 
@@ -191,7 +191,7 @@ def _tidy(dest: Path, folder: Path, mode: int, old_refs: set[str], source: Path,
         _remove(linked)
         return companions
     _remove([folder / fresh for fresh in back])
-    _fsync_folder(folder)
+    fsync_folder(folder)
     return [folder / back.get(c.name, c.name) for c in companions]
 
 
@@ -211,7 +211,7 @@ def _remove(paths: Iterable[Path]) -> None:
             pass
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make the renames durable; some file systems cannot open a folder: then nothing more to do."""
     try:
         handle = os.open(folder, os.O_RDONLY)

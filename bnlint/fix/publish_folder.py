@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from bnlint.errors import OutputError
+from bnlint.fix.publish import fsync_folder
 
 RENAME_EXCHANGE = 2  # linux/fs.h
 
@@ -40,8 +41,8 @@ def publish_folder(staged: Path, target: Path, *, source: Path, in_place: bool) 
     temp = folder / f".{dest.name}.{secrets.token_hex(4)}.tmp"
     try:
         shutil.copytree(staged, temp, copy_function=_copy_synced)
-        _fsync(temp)
-        _fsync(folder)
+        fsync_folder(temp)
+        fsync_folder(folder)
     except OSError as exc:
         shutil.rmtree(temp, ignore_errors=True)
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
@@ -49,7 +50,7 @@ def publish_folder(staged: Path, target: Path, *, source: Path, in_place: bool) 
     try:
         if not os.path.lexists(dest):
             os.rename(temp, dest)
-            _fsync(folder)
+            fsync_folder(folder)
             return [target]
         if _exchange(temp, dest):
             old = temp  # after the swap the temporary name holds the old model
@@ -61,7 +62,7 @@ def publish_folder(staged: Path, target: Path, *, source: Path, in_place: bool) 
             os.rename(old, dest)  # the second rename failed: the old model goes back
         shutil.rmtree(temp, ignore_errors=True)
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-    _fsync(folder)
+    fsync_folder(folder)
     shutil.rmtree(old, ignore_errors=True)
     return [target]
 
@@ -84,15 +85,3 @@ def _copy_synced(src: str, dst: str) -> str:
     return dst
 
 
-def _fsync(path: Path) -> None:
-    """Make a folder's entries durable; some file systems cannot open a folder: then nothing more to do."""
-    try:
-        handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
