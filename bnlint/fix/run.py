@@ -359,7 +359,7 @@ def fix_torch(info: Any, options: FixOptions, outcome: FixOutcome, target: str |
     data = _needs_data(options, "recalibrating a PyTorch model")
     result = recalibrate_file(options.model, data, arch=options.arch, arch_kwargs=options.arch_kwargs, trust=options.trust,
                               inputs=options.inputs, batch_size=options.batch_size, layers=options.layers, device=options.device,
-                              process_group=options.process_group)
+                              process_group=options.process_group, info=info)
     outcome.actions.append(f"recalibrated {len(result.layers)} layer(s) ({result.method}, {result.passes} pass(es) over "
                            f"{result.samples} samples)")
     outcome.refused.update(result.skipped)
