@@ -198,3 +198,21 @@ def test_non_onnx_companion_over_an_existing_file_is_refused(tmp_path: Path) -> 
     with pytest.raises(OutputError, match="only an ONNX"):
         publish(stage / "m.pt", tmp_path / "m.pt", source=stage / "m.pt", in_place=False)
     assert (tmp_path / "side.bin").read_bytes() == b"old" and not (tmp_path / "m.pt").exists()
+
+
+def test_a_staged_file_on_the_same_file_system_is_moved_not_copied(pair: tuple[Path, Path]) -> None:
+    model, staged = pair
+    inode = os.stat(staged).st_ino
+    publish(staged, model, source=model, in_place=True)
+    assert _value(model) == 2.0
+    assert os.stat(model).st_ino == inode and not staged.exists()  # renamed into place: no second copy of the bytes
+
+
+def test_a_staged_file_on_another_file_system_is_copied(pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    model, staged = pair
+    monkeypatch.setattr(publish_module, "_same_device", lambda path, folder: False)
+    inode = os.stat(staged).st_ino
+    mode = stat.S_IMODE(os.stat(model).st_mode)
+    publish(staged, model, source=model, in_place=True)
+    assert _value(model) == 2.0 and os.stat(model).st_ino != inode and staged.exists()
+    assert stat.S_IMODE(os.stat(model).st_mode) == mode

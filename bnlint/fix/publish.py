@@ -149,9 +149,19 @@ def _stage_beside(source: Path, final: Path, mode: int, created: list[Path], pay
     handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     temp = Path(name)
     created.append(temp)
+    if payload is None and _same_device(source, final.parent):
+        os.close(handle)
+        os.rename(source, temp)  # the staged file itself (a private copy nothing else uses): no second copy
+        descriptor = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.chmod(temp, mode)
+        return temp
     with os.fdopen(handle, "wb") as stream:
         if payload is None:
-            with open(source, "rb") as reader:  # a copy: the staging folder may be on another file system
+            with open(source, "rb") as reader:  # a copy: the staging folder is on another file system
                 shutil.copyfileobj(reader, stream, 1 << 20)
         else:
             stream.write(payload)
@@ -159,6 +169,13 @@ def _stage_beside(source: Path, final: Path, mode: int, created: list[Path], pay
         os.fsync(stream.fileno())
     os.chmod(temp, mode)
     return temp
+
+
+def _same_device(path: Path, folder: Path) -> bool:
+    try:
+        return os.stat(path).st_dev == os.stat(folder).st_dev and os.path.isfile(path) and not os.path.islink(path)
+    except OSError:
+        return False
 
 
 def _tidy(dest: Path, folder: Path, mode: int, old_refs: set[str], source: Path, renames: dict[str, str],
