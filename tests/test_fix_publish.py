@@ -200,19 +200,30 @@ def test_non_onnx_companion_over_an_existing_file_is_refused(tmp_path: Path) -> 
     assert (tmp_path / "side.bin").read_bytes() == b"old" and not (tmp_path / "m.pt").exists()
 
 
-def test_a_staged_file_on_the_same_file_system_is_moved_not_copied(pair: tuple[Path, Path]) -> None:
-    model, staged = pair
+def _single(tmp_path: Path) -> tuple[Path, Path]:
+    """An input model.onnx (value 1.0, mode 0644) and a staged fix (value 2.0), no external data."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "stage").mkdir()
+    model, staged = tmp_path / "out" / "model.onnx", tmp_path / "stage" / "model.onnx"
+    _save(_model(1.0), model, None)
+    os.chmod(model, 0o644)
+    _save(_model(2.0), staged, None)
+    os.chmod(staged, 0o600)
+    return model, staged
+
+
+def test_a_staged_file_on_the_same_file_system_is_moved_not_copied(tmp_path: Path) -> None:
+    model, staged = _single(tmp_path)
     inode = os.stat(staged).st_ino
     publish(staged, model, source=model, in_place=True)
-    assert _value(model) == 2.0
+    assert _value(model) == 2.0 and stat.S_IMODE(os.stat(model).st_mode) == 0o644
     assert os.stat(model).st_ino == inode and not staged.exists()  # renamed into place: no second copy of the bytes
 
 
-def test_a_staged_file_on_another_file_system_is_copied(pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    model, staged = pair
+def test_a_staged_file_on_another_file_system_is_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, staged = _single(tmp_path)
     monkeypatch.setattr(publish_module, "_same_device", lambda path, folder: False)
     inode = os.stat(staged).st_ino
-    mode = stat.S_IMODE(os.stat(model).st_mode)
     publish(staged, model, source=model, in_place=True)
-    assert _value(model) == 2.0 and os.stat(model).st_ino != inode and staged.exists()
-    assert stat.S_IMODE(os.stat(model).st_mode) == mode
+    assert _value(model) == 2.0 and stat.S_IMODE(os.stat(model).st_mode) == 0o644
+    assert os.stat(model).st_ino != inode and staged.exists()
