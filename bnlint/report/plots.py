@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 import os
 import re
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from bnlint.errors import UsageError
 from bnlint.findings import Finding, Report
@@ -115,6 +116,35 @@ def warm_up() -> None:
     if _warming is None and importlib.util.find_spec("matplotlib") is not None:
         _warming = threading.Thread(target=_draw_tiny, name="bnlint-plot-warm-up", daemon=True)
         _warming.start()
+
+
+def render_all(renders: Sequence[Callable[[], bytes]]) -> list[bytes]:
+    """Every figure of a page as PNG bytes, in order: in two forked worker processes when there are
+    at least three figures and two cores (each figure is drawn alone, under the same rc settings,
+    so the bytes are the ones a single process draws), else here."""
+    if _warming is not None:
+        _warming.join()  # never fork while the warm-up thread holds matplotlib's locks
+    if len(renders) < 3 or _cores() < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [render() for render in renders]
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_call, renders))
+    except (BrokenProcessPool, OSError):  # no processes to be had here: draw them one by one
+        return [render() for render in renders]
+
+
+def _call(render: Callable[[], bytes]) -> bytes:
+    return render()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _draw_tiny() -> None:
