@@ -32,7 +32,7 @@ CAFFE_EXTENSIONS = FORMATS["caffe"].extensions
 
 def is_model_file(path: str | os.PathLike[str]) -> bool:
     name = os.fspath(path).lower()
-    return name.endswith(MODEL_EXTENSIONS)
+    return name.endswith(MODEL_EXTENSIONS) or name.endswith(model_extensions())  # the latter: formats registered since
 
 
 def _head(path: Path, size: int = 512) -> bytes:
