@@ -38,6 +38,7 @@ FACTS = {
     "graph-modes": "BatchNorm nodes in training form in an inference graph",
     "graph-statistics": "statistics computed inside the graph",
     "graph": "the op graph around each BatchNorm (producers, folding)",
+    "graph-inputs": "the graph's runtime inputs with their shapes (a batch fixed at export)",
     "folded-graph": "linear ops into which BatchNorm may have been folded",
     "producers": "the op feeding each BatchNorm (its bias)",
     "deploy-pair": "a deploy definition paired with a trained weights file",
@@ -189,7 +190,7 @@ register_format(FormatRecord(
     "onnx", "onnx", "ONNX model", "bnlint.loaders.onnx_file:load_onnx",
     sniffers=((70, "bnlint.loaders.sniff:onnx_by_suffix"), (95, "bnlint.loaders.sniff:onnx_by_content")),
     extensions=(".onnx",), runner="bnlint.dynamic.openers:open_onnx_runner", fixer="bnlint.fix.run:fix_onnx",
-    extra="onnxruntime", records=frozenset({"graph-modes", "graph-statistics", "graph", "folded-graph", "producers", "run"})))
+    extra="onnxruntime", records=frozenset({"graph-modes", "graph-statistics", "graph", "graph-inputs", "folded-graph", "producers", "run"})))
 register_format(FormatRecord(
     "keras", "keras", "Keras model (.keras or HDF5)", "bnlint.loaders.keras_file:load_keras",
     sniffers=((10, "bnlint.loaders.sniff:keras_zip"), (40, "bnlint.loaders.sniff:hdf5")),
@@ -200,7 +201,7 @@ register_format(FormatRecord(
     sniffers=((90, "bnlint.loaders.sniff:caffe_by_suffix"),), extensions=(".caffemodel", ".prototxt"),
     cannot_run="running a Caffe model on --data is not supported (no Caffe runtime is bundled); convert it to ONNX to "
     "measure drift, or lint it statically",
-    records=frozenset({"graph-modes", "deploy-pair", "graph", "producers"})))
+    records=frozenset({"graph-modes", "deploy-pair", "graph", "graph-inputs", "producers"})))
 TF_CANNOT_RUN = ("running a frozen TensorFlow GraphDef on --data is not supported (only SavedModels run); lint it "
                  "statically, or convert it to ONNX (tf2onnx) and run that")
 register_format(FormatRecord(
@@ -208,11 +209,11 @@ register_format(FormatRecord(
     sniffers=((85, "bnlint.loaders.tf_savedmodel:sniff"),), folder="bnlint.loaders.tf_savedmodel:is_savedmodel_dir",
     extensions=(".pb",), companions=("keras_metadata.pb", "fingerprint.pb"), runner="bnlint.dynamic.tf_runner:open_tf_runner",
     fixer="bnlint.fix.tf_fix:fix_tf", extra="tensorflow", engine=("tensorflow", "TensorFlow"),
-    records=frozenset({"graph-modes", "trainable", "run"})))
+    records=frozenset({"graph-modes", "graph-statistics", "graph", "folded-graph", "trainable", "run"})))
 register_format(FormatRecord(
     "tf-graphdef", "tensorflow", "TensorFlow frozen GraphDef", "bnlint.loaders.tf_graphdef:load_tf_graphdef",
     sniffers=((86, "bnlint.loaders.tf_graphdef:sniff"),), extensions=(".pb",), cannot_run=TF_CANNOT_RUN, extra="tensorflow",
-    records=frozenset({"graph-modes", "producers"})))
+    records=frozenset({"graph-modes", "graph", "folded-graph", "producers"})))
 register_format(FormatRecord(
     "tf-checkpoint", "tensorflow", "TensorFlow checkpoint", "bnlint.loaders.tf_bundle:load_tf_checkpoint",
     sniffers=((84, "bnlint.loaders.tf_bundle:sniff"),), folder="bnlint.loaders.tf_bundle:is_checkpoint_dir",

@@ -248,6 +248,9 @@ class ModelInfo:
     # should not pay for it).
     nodes_factory: Callable[[], list[GraphNode]] | None = field(default=None, repr=False)
     folded_bn: bool = False  # no BatchNorm left but linear ops: BN was probably folded at export
+    # How many convolution and dense ops the whole file holds, control-flow bodies and functions
+    # included (`nodes` lists the top-level graph only): what BN501 counts.
+    linear_ops: tuple[int, int] = (0, 0)
     # An exported inference graph (ONNX, a Caffe net): folding BN into the op before it is a
     # deployment choice there (BN505), not in a training framework's model file.
     exported: bool = False

@@ -310,6 +310,30 @@ def test_folded_graph(tmp_path: Path) -> None:
     assert "BN002" not in codes(model, Config())
 
 
+def test_folded_graph_counts_ops_inside_control_flow(tmp_path: Path) -> None:
+    """Seen in silero-vad's ONNX files: every Conv sits in an If branch and the top-level graph has
+    none; BN501 must count the convolutions where they are (it said "0 convolution")."""
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.1, (8, 3, 1, 1)).astype(np.float32), "W")
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    branch = helper.make_graph([helper.make_node("Conv", ["X", "W"], ["y"], name="conv")], "branch", [], [out])
+    other = helper.make_graph([helper.make_node("Identity", ["X"], ["y"])], "other", [], [out])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=other, name="if")], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 4, 4]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [out], initializer=[weight])
+    path = tmp_path / "control_flow.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    model = load_onnx(path)
+    assert model.folded_bn is True and model.linear_ops == (1, 0)
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 0, result.output
+    assert "BN501 [info] no BatchNorm but 1 convolution and 0 dense" in result.output
+
+
 def test_layernorm_graph_is_not_folded_bn(tmp_path: Path) -> None:
     weight = np.random.default_rng(0).normal(0, 0.1, (8, 3, 1, 1)).astype(np.float32)
     ln = helper.make_node("LayerNormalization", ["c", "W"], ["ln"], name="ln")

@@ -64,3 +64,32 @@ def test_matrix_follows_facts() -> None:
     assert rules["BN101"].frameworks == frameworks()
     assert rules["BN409"].frameworks == ("caffe",)
     assert set(rules["BN601"].frameworks) == {"torch", "onnx", "keras", "tensorflow"}  # every format with a runner (not Caffe)
+
+
+def test_every_rule_that_fires_on_a_fixture_is_declared_for_its_framework() -> None:
+    """The rule matrix (README, `bnlint rules`) is computed from the facts formats record: a rule that
+    finds something in a framework's file while the matrix says it does not apply there means a
+    format record under-declares (BN501-BN505 fired on frozen TensorFlow graphs while the table
+    showed them as ONNX/Caffe only)."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+    from bnlint.loaders import load_model
+    from bnlint.rules import all_rules
+
+    root = Path(__file__).resolve().parents[1]
+    result = CliRunner().invoke(main, [str(root / "fixtures"), "--format", "json", "--exit-zero"], catch_exceptions=False)
+    rules = all_rules()
+    undeclared = set()
+    checked = 0
+    for entry in json.loads(result.stdout)["files"]:
+        if entry["error"] or not entry["findings"]:
+            continue
+        framework = load_model(entry["path"]).framework
+        checked += 1
+        undeclared |= {(f["code"], framework) for f in entry["findings"] if framework not in rules[f["code"]].frameworks}
+    assert checked > 40
+    assert undeclared == set()

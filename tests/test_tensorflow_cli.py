@@ -106,3 +106,13 @@ def test_static_lint_of_tensorflow_formats_never_imports_tensorflow() -> None:
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_batch_statistics_in_a_savedmodel_are_explained_in_tensorflow_terms() -> None:
+    """BN406 on a Keras 3 model saved while called with training=True: the message names that cause
+    and the fix says how to export again; neither talks about PyTorch's track_running_stats."""
+    result = CliRunner().invoke(main, [str(TF / "savedmodel_keras3_training"), "--format", "json"])
+    payload = json.loads(result.stdout)
+    (bn406,) = [f for f in payload["files"][0]["findings"] if f["code"] == "BN406"]
+    assert "called with training=True" in bn406["message"] and "track_running_stats" not in bn406["message"]
+    assert "training=False" in bn406["fix"] and "track_running_stats" not in bn406["fix"]

@@ -549,6 +549,7 @@ def load_onnx(path: Path, companion: Path | None = None) -> ModelInfo:
         path=str(path), format="onnx", framework="onnx", layers=layers, inputs=inputs, metadata=metadata, notes=notes, exported=True,
         nodes_factory=lambda: graph_nodes(graph, tensors),
         folded_bn=not layers and linear > 0 and not reader.other_norms,
+        linear_ops=(reader.ops["Conv"] + reader.ops["ConvTranspose"], reader.ops["Gemm"]),
         other_norms=reader.other_norms,
         format_version=f"opset {opset}" if opset is not None else None,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -35,6 +35,12 @@ OP_KINDS: dict[str, OpKind] = {"Conv2D": "conv", "Conv3D": "conv", "DepthwiseCon
                                "Conv3DBackpropInputV2": "conv_transpose", "MatMul": "dense", "BatchMatMul": "matmul",
                                "BatchMatMulV2": "matmul", "BatchMatMulV3": "matmul"}
 MAX_HOPS = 64
+
+
+def linear_op_counts(ops: Iterable[str]) -> tuple[int, int]:
+    """(convolutions, dense products) among these op names: what BN501 reports."""
+    kinds = [OP_KINDS[op] for op in ops if op in OP_KINDS]
+    return kinds.count("conv") + kinds.count("conv_transpose"), len(kinds) - kinds.count("conv") - kinds.count("conv_transpose")
 
 
 def op_attr(node: Node, name: str) -> Any:
@@ -219,7 +225,8 @@ def graph_model(graph: Graph, where: str, info: ModelInfo) -> None:
         info.notes.append("no FusedBatchNorm node: BatchNorm survives only as unfused arithmetic (Rsqrt, Mul, Sub, "
                           "Add), recognised by pattern; layer names are the ops' name scopes")
     if not info.layers:
-        info.folded_bn = any(n.op in OP_KINDS for _, s in scopes for n in s.nodes.values())
+        info.linear_ops = linear_op_counts(n.op for _, s in scopes for n in s.nodes.values())
+        info.folded_bn = sum(info.linear_ops) > 0
         info.notes.append("no BatchNorm in the graph (neither FusedBatchNorm nodes nor the unfused pattern)")
 
 

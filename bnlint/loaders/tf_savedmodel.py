@@ -32,7 +32,7 @@ from bnlint.formats import Sniff
 from bnlint.loaders.keras_config import effective_trainable
 from bnlint.loaders.keras_file import OP_KINDS as KERAS_OP_KINDS
 from bnlint.loaders.tf_bundle import Bundle, BundleTensor, read_bundle
-from bnlint.loaders.tf_graphdef import BN_OPS, MAX_PB_BYTES, OP_KINDS, PASS_OPS, ROLES, Scope, find_unfused, op_attr
+from bnlint.loaders.tf_graphdef import BN_OPS, MAX_PB_BYTES, PASS_OPS, ROLES, Scope, find_unfused, linear_op_counts, op_attr
 from bnlint.loaders.tf_proto import ConstTensor, FuncRef, MetaGraph, Msg, Node, read_object, read_saved_model
 from bnlint.model import BNLayer, GraphNode, ModelInfo, ModuleRecord, TensorRef
 from bnlint.protowire import WireError
@@ -306,7 +306,8 @@ def load_tf_savedmodel(path: Path, companion: Path | None = None) -> ModelInfo:
     info.nodes_factory = lambda: _nodes(tracer, outputs, bundle, keys, where)
     if not sites:
         info.notes.append("no BatchNorm in the graph or its functions (neither FusedBatchNorm nodes nor the unfused pattern)")
-        info.folded_bn = any(node.op in OP_KINDS for nodes in tracer.scopes.values() for node in nodes.values())
+        info.linear_ops = linear_op_counts(node.op for nodes in tracer.scopes.values() for node in nodes.values())
+        info.folded_bn = sum(info.linear_ops) > 0
     return info
 
 

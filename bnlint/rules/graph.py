@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from bnlint.context import RuleContext
-from bnlint.findings import Severity
+from bnlint.findings import FixText, Severity
 from bnlint.model import FOLDABLE_KINDS, BNLayer, GraphNode, ModelInfo, TensorRef
 from bnlint.rules._util import channel_text, channels, num
 from bnlint.rules._util import median as median_of
@@ -137,9 +137,12 @@ def traced_in_train_mode(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     reads=("graph-statistics",),
     name="batch-statistics-in-graph",
     severity=Severity.ERROR,
-    summary="An ONNX BatchNormalization's mean/var are computed from the input batch, not stored.",
-    fix="Train with track_running_stats=True (or re-estimate running statistics) and export in eval mode; "
-    "if per-batch normalisation is intended, use InstanceNorm/GroupNorm instead.",
+    summary="A BatchNorm node's mean/var are computed from the input batch, not read from stored statistics.",
+    fix=FixText("Train with track_running_stats=True (or re-estimate running statistics) and export in eval mode; "
+                "if per-batch normalisation is intended, use InstanceNorm/GroupNorm instead.",
+                tensorflow="Export again from the model called in inference mode (model(x, training=False); Keras 3's "
+                "model.export writes that serving function); bnlint fix cannot rewrite a SavedModel's graph, only its "
+                "statistics. If per-batch normalisation is intended, use GroupNormalization instead."),
 )
 def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
@@ -165,16 +168,25 @@ def batch_statistics_in_graph(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]
     file exported this way can be repaired directly: `bnlint fix model.onnx --data SAMPLE`
     rewrites the node to inference form with statistics estimated on the sample.
 
+    In TensorFlow, the same graph (Mean and SquaredDifference of the input feeding the
+    normalisation) is what a Keras 3 model saved while called with `training=True` serves:
+    export again from the model called with `training=False`.
+
     ## References
     - PyTorch docs: `torch.nn.BatchNorm2d` ("track_running_stats").
     - ONNX operator spec: BatchNormalization (`input_mean`, `input_var`).
+    - Keras docs: `BatchNormalization` (`training` call argument).
     """
     if layer.stats_source != "computed":
         return
     by = f" by {', '.join(layer.stats_ops)}" if layer.stats_ops else ""
+    # What produces this graph differs: PyTorch's exporters for a layer without running statistics,
+    # a Keras 3 model traced while called with training=True for TensorFlow.
+    origin = ("a model traced while called with training=True; its moving statistics are never read"
+              if ctx.model.framework == "tensorflow" else "the export of a track_running_stats=False layer")
     yield Hit(
         message=f"mean/var are computed in the graph{by} from the input batch: every batch is normalised "
-        "with its own statistics (the export of a track_running_stats=False layer)",
+        f"with its own statistics ({origin})",
         layer=layer.name,
         values={"stats_ops": list(layer.stats_ops)},
     )
@@ -216,11 +228,10 @@ def bn_folded(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """
     if not model.folded_bn:
         return
-    kinds = [node.kind for node in model.nodes]
-    conv, dense = kinds.count("conv") + kinds.count("conv_transpose"), kinds.count("dense")
+    conv, dense = model.linear_ops
     yield Hit(
-        message=f"no BatchNorm but {conv} convolution and {dense} dense (Gemm/Linear) nodes: BatchNorm was probably "
-        "folded into their weights at export, so its statistics cannot be checked",
+        message=f"no BatchNorm but {conv} convolution and {dense} dense (Gemm/MatMul) nodes: if the network had "
+        "BatchNorm, it was folded into their weights at export, so its statistics cannot be checked",
         values={"conv": conv, "dense": dense},
     )
 
@@ -355,7 +366,7 @@ def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
 
 @rule(
     code="BN504",
-    reads=("graph",),
+    reads=("graph", "graph-inputs"),
     name="fixed-batch-one-training",
     severity=Severity.ERROR,
     summary="A graph input with batch dimension fixed to 1 feeds a BatchNorm that uses batch statistics.",
