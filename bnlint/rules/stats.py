@@ -345,6 +345,9 @@ def variance_outlier(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     or a variance that is ~0 next to eps (at most 1% of eps, a float32 subnormal, or exactly 0).
     Such a channel saw a constant input (a dead ReLU upstream); eps alone sets its gain, so it is
     harmless, and a layer where most channels are dead must not make its live channels look odd.
+    For the same reason a variance far below the median counts only when it is above eps: below
+    eps, eps and not the variance sets the channel's gain, which is then no larger than any
+    channel's of a layer with that eps.
 
     ## Why is this bad?
     Channels of one layer see activations of similar scale; a variance 10,000 times the median
@@ -373,7 +376,11 @@ def variance_outlier(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
         return
     median = median_of(var[live])
     ratio = ctx.config.threshold("variance_outlier_ratio")
-    outlier = live & ((var > median * ratio) | (var < median / ratio))
+    # Below eps a channel's gain is set by eps (|gamma|/sqrt(var + eps) <= |gamma|/sqrt(eps)), so a
+    # tiny variance there is a quiet channel, not an amplified one (a PaddleOCR layout model ships
+    # 1.7e-7 next to eps 1e-5 in a layer whose median is 0.013).
+    low = (var < median / ratio) & (var > eps_of(layer))
+    outlier = live & ((var > median * ratio) | low)
     if outlier.any():
         worst = int(np.flatnonzero(outlier)[np.argmax(np.abs(np.log(var[outlier] / median)))])
         yield Hit(
