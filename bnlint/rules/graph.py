@@ -16,12 +16,20 @@ from bnlint.context import RuleContext
 from bnlint.findings import FixText, Severity
 from bnlint.model import FOLDABLE_KINDS, BNLayer, GraphNode, ModelInfo, TensorRef
 from bnlint.rules._util import channel_text, channels, num
-from bnlint.rules._util import median as median_of
 from bnlint.rules.registry import Hit, rule
 
 CONV_KINDS = ("conv", "conv_transpose")  # BN506 is about convolutions (as planned), not Linear/Gemm
 WEIGHT_KINDS = ("conv", "conv_transpose", "dense", "matmul")
-MIN_CHANNELS = 4  # fewer output channels give no meaningful median for BN503
+MIN_CHANNELS = 4  # fewer output channels give no meaningful reference scale for BN503
+# BN503's reference scale: the channel norm below which 90% of a node's channels lie. A folded
+# collapsed variance lifts a few channels far above nearly all the others; trained networks spread
+# their live channels over decades and, pruned or sparsely trained, hold many dead ones, which a
+# median would measure instead (PaddleOCR's shipped detection models: half the channels of a layer
+# at norms 1e-9..1e-5, so the median sat there and 189 healthy channels looked 100x too large).
+# Channels this far below it are dead (pruned, gamma ~ 0) and left out before it is taken again:
+# in a layer of 24 with 22 dead, the two live channels are the layer, not its outliers.
+REFERENCE_QUANTILE = 0.9
+DEAD_BELOW_REFERENCE = 1e3
 
 
 def _is_float(ref: TensorRef) -> bool:
@@ -311,17 +319,21 @@ def _channel_norms(weight: np.ndarray, node: GraphNode) -> np.ndarray | None:
     reads=("graph",),
     name="folded-scale-outlier",
     severity=Severity.WARNING,
-    summary="A Conv/Gemm output channel's weight norm is far above the layer's median (a folded tiny variance?).",
+    summary="A Conv/Gemm output channel's weight norm is far above nearly all its layer's channels (a folded tiny variance?).",
     fix="Check the source checkpoint's BN running_var for near-zero channels (BN103, BN109) and re-estimate them before export.",
     scope="model",
 )
 def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    For each Conv, Gemm and MatMul node of an ONNX graph that is not itself followed by a
+    For each Conv, Gemm and MatMul node of a graph that is not itself followed by a
     BatchNormalization node, computes the L2 norm of every output channel's weights and reports
     channels whose norm exceeds `folded_scale_outlier_ratio` (default 100) times the node's
-    median channel norm. Channels far below the median are not reported: after folding they
-    are usually dead channels (`gamma ~ 0`), which are harmless.
+    reference norm: the norm 90% of its channels stay below. Not the median: trained networks
+    spread their live channels over decades, and pruned or sparsely trained ones hold many dead
+    channels (`gamma ~ 0`, norms near 0), which would pull a median far below every live channel.
+    Channels more than 1000 times below that norm are dead and left out before it is taken again
+    (a layer whose live channels are few has no outliers among them); channels far below the
+    reference are never reported: after folding they are usually dead channels, which are harmless.
 
     ## Why is this bad?
     Folding multiplies output channel `c` by `gamma[c] / sqrt(running_var[c] + eps)`. A
@@ -348,19 +360,22 @@ def folded_scale_outlier(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
         norms = _channel_norms(ref.numpy(), node)
         if norms is None or norms.size < MIN_CHANNELS or not np.isfinite(norms).all():
             continue  # non-finite weights are BN502's
-        median = median_of(norms)
-        if median <= 0:
+        top = float(np.quantile(norms, REFERENCE_QUANTILE, method="lower"))
+        live = norms[norms > top / DEAD_BELOW_REFERENCE]
+        if top <= 0 or live.size < MIN_CHANNELS:
             continue
-        ratio = norms / median
+        reference = float(np.quantile(live, REFERENCE_QUANTILE, method="lower"))
+        ratio = norms / reference
         outliers = ratio > ratio_limit
         if outliers.any():
             worst = int(np.argmax(ratio))
             yield Hit(
                 message=f"{node.op}: {int(outliers.sum())} of {norms.size} output channels have a weight norm over "
-                f"{num(ratio_limit)}x the median {num(median)} (channel {worst}: {num(float(ratio[worst]))}x; "
-                f"channels {channel_text(outliers)})",
+                f"{num(ratio_limit)}x the norm 90% of its channels stay below, {num(reference)} (channel {worst}: "
+                f"{num(float(ratio[worst]))}x; channels {channel_text(outliers)})",
                 layer=node.name,
-                values={"median_norm": median, "max_ratio": float(ratio[worst]), "channels": channels(outliers, 16), "threshold": ratio_limit},
+                values={"reference_norm": reference, "max_ratio": float(ratio[worst]), "channels": channels(outliers, 16),
+                        "threshold": ratio_limit},
             )
 
 
