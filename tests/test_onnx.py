@@ -668,3 +668,19 @@ def test_dynamo_exports(exports: _Exports) -> None:
     untracked = load_onnx(exports.export("dynamo_untracked", track=False, dynamo=True))
     assert [untracked.metadata["layers"][layer.name]["training_mode"] for layer in untracked.layers] == [0, 0]
     assert codes(untracked) == ["BN406", "BN406"]
+
+
+def test_momentum_of_an_inference_node_is_information(tmp_path: Path) -> None:
+    """onnx's own test model test_BatchNorm2d_momentum_eval (PyTorch momentum 0.8, exported as ONNX 0.2)
+    was a warning, but a node in inference form never reads momentum (the spec uses it only with
+    training_mode=1); in training form the same value is still a warning."""
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+
+    inference = build(tmp_path / "eval.onnx", attrs={"momentum": 0.2})
+    result = CliRunner().invoke(main, [str(inference), "--select", "BN304"])
+    assert result.exit_code == 0 and "BN304 [info]" in result.output and "momentum has no effect" in result.output
+    training = load_onnx(build(tmp_path / "train.onnx", attrs={"momentum": 0.2, "training_mode": 1}, outputs=3))
+    (finding,) = run_rules(RuleContext(training, Config(select=("BN304",))))
+    assert finding.severity.label == "warning" and finding.values["used"] is True

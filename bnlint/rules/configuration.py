@@ -166,7 +166,8 @@ def unusual_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     makes the statistics follow the last batch almost entirely, so they are as noisy as a single
     batch. A momentum that freezes the statistics in training is common in converted models and
     harmless until someone fine-tunes. A NaN or infinite momentum (an error) turns the statistics
-    into NaN at the first training step.
+    into NaN at the first training step. An ONNX node in inference form never reads its momentum,
+    so there the finding is information about the source model.
 
     ## Example
     `nn.BatchNorm2d(64, momentum=0.99)` (seen in a shipped torchvision model, pytorch/vision#8250),
@@ -200,11 +201,17 @@ def unusual_momentum(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     if momentum >= ctx.config.threshold("unusual_momentum"):
         other = "Keras/ONNX" if own.momentum_weights == "new" else "PyTorch"  # the opposite convention
         stats = "running" if layer.framework == "torch" else "stored"
+        # An ONNX node in inference form never reads its momentum (the spec uses it only with
+        # training_mode=1): the value records how the source was configured, nothing runs on it.
+        unused = layer.framework == "onnx" and not layer.training
         yield Hit(
             message=f"{shown}: the {stats} statistics follow the last batch ({other} convention pasted in? "
-            f"{own.display}'s default is {num(own.default_momentum or 0.1)}; {other} {num(raw)} is {own.display} {num(1 - raw)})",
+            f"{own.display}'s default is {num(own.default_momentum or 0.1)}; {other} {num(raw)} is {own.display} {num(1 - raw)})"
+            + ("; this node runs in inference form, where momentum has no effect: it matters only in the source "
+               "model, if it is trained again" if unused else ""),
             layer=layer.name,
-            values={"momentum": momentum, "raw_momentum": raw, "framework": layer.framework},
+            values={"momentum": momentum, "raw_momentum": raw, "framework": layer.framework, "used": not unused},
+            severity=Severity.INFO if unused else None,
         )
     elif momentum == 0:
         yield Hit(
