@@ -6,6 +6,7 @@ API both call `lint_paths`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ class ModelInput:
 
     path: Path
     companion: Path | None = None
+    # Found by a folder search (by its extension), not named: a file there in no model format (ONNX
+    # test data, a CoreML weight.bin, an HDF5 dataset) is skipped with a note, not an error.
+    searched: bool = False
 
 
 def _caffe_pairs(files: list[Path]) -> list[ModelInput]:
@@ -63,10 +67,10 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]], exclude: Sequence[str]
     """
     from bnlint.discovery import discover
 
-    files, notes = discover(paths, exclude)
-    if any(f.suffix.lower() in CAFFE_EXTENSIONS for f in files):
-        return _caffe_pairs(files), notes
-    return [ModelInput(f) for f in files], notes
+    searched: set[Path] = set()
+    files, notes = discover(paths, exclude, searched=searched)
+    inputs = _caffe_pairs(files) if any(f.suffix.lower() in CAFFE_EXTENSIONS for f in files) else [ModelInput(f) for f in files]
+    return [dataclasses.replace(item, searched=item.path in searched) for item in inputs], notes
 
 
 def _display(path: Path) -> str:
@@ -208,7 +212,8 @@ def lint_paths(
     jobs: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
-    """Lint every file; with skip_unrecognised, files in no model format become notes, not errors.
+    """Lint every file; files in no model format become notes, not errors, when a folder search
+    found them, and all of them with skip_unrecognised.
 
     With `baseline`, findings recorded in that baseline file are dropped (see bnlint.baseline).
     `jobs` > 1 lints files in that many worker processes (results in input order; each worker
@@ -219,17 +224,17 @@ def lint_paths(
     inputs, notes = expand_paths(paths, config.exclude)
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
-    tasks = [(item.path, item.companion) for item in inputs]
+    tasks = [(item.path, item.companion, skip_unrecognised or item.searched) for item in inputs]
     if dynamic is not None and tasks and jobs <= 1:
         from bnlint.sandbox import warm_up
 
-        warm_up([str(path) for path, _ in tasks], dynamic)
+        warm_up([str(path) for path, _, _ in tasks], dynamic)
     if jobs > 1 and len(tasks) > 1:
-        results = _parallel(tasks, config, reference_model, dynamic, skip_unrecognised, jobs, progress)
+        results = _parallel(tasks, config, reference_model, dynamic, jobs, progress)
     else:
         results = []
-        for done, (path, companion) in enumerate(tasks, start=1):
-            results.append(_one(path, companion, config, reference_model, dynamic, skip_unrecognised))
+        for done, (path, companion, skip) in enumerate(tasks, start=1):
+            results.append(_one(path, companion, config, reference_model, dynamic, skip))
             if progress is not None:
                 progress(done, len(tasks))
     for result, file_notes in results:
@@ -251,15 +256,14 @@ def _one(path: Path, companion: Path | None, config: Config, reference: ModelInf
     return result, notes
 
 
-def _chunk(args: tuple[list[tuple[Path, Path | None]], Config, ModelInfo | None, Any, bool]
+def _chunk(args: tuple[list[tuple[Path, Path | None, bool]], Config, ModelInfo | None, Any]
            ) -> list[tuple[FileResult | None, list[str]]]:
-    tasks, config, reference, dynamic, skip = args
-    return [_one(path, companion, config, reference, dynamic, skip) for path, companion in tasks]
+    tasks, config, reference, dynamic = args
+    return [_one(path, companion, config, reference, dynamic, skip) for path, companion, skip in tasks]
 
 
-def _parallel(tasks: list[tuple[Path, Path | None]], config: Config, reference: ModelInfo | None, dynamic: Any,
-              skip_unrecognised: bool, jobs: int, progress: Callable[[int, int], None] | None
-              ) -> list[tuple[FileResult | None, list[str]]]:
+def _parallel(tasks: list[tuple[Path, Path | None, bool]], config: Config, reference: ModelInfo | None, dynamic: Any,
+              jobs: int, progress: Callable[[int, int], None] | None) -> list[tuple[FileResult | None, list[str]]]:
     """lint_file over worker processes, in chunks (a file often takes milliseconds: one message per
     file would cost more than the work), results in input order."""
     import concurrent.futures
@@ -270,7 +274,7 @@ def _parallel(tasks: list[tuple[Path, Path | None]], config: Config, reference: 
     chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
     results: list[tuple[FileResult | None, list[str]]] = []
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        for part in pool.map(_chunk, [(chunk, config, reference, dynamic, skip_unrecognised) for chunk in chunks]):
+        for part in pool.map(_chunk, [(chunk, config, reference, dynamic) for chunk in chunks]):
             results.extend(part)
             if progress is not None:
                 progress(len(results), len(tasks))

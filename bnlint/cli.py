@@ -229,7 +229,9 @@ def run_check(opts: CheckOptions) -> None:
                    "(--debug shows the traceback)", err=True)
         sys.exit(EXIT_ERROR)
 
-    for note in report.notes:
+    from bnlint.report.text import grouped_run_notes
+
+    for note in grouped_run_notes(report.notes):
         click.echo(f"bnlint: {note}", err=True)
     rules_run = _rules_run(config, dynamic is not None)
     _write(report, rules_run, opts.fmt, opts.output, opts.quiet, opts.color, show_fixes=opts.show_fixes, group=opts.group,

@@ -122,9 +122,10 @@ def search(folder: Path, patterns: Sequence[str] = (), respect_gitignore: bool =
 
 
 def discover(paths: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = (),
-             respect_gitignore: bool = True) -> tuple[list[Path], list[str]]:
+             respect_gitignore: bool = True, searched: set[Path] | None = None) -> tuple[list[Path], list[str]]:
     """Files to lint (folders searched, each real file once) and notes about empty folders and
-    skipped non-regular files."""
+    skipped non-regular files. `searched` collects the files a folder search found (picked by
+    their extension, not named by the user)."""
     files: list[Path] = []
     notes: list[str] = []
     for raw in paths:
@@ -134,6 +135,8 @@ def discover(paths: Iterable[str | os.PathLike[str]], exclude: Sequence[str] = (
             if not found:
                 notes.append(f"{path}: no model files found")
             files.extend(found)
+            if searched is not None:
+                searched.update(found)
         elif not excluded(path, exclude):
             files.append(path)
     unique: dict[str, Path] = {}

@@ -97,7 +97,7 @@ def function_at(spec: str) -> Callable[..., Any]:
 
 # Files that look like a model but are not one, each with a one-line reason (raised as NotAModel
 # by the function), tried among the sniffers by priority: (priority, "module:function"(Sniff) -> bool).
-NOT_MODELS: list[tuple[int, str]] = [(65, "bnlint.loaders.sniff:lfs_pointer")]
+NOT_MODELS: list[tuple[int, str]] = [(65, "bnlint.loaders.sniff:lfs_pointer"), (83, "bnlint.loaders.sniff:onnx_tensor")]
 
 _FORMATS: dict[str, FormatRecord] = {}
 FORMATS: Mapping[str, FormatRecord] = types.MappingProxyType(_FORMATS)

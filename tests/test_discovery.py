@@ -89,6 +89,7 @@ def test_walk_is_iterative_and_skips_non_regular_files(tmp_path: Path) -> None:
     deep.mkdir(parents=True)
     shutil.copy(HEALTHY, deep / "m.pt")
     notes: list[str] = []
+    search(tmp_path, respect_gitignore=False)  # first-use imports and regex compiles run under the normal limit
     limit = sys.getrecursionlimit()
     depth = len(inspect.stack(0))
     sys.setrecursionlimit(depth + 50)  # a recursive walk could not go 200 folders deep under this limit
@@ -101,3 +102,61 @@ def test_walk_is_iterative_and_skips_non_regular_files(tmp_path: Path) -> None:
         os.mkfifo(tmp_path / "pipe.onnx")
         files, notes = discover([tmp_path], respect_gitignore=False)
         assert files == [deep / "m.pt"] and any("pipe.onnx: skipped: a named pipe" in n for n in notes)
+
+
+def _onnx_zoo_folder(root: Path) -> Path:
+    """An ONNX model zoo layout: model.onnx beside test_data_set_0/{input_0,output_0}.pb (TensorProto),
+    plus a CoreML weight.bin found by its extension (both seen in shipped packages)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    values = {"scale": np.ones(4, np.float32), "B": np.zeros(4, np.float32), "mean": rng.normal(0, 0.1, 4).astype(np.float32),
+              "var": rng.uniform(0.5, 2, 4).astype(np.float32)}
+    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "scale", "B", "mean", "var"], ["y"], name="bn")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in values.items()])
+    folder = root / "zoo"
+    (folder / "test_data_set_0").mkdir(parents=True)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), folder / "model.onnx")
+    for name in ("input_0", "output_0"):
+        tensor = numpy_helper.from_array(rng.normal(size=(1, 4, 2, 2)).astype(np.float32), name)
+        (folder / "test_data_set_0" / f"{name}.pb").write_bytes(tensor.SerializeToString())
+    (folder / "weights").mkdir()
+    (folder / "weights" / "weight.bin").write_bytes(bytes(range(256)) * 4)
+    return folder
+
+
+def test_folder_search_skips_data_files_it_found_by_extension(tmp_path: Path) -> None:
+    """`bnlint DIR` on a model zoo folder exited 2: every test input was 'not a valid ONNX file'. Files
+    a folder search picked by extension that hold no model are notes; the model is linted."""
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+
+    folder = _onnx_zoo_folder(tmp_path)
+    result = CliRunner().invoke(main, [str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "1 file" in result.output and "ONNX test data" in result.stderr and "weight.bin: skipped" in result.stderr
+    # Named on the command line, the same data file is an error (the user asked for it), one line.
+    named = CliRunner().invoke(main, [str(folder / "test_data_set_0" / "input_0.pb")])
+    assert named.exit_code == 2 and "error: ONNX test data (a TensorProto" in named.output
+    skipped = CliRunner().invoke(main, [str(folder / "test_data_set_0" / "input_0.pb"), "--skip-unrecognised"])
+    assert skipped.exit_code == 0
+
+
+def test_many_skipped_files_are_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+
+    folder = _onnx_zoo_folder(tmp_path)
+    data = (folder / "test_data_set_0" / "input_0.pb").read_bytes()
+    for i in range(1, 6):
+        (folder / f"test_data_set_{i}").mkdir()
+        (folder / f"test_data_set_{i}" / "input_0.pb").write_bytes(data)
+    result = CliRunner().invoke(main, [str(folder)])
+    lines = [line for line in result.stderr.splitlines() if "ONNX test data" in line]
+    assert result.exit_code == 0 and len(lines) == 1 and lines[0].startswith("bnlint: skipped 7 files: ONNX test data")
