@@ -117,7 +117,7 @@ def test_a_model_that_never_finishes_is_stopped_at_the_deadline_and_static_findi
     """
     started = time.monotonic()
     fault = FIXTURES / "fault_nan_stats.pt"  # a state dict with a static error: its BN101 must still be reported
-    result = _run([str(fault), str(STATE_DICT), "--arch", _arch(tmp_path, body), "--data", str(DATA), "--timeout", "10",
+    result = _run([str(fault), str(STATE_DICT), "--arch", _arch(tmp_path, body), "--data", str(DATA), "--timeout", "5",
                    "--format", "json"], timeout=60)
     elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stderr
@@ -127,7 +127,7 @@ def test_a_model_that_never_finishes_is_stopped_at_the_deadline_and_static_findi
     assert set(files) == {"fault_nan_stats.pt", "convnet_state_dict.pt"}  # the second file was linted too
     for entry in files.values():
         assert entry["error"] is None  # the file was read: only its dynamic part did not finish
-        assert "stopped after 10 s (--timeout)" in entry["dynamic_error"]
+        assert "stopped after 5 s (--timeout)" in entry["dynamic_error"]
         assert "running the model on the data" in entry["dynamic_error"]
     assert "BN101" in {f["code"] for f in files["fault_nan_stats.pt"]["findings"]}
 
