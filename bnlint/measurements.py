@@ -202,10 +202,16 @@ class BatchDependence:
     layers: list[DependentLayer] = field(default_factory=list)  # BN layers whose output changes while their input does not
     skipped: str | None = None  # why the comparison could not vary the batch
     method: str = "alone"  # "alone": each sample alone vs all together; "mates": one sample with two sets of batch mates
+    # The outputs differed, but not through BatchNorm: every BN layer's output was its input
+    # normalised with its stored statistics, and the same batch run again gave the same outputs
+    # (no randomness). What is left is arithmetic that differs with the batch size (kernels that
+    # split the work by batch) in an ill-conditioned output, or a batch-dependent op that is not BN.
+    not_batchnorm: bool = False
 
     def record(self) -> dict[str, Any]:
         return {"samples": self.samples, "max_abs_diff": self.max_abs_diff, "relative_diff": self.relative_diff,
-                "layers": [layer.record() for layer in self.layers], "skipped": self.skipped, "method": self.method}
+                "layers": [layer.record() for layer in self.layers], "skipped": self.skipped, "method": self.method,
+                "not_batchnorm": self.not_batchnorm}
 
 
 @dataclass
