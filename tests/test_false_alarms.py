@@ -248,3 +248,33 @@ def test_mixed_eps_is_a_warning_only_when_it_moves_the_gains(variance: float, se
     model = ModelInfo(path="m.pt", format="torch-module", layers=layers)
     found = [f for f in run_rules(RuleContext(model=model, config=Config())) if f.code == "BN306"]
     assert [f.layer for f in found] == ["bn2"] and found[0].severity.label == severity
+
+
+# ------------------------------------------------------------------ 5. half-precision checkpoints
+def test_healthy_half_precision_checkpoint_is_one_info_line(tmp_path: Path) -> None:
+    """Checkpoints shipped in float16 to halve their size (cast back to float32 on load) are healthy
+    when every value survived the cast: one BN201 line for the file, information, exit 0."""
+    torch = _torch()
+    state = torch.load(Path(__file__).resolve().parents[1] / "fixtures" / "convnet_state_dict.pt", weights_only=True)
+    path = tmp_path / "half.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
+    result = CliRunner().invoke(main, [str(path), "--format", "json"])
+    import json
+
+    findings = json.loads(result.stdout)["files"][0]["findings"]
+    assert result.exit_code == 0 and [(f["code"], f["severity"]) for f in findings] == [("BN201", "info")]
+    assert findings[0]["values"]["layers"] == ["bn1", "bn2", "bn3"] and findings[0]["values"]["damaged"] == []
+
+
+def test_half_precision_that_overflowed_is_a_warning(tmp_path: Path) -> None:
+    torch = _torch()
+    path = tmp_path / "overflowed.pt"
+    var = torch.linspace(2e4, 1e5, 8).half()  # the last channels became Inf when cast
+    torch.save({"bn.weight": torch.ones(8).half(), "bn.bias": torch.zeros(8).half(), "bn.running_mean": torch.zeros(8).half(),
+                "bn.running_var": var, "bn.num_batches_tracked": torch.tensor(500)}, path)
+    result = CliRunner().invoke(main, [str(path), "--format", "json"])
+    import json
+
+    found = {f["code"]: f for f in json.loads(result.stdout)["files"][0]["findings"]}
+    assert found["BN201"]["severity"] == "warning" and found["BN201"]["values"]["damaged"] == ["bn"]
+    assert result.exit_code == 1

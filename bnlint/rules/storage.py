@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+import numpy as np
+
 from bnlint.context import RuleContext
 from bnlint.findings import Severity, reestimate
 from bnlint.model import BN_TENSORS, BNLayer, ModelInfo
@@ -20,17 +22,23 @@ HALF_DTYPES = ("float16", "bfloat16")
     severity=Severity.WARNING,
     summary="BatchNorm tensors are stored in float16/bfloat16.",
     fix="Keep BatchNorm in float32: cast the rest of the model, or use autocast instead of model.half().",
+    scope="model",
 )
-def half_precision_buffers(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
+def half_precision_buffers(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
-    Reports BatchNorm layers whose `running_mean`, `running_var`, `weight` or `bias` are stored
-    in float16 or bfloat16.
+    Reports, once per file, the BatchNorm layers whose `running_mean`, `running_var`, `weight` or
+    `bias` are stored in float16 or bfloat16. It is a warning when the storage already damaged a
+    value (a float16 tensor holding Inf: a variance above 65504 overflowed), and information when
+    every value is finite: inference with these values is unaffected, and the risk is training on
+    from the file in half precision.
 
     ## Why is this bad?
     float16 cannot hold variances above 65504 (they become Inf) nor below ~6e-8 (they flush to
     zero, and with a small eps the channel's gain explodes); bfloat16 keeps the range but only
     ~3 significant digits, so the running averages lose the small updates momentum makes.
-    Mixed-precision frameworks keep BatchNorm in float32 for these reasons.
+    Mixed-precision frameworks keep BatchNorm in float32 for these reasons. Many healthy
+    checkpoints are shipped in float16 to halve their size and cast back to float32 when loaded:
+    the values themselves are judged by the statistics rules (BN101, BN103, BN107).
 
     ## Example
     A state dict saved after `model.half()`: `bn1.running_var.dtype == torch.float16`.
@@ -43,10 +51,35 @@ def half_precision_buffers(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     - PyTorch AMP docs (ops that autocast to float32 include batch_norm).
     - Keras mixed precision guide (BatchNormalization computes in float32).
     """
-    half = {t: layer.dtype(t) for t in BN_TENSORS if layer.dtype(t) in HALF_DTYPES}
-    if half:
-        listed = ", ".join(f"{t} ({d})" for t, d in half.items())
-        yield Hit(message=f"BatchNorm tensors stored in half precision: {listed}", layer=layer.name, values={"dtypes": half})
+    half: dict[str, dict[str, str]] = {}
+    damaged: list[str] = []
+    for layer in model.layers:
+        dtypes = {t: d for t in BN_TENSORS if (d := layer.dtype(t)) in HALF_DTYPES}
+        if not dtypes:
+            continue
+        half[layer.name] = dtypes
+        for tensor in dtypes:
+            values = layer.array(tensor)
+            if values is not None and np.isinf(values).any():
+                damaged.append(layer.name)
+                break
+    if not half:
+        return
+    names = list(half)
+    shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
+    kinds = sorted({d for dtypes in half.values() for d in dtypes.values()})
+    tensors = sorted({t for dtypes in half.values() for t in dtypes})
+    if damaged:
+        verdict = (f"{len(damaged)} of them hold Inf, a value float16 could not store ({', '.join(damaged[:3])}"
+                   f"{', ...' if len(damaged) > 3 else ''})")
+    else:
+        verdict = ("every value is finite, so inference with them is unaffected; training on from this file in half "
+                   "precision would lose the small updates momentum makes")
+    yield Hit(
+        message=f"{len(names)} BatchNorm layer(s) store {', '.join(tensors)} in {' and '.join(kinds)} ({shown}): {verdict}",
+        values={"layers": names, "dtypes": half, "damaged": damaged},
+        severity=None if damaged else Severity.INFO,
+    )
 
 
 @rule(
