@@ -147,7 +147,9 @@ def main(ctx: click.Context) -> None:
 @click.option("--skip-unrecognised", is_flag=True, help="Skip files in no model format (e.g. Git LFS pointers) with a note instead of an error (the pre-commit hook uses this).")
 @click.option("--write-baseline", is_flag=True, help="Write the current findings to --baseline and exit 0.")
 @click.option("--show-fixes", is_flag=True, help="Print each finding's fix under it (by default each code's fix is listed once at the end).")
-@click.option("--group", is_flag=True, help="One line per file and code for findings repeated across layers.")
+@click.option("--group/--no-group", default=None,
+              help="One line per file and code for findings repeated across layers (--no-group: one line per finding) "
+              "[default: information repeated on 4 or more layers of a file shares a line].")
 @click.option("--statistics", is_flag=True, help="Print the number of findings per code instead of the findings.")
 @click.option("--exit-zero", is_flag=True, help="Exit 0 even when there are findings (unreadable files still exit 2).")
 @click.option("--jobs", "-j", type=click.IntRange(min=0), default=1, show_default=True,
@@ -310,7 +312,7 @@ def _color(color: str, tty: bool) -> bool:
     return tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
 
 
-def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, quiet: bool, color: str, **text_options: bool) -> None:
+def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, quiet: bool, color: str, **text_options: Any) -> None:
     import io
 
     from bnlint.report import write_report

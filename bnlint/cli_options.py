@@ -124,7 +124,7 @@ class CheckOptions(CommonOptions):
     skip_unrecognised: bool = False
     write_baseline: bool = False
     show_fixes: bool = False
-    group: bool = False
+    group: bool | None = None  # None: information repeated on many layers shares a line
     statistics: bool = False
     exit_zero: bool = False
     jobs: int = 1

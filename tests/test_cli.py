@@ -237,3 +237,29 @@ def test_the_command_exits_fast_with_complete_output_and_honest_codes(tmp_path: 
         (file,) = json.loads(text)["files"]
         assert (file["error"] is not None) == (code == 2)
         assert bool(file["findings"]) == (code == 1)
+
+
+def test_group_flags_through_the_cli(tmp_path: Path) -> None:
+    """A healthy ONNX file whose 5 BatchNorm nodes each follow a Conv: one BN505 line by default,
+    five with --no-group."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], [], "x"
+    for i in range(5):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32), f"w{i}")]
+        inits += [numpy_helper.from_array(v, f"{k}{i}") for k, v in (("s", np.ones(4, np.float32)), ("b", np.zeros(4, np.float32)),
+                                                                     ("m", rng.normal(0, 0.1, 4).astype(np.float32)),
+                                                                     ("v", rng.uniform(0.5, 2, 4).astype(np.float32)))]
+        nodes += [helper.make_node("Conv", [current, f"w{i}"], [f"c{i}"], name=f"conv{i}"),
+                  helper.make_node("BatchNormalization", [f"c{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"], [f"y{i}"], name=f"bn{i}")]
+        current = f"y{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 2, 2])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], initializer=inits)
+    path = tmp_path / "five.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    default = run(str(path), "-q")
+    assert default.exit_code == 0 and default.stdout.count("BN505") == 1 and "5 layers (bn0" in default.stdout
+    assert run(str(path), "-q", "--no-group").stdout.count("BN505 [info]") == 5

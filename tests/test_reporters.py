@@ -171,6 +171,22 @@ def test_text_show_fixes_group_and_statistics() -> None:
     assert "BN101 [error] running_var" not in "\n".join(stats) and "drift by layer" not in "\n".join(stats)
 
 
+def test_information_on_many_layers_shares_a_line_by_default() -> None:
+    """A healthy ONNX export printed one BN505 info line for each of its 94 layers. Information
+    repeated on 4 or more layers of a file is one line unless --no-group; warnings stay per layer."""
+    info = [Finding("BN505", Severity.INFO, "m.onnx", f"bn{i}", f"follows Conv 'conv{i}'") for i in range(6)]
+    warnings = [Finding("BN601", Severity.WARNING, "m.onnx", f"bn{i}", "drift") for i in range(5)]
+    few = [Finding("BN108", Severity.INFO, "m.onnx", f"bn{i}", "dead") for i in range(3)]
+    report = Report(files=[FileResult(path="m.onnx", format="onnx", layer_count=6, findings=[*warnings, *info, *few])])
+    lines = render("text", report, quiet=True).splitlines()
+    assert [ln for ln in lines if "BN505" in ln] == [
+        "m.onnx: BN505 [info] 6 layers (bn0, bn1, bn2, bn3, bn4, ... (+1)); first: follows Conv 'conv0'"]
+    assert sum("BN601 [warning] drift" in ln for ln in lines) == 5 and sum("BN108" in ln for ln in lines) == 3
+    ungrouped = render("text", report, quiet=True, group=False).splitlines()
+    assert sum("BN505" in ln for ln in ungrouped) == 6
+    assert sum("BN601" in ln for ln in render("text", report, quiet=True, group=True).splitlines()) == 1
+
+
 def test_integer_layer_names_do_not_look_like_line_numbers() -> None:
     report = Report(files=[FileResult(path="m.pt", findings=[Finding("BN101", Severity.ERROR, "m.pt", "1", "NaN")])])
     assert render("text", report, quiet=True) == "m.pt:[1]: BN101 [error] NaN\n"

@@ -25,7 +25,7 @@ class Output:
     color: bool = False
     quiet: bool = False
     show_fixes: bool = False  # text: each finding's fix under it (else once per code at the end)
-    group: bool = False  # text: one line per (file, code) for per-layer findings
+    group: bool | None = None  # text: one line per (file, code) for per-layer findings; None: for information only
     statistics: bool = False  # text: counts per code instead of findings
 
 

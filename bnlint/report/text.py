@@ -20,6 +20,7 @@ file's summary says how many BatchNorm layers were checked and what its format c
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
 from bnlint.findings import DATA_WARNING, DYNAMIC_NOT_RUN, FileResult, Finding, Report, Severity
@@ -63,13 +64,30 @@ def format_finding(finding: Finding, *, color: bool = False) -> str:
     return f"{where} {tag} {printable(finding.message)}"
 
 
-def _grouped(findings: Sequence[Finding]) -> list[tuple[Finding, list[str]]]:
-    """(first finding, layers) per code of one file, in first-seen order; model-level findings alone."""
+# Without --group/--no-group, an information finding repeated on more layers of one file than
+# this shares one line (a healthy ONNX export has a BN505 on each of its 94 layers); warnings and
+# errors stay one line per layer, where each is something to act on. JSON and SARIF list them all.
+INFO_GROUP_MIN = 4
+
+
+def _entries(findings: Sequence[Finding], group: bool | None) -> list[tuple[Finding, list[str]]]:
+    """What the report prints for one file's findings: (first finding, its layers) entries."""
+    if group:
+        return _grouped(findings)
+    if group is None:
+        counts = Counter(f.code for f in findings if f.layer is not None and f.severity == Severity.INFO)
+        return _grouped(findings, {code for code, count in counts.items() if count >= INFO_GROUP_MIN})
+    return [(f, [f.layer] if f.layer else []) for f in findings]
+
+
+def _grouped(findings: Sequence[Finding], codes: set[str] | None = None) -> list[tuple[Finding, list[str]]]:
+    """(first finding, layers) per code of one file (only `codes`, if given), in first-seen order;
+    model-level findings alone."""
     groups: dict[str, tuple[Finding, list[str]]] = {}
     out: list[tuple[Finding, list[str]]] = []
     for finding in findings:
-        if finding.layer is None:
-            out.append((finding, []))
+        if finding.layer is None or (codes is not None and finding.code not in codes):
+            out.append((finding, [finding.layer] if finding.layer else []))
             continue
         if finding.code not in groups:
             groups[finding.code] = (finding, [])
@@ -252,7 +270,7 @@ def drift_table(result: FileResult, limit: int = TOP_LAYERS) -> list[str]:
 
 
 def render(report: Report, rules: Mapping[str, RuleSpec] | None = None, *, color: bool = False, quiet: bool = False,
-           show_fixes: bool = False, group: bool = False, statistics: bool = False) -> str:
+           show_fixes: bool = False, group: bool | None = None, statistics: bool = False) -> str:
     """The human-readable report: findings, notes, drift tables, fixes and a summary line."""
     rules = rules or {}
     lines: list[str] = []
@@ -269,7 +287,7 @@ def render(report: Report, rules: Mapping[str, RuleSpec] | None = None, *, color
         # A warning about the data explains the findings after it, so it comes first, even with quiet.
         lines.extend(f"{shown}: {printable(n)}" for n in result.notes if n.startswith(DATA_WARNING))
         if not statistics:
-            entries = _grouped(result.findings) if group else [(f, [f.layer] if f.layer else []) for f in result.findings]
+            entries = _entries(result.findings, group)
             for first, layers in entries:
                 lines.append(format_group(first, layers, color=color))
                 fix = fix_under(first.code, rules, framework_of(result)) if show_fixes else None
