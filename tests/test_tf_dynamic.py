@@ -194,3 +194,23 @@ def test_fix_of_a_training_graph_is_refused_and_writes_nothing(tmp_path: Path) -
     assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
     assert "nothing written" in lines[0] and "layer bn1" in lines[0] and "is_training=true" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.tensorflow
+@pytest.mark.skipif(not HAS_TF, reason=NO_TF)
+def test_a_shipped_savedmodel_runs_fixes_and_relints_clean(tmp_path: Path) -> None:
+    """basic-pitch's own SavedModel (fixtures/third_party, a real tf.keras 2 export): measured on
+    audio it was not trained on it drifts; `bnlint fix` writes a SavedModel that lints clean with and
+    without that data."""
+    real = Path(__file__).resolve().parents[1] / "fixtures" / "third_party" / "basic_pitch_nmp"
+    data = tmp_path / "audio.npy"
+    np.save(data, np.random.default_rng(0).normal(0, 0.1, (8, 43844, 1)).astype(np.float32))
+    code, payload = lint(str(real), "--data", str(data))
+    (entry,) = payload["files"]
+    assert code == 1 and entry["dynamic_error"] is None and "BN601" in codes(entry)
+    fixed = tmp_path / "fixed"
+    result = CliRunner().invoke(main, ["fix", str(real), "--data", str(data), "-o", str(fixed)])
+    assert result.exit_code == 0, result.output
+    for extra in ([], ["--data", str(data)]):
+        code, payload = lint(str(fixed), *extra)
+        assert code == 0 and payload["files"][0]["findings"] == [], payload
