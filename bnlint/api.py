@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from bnlint.budget import static_budget
 from bnlint.config import Config
-from bnlint.errors import BnlintError, InputError, NotAModel, UnsafeInputError
+from bnlint.errors import BnlintError, InputError, ModelPlaceholder, NotAModel, UnsafeInputError
 from bnlint.findings import FileError, FileResult, Finding, Report
 from bnlint.loaders import CAFFE_EXTENSIONS, load_model
 from bnlint.model import ModelInfo
@@ -82,14 +82,15 @@ def _display(path: Path) -> str:
 
 
 def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None, dynamic: Any = None,
-              skip_unrecognised: bool = False, notes: list[str] | None = None, companion: Path | None = None,
+              skip_unrecognised: bool | str = False, notes: list[str] | None = None, companion: Path | None = None,
               measured: Measurements | None = None, model: ModelInfo | None = None) -> FileResult | None:
     """Lint one file; any unreadable input becomes FileResult.error, never an exception.
 
     `model`: this file already loaded (`bnlint fix` judges its input without reading it again).
 
     With skip_unrecognised, a file in no model format (a Git LFS pointer, a plain HDF5 data
-    file) gives a note in `notes` and None instead of an error.
+    file) gives a note in `notes` and None instead of an error; with "data", only files that are
+    no model at all (not a Git LFS pointer standing in for one): what a folder search found.
     """
     shown = _display(path)
     result = FileResult(path=shown)
@@ -106,7 +107,7 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
             except DynamicNotRun as failed:  # the static findings stand; only the dynamic part did not run
                 result.dynamic_error = _own_problem(failed.cause, path, shown)
     except BnlintError as exc:  # unreadable file, a tensor that cannot be decoded, unusable --data
-        if skip_unrecognised and isinstance(exc, NotAModel):
+        if skip_unrecognised and isinstance(exc, NotAModel) and (skip_unrecognised is True or not isinstance(exc, ModelPlaceholder)):
             if notes is not None:
                 notes.append(f"{shown}: skipped: {exc.problem}")
             return None
@@ -224,7 +225,7 @@ def lint_paths(
     inputs, notes = expand_paths(paths, config.exclude)
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
-    tasks = [(item.path, item.companion, skip_unrecognised or item.searched) for item in inputs]
+    tasks = [(item.path, item.companion, skip_unrecognised or ("data" if item.searched else False)) for item in inputs]
     if dynamic is not None and tasks and jobs <= 1:
         from bnlint.sandbox import warm_up
 
@@ -249,20 +250,20 @@ def lint_paths(
 
 
 def _one(path: Path, companion: Path | None, config: Config, reference: ModelInfo | None, dynamic: Any,
-         skip_unrecognised: bool) -> tuple[FileResult | None, list[str]]:
+         skip_unrecognised: bool | str) -> tuple[FileResult | None, list[str]]:
     notes: list[str] = []
     result = lint_file(path, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
                        notes=notes, companion=companion)
     return result, notes
 
 
-def _chunk(args: tuple[list[tuple[Path, Path | None, bool]], Config, ModelInfo | None, Any]
+def _chunk(args: tuple[list[tuple[Path, Path | None, bool | str]], Config, ModelInfo | None, Any]
            ) -> list[tuple[FileResult | None, list[str]]]:
     tasks, config, reference, dynamic = args
     return [_one(path, companion, config, reference, dynamic, skip) for path, companion, skip in tasks]
 
 
-def _parallel(tasks: list[tuple[Path, Path | None, bool]], config: Config, reference: ModelInfo | None, dynamic: Any,
+def _parallel(tasks: list[tuple[Path, Path | None, bool | str]], config: Config, reference: ModelInfo | None, dynamic: Any,
               jobs: int, progress: Callable[[int, int], None] | None) -> list[tuple[FileResult | None, list[str]]]:
     """lint_file over worker processes, in chunks (a file often takes milliseconds: one message per
     file would cost more than the work), results in input order."""

@@ -20,6 +20,11 @@ class NotAModel(InputError):
     """The file is in no format bnlint reads (not a model, or a Git LFS pointer); --skip-unrecognised makes it a note."""
 
 
+class ModelPlaceholder(NotAModel):
+    """A stand-in for a model that is elsewhere (a Git LFS pointer): unlike a data file a folder
+    search happens to find, it is an error there too, since the model it names was not checked."""
+
+
 class DataError(InputError):
     """The --data sample cannot be used with this model (shape, dtype, NaN, missing key)."""
 

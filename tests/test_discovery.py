@@ -160,3 +160,17 @@ def test_many_skipped_files_are_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [str(folder)])
     lines = [line for line in result.stderr.splitlines() if "ONNX test data" in line]
     assert result.exit_code == 0 and len(lines) == 1 and lines[0].startswith("bnlint: skipped 7 files: ONNX test data")
+
+
+def test_a_git_lfs_pointer_found_by_a_folder_search_is_still_an_error(tmp_path: Path) -> None:
+    """A pointer stands in for a model that was not checked (LFS not pulled in CI): unlike a data
+    file, skipping it would turn an unchecked model into a clean exit."""
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+
+    folder = _onnx_zoo_folder(tmp_path)
+    (folder / "resnet.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    result = CliRunner().invoke(main, [str(folder)])
+    assert result.exit_code == 2 and "resnet.pt: error: a Git LFS pointer" in result.output
+    assert CliRunner().invoke(main, [str(folder), "--skip-unrecognised"]).exit_code == 0

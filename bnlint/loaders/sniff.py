@@ -9,7 +9,7 @@ and headerless protobuf go last.
 
 from __future__ import annotations
 
-from bnlint.errors import NotAModel
+from bnlint.errors import ModelPlaceholder, NotAModel
 from bnlint.formats import Sniff
 from bnlint.loaders.keras_h5 import HDF5_SIGNATURE
 from bnlint.protowire import FIXED32, FIXED64, LEN, VARINT, WireError, read_varint
@@ -76,7 +76,7 @@ def pickle_protocol2(file: Sniff) -> bool:
 def lfs_pointer(file: Sniff) -> bool:
     """A Git LFS pointer keeps the model's name: say what it is instead of failing to parse it."""
     if file.head.startswith(b"version https://"):
-        raise NotAModel(str(file.path), "a Git LFS pointer, not the model (run `git lfs pull`)")
+        raise ModelPlaceholder(str(file.path), "a Git LFS pointer, not the model (run `git lfs pull`)")
     return False
 
 
