@@ -342,6 +342,9 @@ def _write(report: Any, rules: dict[str, Any], fmt: str, output: str | None, qui
 @click.option("--dry-run", is_flag=True, help="Compute and report, write nothing.")
 @click.option("--layers", default=None, metavar="GLOB", help="Only layers whose name matches GLOB (comma-separated globs).")
 @click.option("--fold", is_flag=True, help="ONNX: fold inference BatchNorm into the Conv/Gemm before it, checked numerically.")
+@click.option("--min-samples", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Refuse to re-estimate statistics from fewer than N samples of --data [default: 32]: a few "
+                   "samples give noise, not population statistics.")
 @common_options
 @click.option("--format", "--output-format", "fmt", type=click.Choice(["text", "json", "sarif"]), default="text", show_default=True, help="Output format.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Also write an HTML report with before/after plots.")

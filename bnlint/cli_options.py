@@ -144,6 +144,7 @@ class FixCommandOptions(CommonOptions):
     dry_run: bool = False
     layers: str | None = None
     fold: bool = False
+    min_samples: int | None = None
     fmt: str = "text"
     report_path: str | None = None
 
@@ -156,7 +157,8 @@ class FixCommandOptions(CommonOptions):
         return FixOptions(model=self.model, data=self.data, output=self.output, in_place=self.in_place, layers=self.layers,
                           dry_run=self.dry_run, fold=self.fold, arch=self.arch, arch_kwargs=self.factory_kwargs(), trust=self.trust,
                           inputs=self.input_map(), batch_size=self.batch_size or settings.batch_size, device=device,
-                          onnx_engine=self.onnx_engine or settings.onnx_engine, process_group=process_group, timeout=self.timeout)
+                          onnx_engine=self.onnx_engine or settings.onnx_engine, process_group=process_group, timeout=self.timeout,
+                          **({"min_samples": self.min_samples} if self.min_samples is not None else {}))
 
 
 def folder_format(path: str) -> str | None:

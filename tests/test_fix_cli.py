@@ -151,3 +151,18 @@ def test_html_report_of_a_fix(tmp_path: Path) -> None:
     assert result.exit_code == 0 and report.is_file()
     html = report.read_text()
     assert "bn1" in html and "before" in html.lower()
+
+
+def test_a_handful_of_samples_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """Four samples of data would overwrite trained statistics with noise (seen: a real layout model
+    'fixed' from 4 images). Refused in one line, nothing written; --min-samples N accepts N."""
+    with np.load(SHIFTED) as data:
+        small = {key: data[key][:4] for key in data.files}
+    few = tmp_path / "few.npz"
+    np.savez(few, **small)
+    out = tmp_path / "fixed.pt"
+    result = CliRunner().invoke(main, ["fix", f"{FIX}/convnet_scripted.pt", "--data", str(few), "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    assert "4 sample(s)" in result.output and "--min-samples 4" in result.output and "Traceback" not in result.output
+    allowed = CliRunner().invoke(main, ["fix", f"{FIX}/convnet_scripted.pt", "--data", str(few), "-o", str(out), "--min-samples", "4"])
+    assert allowed.exit_code == 0 and out.exists(), allowed.output

@@ -22,6 +22,11 @@ from bnlint.errors import TrustRequired, UsageError
 from bnlint.findings import Report
 from bnlint.fix.recalibrate import RecalibrationError
 
+# Statistics re-estimated from a handful of samples are noise, not population statistics, and they
+# would overwrite trained ones (test-time BN from tiny batches degrades: DELTA, TTN). 32 is a floor,
+# not a recommendation: precise BN uses thousands.
+MIN_SAMPLES = 32
+
 
 @dataclass
 class FixOptions:
@@ -41,6 +46,7 @@ class FixOptions:
     onnx_engine: str = "auto"
     timeout: float | None = None  # seconds for the isolated child that runs the model (None: sized to the work)
     process_group: Any = None  # torch.distributed group under torchrun: statistics merged across processes
+    min_samples: int = MIN_SAMPLES  # fewer samples in --data: refused (their statistics would be noise)
 
 
 @dataclass
@@ -158,9 +164,24 @@ def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
     _refuse_unsafe(info, options)
     target = _target(options)
     _fixer(info, options)  # a format without a repair is refused before anything runs
+    _refuse_small_sample(options)
     if options.process_group is not None:
         return _run_in_process(info, options, config, target)
     return _run_isolated(options, config, target, info)
+
+
+def _refuse_small_sample(options: FixOptions) -> None:
+    """Refuse --data with fewer than options.min_samples samples, before anything runs."""
+    if options.data is None:
+        return
+    from bnlint.dynamic.data import Dataset
+
+    sources = Dataset(options.data).sources.values()
+    samples = min((source.stored for source in sources), default=0)
+    if samples < options.min_samples:
+        raise UsageError(f"{options.data}: {samples} sample(s): statistics estimated from so few are noise and would replace "
+                         f"the trained ones; give at least {options.min_samples} samples of the deployment data (hundreds are "
+                         f"better), or --min-samples {samples} to write them anyway")
 
 
 def _run_isolated(options: FixOptions, config: Config, target: str | None, info: Any) -> FixOutcome:
