@@ -140,7 +140,7 @@ def test_cli_data_run_is_refused_before_tensorflow_with_the_static_findings_kept
 def test_cli_fix_is_refused_too(tmp_path: Path) -> None:
     folder = planted(tmp_path, SERVING_FUNCTION, "ReadFile")
     out = tmp_path / "fixed"
-    result = CliRunner().invoke(main, ["fix", str(folder), "--data", str(DATA), "-o", str(out)])
+    result = CliRunner().invoke(main, ["fix", str(folder), "--data", str(DATA), "-o", str(out), "--min-samples", "1"])  # the gate, not the size
     assert result.exit_code == 2
     assert not out.exists()
     text = result.output + (result.stderr if result.stderr_bytes is not None else "")
