@@ -413,3 +413,17 @@ def test_a_pb_that_is_none_of_the_three(tmp_path: Path) -> None:
 def test_crc32c_known_answer() -> None:
     assert tb.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     assert tb.unmask(tb.mask(0x12345678)) == 0x12345678
+
+
+def test_savedmodel_layers_know_their_producer_and_its_bias_from_the_bundle() -> None:
+    """BN506 on SavedModels: the Conv2D feeding a FusedBatchNorm in the serving function, and the
+    bias its BiasAdd reads through ReadVariableOp from variables/ (basic-pitch's real export)."""
+    from bnlint.loaders import load_model
+
+    real = load_model(Path(__file__).resolve().parents[1] / "fixtures" / "third_party" / "basic_pitch_nmp")
+    producers = {layer.name: layer.producer for layer in real.layers}
+    fed = producers["batch_normalization_2"]
+    assert fed is not None and fed.kind == "conv" and fed.has_bias and fed.exclusive
+    assert fed.bias is not None and fed.bias.shape == (fed.bias.numpy().size,) and 0 < abs(fed.bias.numpy()).max() < 0.01
+    healthy = load_model(TF / "savedmodel_healthy")  # Conv2D(use_bias=False) before each BatchNormalization
+    assert all(layer.producer is not None and not layer.producer.has_bias for layer in healthy.layers)

@@ -87,7 +87,8 @@ def _name(tensor: str) -> str:
     return tensor.lstrip("^").split(":")[0]
 
 
-def _producer(scope: Scope, bn: Node) -> Producer | None:
+def producer_of(scope: Scope, bn: Node) -> Producer | None:
+    """The op feeding a BatchNorm node (through Identity chains; a conv under its BiasAdd), or None."""
     node = scope.source(bn.inputs[0]) if bn.inputs else None
     if node is None:
         return None
@@ -133,7 +134,7 @@ def fused_layers(scope: Scope, where: str, prefix: str, order: int, notes: list[
             bn.known.add("momentum")
         bn.axis = -1 if op_attr(node, "data_format") in ("NHWC", "NDHWC") else 1
         bn.channel_axis = True
-        bn.producer = _producer(scope, node)
+        bn.producer = producer_of(scope, node)
         layers.append(bn)
     return layers
 

@@ -19,6 +19,7 @@ whose node ids are the object graph's; they also give layers their Keras names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Hashable
@@ -32,9 +33,9 @@ from bnlint.formats import Sniff
 from bnlint.loaders.keras_config import effective_trainable
 from bnlint.loaders.keras_file import OP_KINDS as KERAS_OP_KINDS
 from bnlint.loaders.tf_bundle import Bundle, BundleTensor, read_bundle
-from bnlint.loaders.tf_graphdef import BN_OPS, MAX_PB_BYTES, PASS_OPS, ROLES, Scope, find_unfused, linear_op_counts, op_attr
+from bnlint.loaders.tf_graphdef import BN_OPS, MAX_PB_BYTES, PASS_OPS, ROLES, Scope, find_unfused, linear_op_counts, op_attr, producer_of
 from bnlint.loaders.tf_proto import ConstTensor, FuncRef, MetaGraph, Msg, Node, read_object, read_saved_model
-from bnlint.model import BNLayer, GraphNode, ModelInfo, ModuleRecord, TensorRef
+from bnlint.model import BNLayer, GraphNode, ModelInfo, ModuleRecord, Producer, TensorRef
 from bnlint.protowire import WireError
 
 KERAS_ROLES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
@@ -66,6 +67,8 @@ class Site:
     factor: float | None = None  # exponential_avg_factor, when the node trains
     channels_last: bool = True
     computed: bool = False  # unfused arithmetic over batch moments (training-mode Keras 3)
+    producer: Producer | None = None  # the op feeding a fused node in its own function (BN506)
+    producer_bias: Var | None = None  # the variable its BiasAdd adds, when it has one
 
 
 class _Tracer:
@@ -179,9 +182,12 @@ def bn_sites(meta: MetaGraph, signature_outputs: list[str], tracer: _Tracer | No
             variables = tuple(tracer.resolve(scope, operands[k]) if k < len(operands) else None for k in range(4))
             training = op_attr(node, "is_training") is True
             factor = float(op_attr(node, "exponential_avg_factor")) if training and "exponential_avg_factor" in node.attrs else None
+            producer = producer_of(tracer.scope(scope), node)
+            bias_add = tracer.scope(scope).source(node.inputs[0]) if producer is not None and producer.has_bias else None
+            bias = tracer.resolve(scope, bias_add.inputs[1]) if bias_add is not None and len(bias_add.inputs) > 1 else None
             sites.append(Site(scope, node.name, node.op, scope in functions or node.name in graph_nodes, variables,
                               float(op_attr(node, "epsilon")), training, factor,
-                              op_attr(node, "data_format") in ("NHWC", "NDHWC")))
+                              op_attr(node, "data_format") in ("NHWC", "NDHWC"), producer=producer, producer_bias=bias))
         for match in find_unfused(tracer.scope(scope)):
             variables = tuple(tracer.resolve(scope, match.operands[r]) if r in match.operands else None for r in ROLES)
             mean = tracer.scope(scope).source(match.operands["running_mean"])
@@ -438,6 +444,10 @@ def _layer(group: list[Site], order: int, meta: MetaGraph, names: dict[int, tupl
         bn.raw_momentum = bn.momentum = factors[0]
         bn.known.add("momentum")
     bn.axis = -1 if site.channels_last else 1
+    fed = next((s for s in serving if s.producer is not None), None)
+    if fed is not None and fed.producer is not None:
+        bias = _tensor(fed.producer_bias, meta, bundle, keys, where) if fed.producer_bias is not None else None
+        bn.producer = dataclasses.replace(fed.producer, bias=bias)
     bn.channel_axis = True
     entry = keras.get(owner) if owner is not None else None
     if entry is not None:

@@ -467,8 +467,10 @@ def _reached(nodes: list[GraphNode], starts: list[str]) -> dict[int, int]:
     name="unfused-bn",
     severity=Severity.INFO,
     summary="An inference BatchNormalization directly after Conv/Gemm could be folded into it.",
-    fix="Keep this unfolded file for linting; deploy a folded copy (`bnlint fix model.onnx --fold -o deploy.onnx`, "
-    "checked numerically) or let the runtime fuse it.",
+    fix=FixText("Keep this unfolded file for linting; deploy a folded copy (`bnlint fix model.onnx --fold -o deploy.onnx`, "
+                "checked numerically) or let the runtime fuse it.",
+                tensorflow="Nothing to do for TensorFlow itself: its graph optimizer fuses Conv2D with an inference "
+                "FusedBatchNorm when the model is loaded, and the TFLite converter folds it; keep this file for linting."),
 )
 def unfused_bn(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     """## What it does
