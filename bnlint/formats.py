@@ -209,7 +209,7 @@ register_format(FormatRecord(
     sniffers=((85, "bnlint.loaders.tf_savedmodel:sniff"),), folder="bnlint.loaders.tf_savedmodel:is_savedmodel_dir",
     extensions=(".pb",), companions=("keras_metadata.pb", "fingerprint.pb"), runner="bnlint.dynamic.tf_runner:open_tf_runner",
     fixer="bnlint.fix.tf_fix:fix_tf", extra="tensorflow", engine=("tensorflow", "TensorFlow"),
-    records=frozenset({"graph-modes", "graph-statistics", "graph", "folded-graph", "trainable", "run"})))
+    records=frozenset({"graph-modes", "graph-statistics", "graph", "folded-graph", "producers", "trainable", "run"})))
 register_format(FormatRecord(
     "tf-graphdef", "tensorflow", "TensorFlow frozen GraphDef", "bnlint.loaders.tf_graphdef:load_tf_graphdef",
     sniffers=((86, "bnlint.loaders.tf_graphdef:sniff"),), extensions=(".pb",), cannot_run=TF_CANNOT_RUN, extra="tensorflow",
