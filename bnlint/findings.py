@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -93,8 +94,13 @@ class Finding:
     # knows it (SARIF regions); None: the whole file.
     region: tuple[int, int] | None = None
 
-    def sort_key(self) -> tuple[str, int, str, str]:
-        return (self.path, -int(self.severity), self.code, self.layer or "")
+    def sort_key(self) -> tuple[str, int, str, tuple[tuple[int, int | str], ...]]:
+        return (self.path, -int(self.severity), self.code, natural_key(self.layer or ""))
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Layer names in reading order: numbers by value, so BN2 comes before BN10 (and layer1.2 before layer1.10)."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
 
 
 @dataclass(frozen=True)

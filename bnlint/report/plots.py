@@ -120,11 +120,11 @@ def warm_up() -> None:
 
 def render_all(renders: Sequence[Callable[[], bytes]]) -> list[bytes]:
     """Every figure of a page as PNG bytes, in order: in two forked worker processes when there are
-    at least three figures and two cores (each figure is drawn alone, under the same rc settings,
-    so the bytes are the ones a single process draws), else here."""
+    at least three figures, two cores and no other thread in this process (each figure is drawn
+    alone, under the same rc settings, so the bytes are the ones a single process draws), else here."""
     if _warming is not None:
         _warming.join()  # never fork while the warm-up thread holds matplotlib's locks
-    if len(renders) < 3 or _cores() < 2 or "fork" not in multiprocessing.get_all_start_methods():
+    if len(renders) < 3 or _cores() < 2 or "fork" not in multiprocessing.get_all_start_methods() or not _single_threaded():
         return [render() for render in renders]
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -134,6 +134,14 @@ def render_all(renders: Sequence[Callable[[], bytes]]) -> list[bytes]:
             return list(pool.map(_call, renders))
     except (BrokenProcessPool, OSError):  # no processes to be had here: draw them one by one
         return [render() for render in renders]
+
+
+def _single_threaded() -> bool:
+    """Whether this process runs no other Python thread: forking copies only the calling thread,
+    so a lock another thread holds at that moment stays locked in the child for ever (seen: a
+    report drawn inside a pytest-xdist worker, whose IO threads were alive, hung both forked
+    children). Native pools (OpenBLAS) hold no Python lock and reset themselves at fork."""
+    return threading.active_count() == 1
 
 
 def _call(render: Callable[[], bytes]) -> bytes:
