@@ -269,8 +269,11 @@ def _parallel(tasks: list[tuple[Path, Path | None, bool | str]], config: Config,
     file would cost more than the work), results in input order."""
     import concurrent.futures
     import multiprocessing
+    import threading
 
-    context = multiprocessing.get_context("spawn" if dynamic is not None else None)  # torch and fork do not mix
+    # torch and fork do not mix; nor does fork with other Python threads alive (a lock one of them
+    # holds, the import lock say, would stay locked in every worker): spawn then.
+    context = multiprocessing.get_context("spawn" if dynamic is not None or threading.active_count() > 1 else None)
     size = max(1, min(64, -(-len(tasks) // (jobs * 4))))
     chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
     results: list[tuple[FileResult | None, list[str]]] = []

@@ -210,3 +210,32 @@ def test_data_may_be_arrays_dicts_or_iterables_of_batches() -> None:
         assert sorted((f.code, f.layer) for f in report.findings) == expected
         stats = report.files[0].layer_stats
         assert stats[0]["channel"]["mean"] == by_path.files[0].layer_stats[0]["channel"]["mean"]
+
+
+def test_parallel_lint_spawns_instead_of_forking_beside_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked workers inherit every lock another thread holds at the fork, and wait on it for ever
+    (it happened to the report's figure workers in a pytest-xdist worker): with another thread
+    alive, `lint_paths(jobs=2)` spawns its workers."""
+    import multiprocessing
+    import threading
+
+    from bnlint.api import lint_paths
+
+    asked: list[str | None] = []
+    real = multiprocessing.get_context
+
+    def spy(method: str | None = None) -> object:
+        asked.append(method)
+        return real(method)
+
+    monkeypatch.setattr(multiprocessing, "get_context", spy)
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, daemon=True)
+    other.start()
+    try:
+        report = lint_paths(["fixtures/convnet_state_dict.pt", "fixtures/fault_nan_stats.pt"], jobs=2)
+    finally:
+        release.set()
+        other.join()
+    assert asked == ["spawn"] and len(report.files) == 2
+    assert "BN101" in {f.code for f in report.files[1].findings}
