@@ -213,4 +213,5 @@ def test_a_shipped_savedmodel_runs_fixes_and_relints_clean(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     for extra in ([], ["--data", str(data)]):
         code, payload = lint(str(fixed), *extra)
-        assert code == 0 and payload["files"][0]["findings"] == [], payload
+        found = {(f["code"], f["severity"]) for f in payload["files"][0]["findings"]}
+        assert code == 0 and found <= {("BN505", "info"), ("BN506", "info")}, payload  # the input's own graph facts
