@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
 
 from bnlint.budget import static_budget
 from bnlint.config import Config
@@ -82,7 +82,7 @@ def _display(path: Path) -> str:
 
 
 def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None, dynamic: Any = None,
-              skip_unrecognised: bool | str = False, notes: list[str] | None = None, companion: Path | None = None,
+              skip_unrecognised: bool | Literal["data"] = False, notes: list[str] | None = None, companion: Path | None = None,
               measured: Measurements | None = None, model: ModelInfo | None = None) -> FileResult | None:
     """Lint one file; any unreadable input becomes FileResult.error, never an exception.
 
@@ -225,7 +225,9 @@ def lint_paths(
     inputs, notes = expand_paths(paths, config.exclude)
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
-    tasks = [(item.path, item.companion, skip_unrecognised or ("data" if item.searched else False)) for item in inputs]
+    data_files: Literal["data"] = "data"  # what a folder search found: data files are notes, LFS pointers errors
+    tasks: list[tuple[Path, Path | None, bool | Literal["data"]]] = [
+        (item.path, item.companion, True if skip_unrecognised else data_files if item.searched else False) for item in inputs]
     if dynamic is not None and tasks and jobs <= 1:
         from bnlint.sandbox import warm_up
 
@@ -250,20 +252,20 @@ def lint_paths(
 
 
 def _one(path: Path, companion: Path | None, config: Config, reference: ModelInfo | None, dynamic: Any,
-         skip_unrecognised: bool | str) -> tuple[FileResult | None, list[str]]:
+         skip_unrecognised: bool | Literal["data"]) -> tuple[FileResult | None, list[str]]:
     notes: list[str] = []
     result = lint_file(path, config, reference=reference, dynamic=dynamic, skip_unrecognised=skip_unrecognised,
                        notes=notes, companion=companion)
     return result, notes
 
 
-def _chunk(args: tuple[list[tuple[Path, Path | None, bool | str]], Config, ModelInfo | None, Any]
+def _chunk(args: tuple[list[tuple[Path, Path | None, bool | Literal["data"]]], Config, ModelInfo | None, Any]
            ) -> list[tuple[FileResult | None, list[str]]]:
     tasks, config, reference, dynamic = args
     return [_one(path, companion, config, reference, dynamic, skip) for path, companion, skip in tasks]
 
 
-def _parallel(tasks: list[tuple[Path, Path | None, bool | str]], config: Config, reference: ModelInfo | None, dynamic: Any,
+def _parallel(tasks: list[tuple[Path, Path | None, bool | Literal["data"]]], config: Config, reference: ModelInfo | None, dynamic: Any,
               jobs: int, progress: Callable[[int, int], None] | None) -> list[tuple[FileResult | None, list[str]]]:
     """lint_file over worker processes, in chunks (a file often takes milliseconds: one message per
     file would cost more than the work), results in input order."""
