@@ -25,14 +25,15 @@ if TYPE_CHECKING:  # only annotations: importing these at run time would import 
 __all__ = ["DYNAMIC_DEFAULTS", "DynamicOptions", "DynamicResult", "measure", "parse_arch_kwargs", "parse_inputs", "run_dynamic"]
 
 
-def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None) -> Measurements:
+def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None, runner: Any = None) -> Measurements:
     """Run `model` over `options.data` and measure every BatchNorm layer (see analysis.measure).
 
     `module`: the live nn.Module `model` describes (Python API); it runs on its own device.
+    `runner`: one analysis.open_runner already opened for `model` (bnlint fix reuses it).
     """
     from bnlint.dynamic.analysis import measure as run
 
-    return run(model, options, config, module)
+    return run(model, options, config, module, runner)
 
 
 @dataclass

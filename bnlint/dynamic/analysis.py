@@ -201,24 +201,39 @@ def check_batch_dependence(runner: Runner, arrays: list[np.ndarray], tolerance: 
     return BatchDependence(samples, max_abs, rel, culprits, skipped=skipped, method=method, not_batchnorm=not_batchnorm)
 
 
-def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None) -> Measurements:
+def measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None,
+            runner: Runner | None = None) -> Measurements:
     """Run `model` over `options.data`; return per-layer statistics named like `model.layers`.
 
+    `runner`: one `open_runner` already opened for this model (bnlint fix measures with the runner
+    its repair then reuses), else one is opened here.
     Raises DataError (bad data), InputError/TrustRequired (model cannot be run), UsageError.
     Activations that overflow to Inf/NaN are measured as such (BN608 reports them), so numpy's
     floating-point warnings are silenced here rather than printed to the user.
     """
     with np.errstate(all="ignore"):
-        return _measure(model, options, config, module)
+        return _measure(model, options, config, module, runner)
 
 
-def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any) -> Measurements:
+def _settings(options: DynamicOptions, config: Config) -> DynamicThresholds:
     settings = dynamic_settings(config)
     for key in ("batch_size", "device", "onnx_engine"):
         settings = override(settings, key, getattr(options, key))
-    dataset = Dataset(options.data, max_samples=settings.max_samples)
+    return settings
+
+
+def open_runner(model: ModelInfo, options: DynamicOptions, config: Config) -> Runner:
+    """The runner `measure` would open for this model, with the same settings."""
     events.stage("opening the model")
-    runner = _open_runner(model, options, settings, module)
+    return _open_runner(model, options, _settings(options, config))
+
+
+def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any, runner: Runner | None = None) -> Measurements:
+    settings = _settings(options, config)
+    dataset = Dataset(options.data, max_samples=settings.max_samples)
+    if runner is None:
+        events.stage("opening the model")
+        runner = _open_runner(model, options, settings, module)
     sources = dataset.select(runner.input_names, options.inputs)
     for source, shape, name in zip(sources, runner.input_shapes, runner.input_names):
         check_layout(source, shape, name, options.data)

@@ -69,6 +69,10 @@ class FixOutcome:
     # the repair changed more than statistics (an ONNX rewrite or fold), which needs a full re-run.
     recalibrated: list[Any] = field(default_factory=list, repr=False)
     restructured: bool = False
+    # In the child: the runner the input was measured with, which a torch repair reuses instead of
+    # opening the model again (measuring leaves the module as it was: hooks are removed, and a
+    # TorchScript archive's own methods are never rewritten).
+    opened: Any = field(default=None, repr=False)
 
     def record(self) -> dict[str, Any]:
         return {"model": self.model, "output": self.output, "framework": self.framework, "actions": self.actions,
@@ -254,8 +258,13 @@ def fix_in_child(options: FixOptions, config: Config, staged_name: str | None, o
     _refuse_unsafe(info, options)  # the parent checked too: a second wall costs nothing
     local = dataclasses.replace(options, output=staged, in_place=False)
     events.stage("measuring the input")
-    before = measure(info, _dynamic_options(options), config) if options.data is not None else None
-    outcome = FixOutcome(options.model, staged, info.framework, [], [], None, None)
+    opened = None
+    if options.data is not None and info.framework == "torch":
+        from bnlint.dynamic.analysis import open_runner
+
+        opened = open_runner(info, _dynamic_options(options), config)
+    before = measure(info, _dynamic_options(options), config, runner=opened) if options.data is not None else None
+    outcome = FixOutcome(options.model, staged, info.framework, [], [], None, None, opened=opened)
     events.stage("repairing")
     _repair(info, local, outcome, staged)
     after = None
@@ -380,7 +389,7 @@ def fix_torch(info: Any, options: FixOptions, outcome: FixOutcome, target: str |
     data = _needs_data(options, "recalibrating a PyTorch model")
     result = recalibrate_file(options.model, data, arch=options.arch, arch_kwargs=options.arch_kwargs, trust=options.trust,
                               inputs=options.inputs, batch_size=options.batch_size, layers=options.layers, device=options.device,
-                              process_group=options.process_group, info=info)
+                              process_group=options.process_group, info=info, runner=outcome.opened)
     outcome.actions.append(f"recalibrated {len(result.layers)} layer(s) ({result.method}, {result.passes} pass(es) over "
                            f"{result.samples} samples)")
     outcome.refused.update(result.skipped)

@@ -792,13 +792,14 @@ def static_names(model_info: Any, module_names: Sequence[str], hints: Mapping[st
 def recalibrate_file(path: str, data: str, *, arch: str | None = None, arch_kwargs: Mapping[str, Any] | None = None, trust: bool = False,
                      inputs: Mapping[str, str] | None = None, batch_size: int = 32, layers: str | Sequence[str] | None = None,
                      device: str = "cpu", process_group: Any = None, method: str = "auto",
-                     memory_budget: float | None = None, info: Any = None) -> RecalibrationResult:
+                     memory_budget: float | None = None, info: Any = None, runner: Any = None) -> RecalibrationResult:
     """Recalibrate the model in `path` on the --data sample `data`, layers named as bnlint's static loader names them.
 
     The model is opened as the linter's dynamic analysis opens it (TorchScript; weights + --arch;
     a pickled module only with trust). With a process group, process r reads batches r, r+W, ...
     The file is not written: pass `result.new_stats()` to `bnlint.fix.torch_write.write_torch_fix`.
     info: `load_model(path)` when the caller has it already (the file is not parsed twice).
+    runner: the runner the caller measured this file with (bnlint fix): its module is reused, not opened again.
     """
     from bnlint.dynamic.data import Dataset, zip_batches
     from bnlint.dynamic.loading import open_torch
@@ -809,7 +810,8 @@ def recalibrate_file(path: str, data: str, *, arch: str | None = None, arch_kwar
         call = info.traced_training[0]
         raise RecalibrationError(f"{path}: traced in train mode ({call.code} at {call.location}): batch statistics are baked into the graph, "
                                  "so recalibrated buffers would change nothing; re-trace it after model.eval() (BN405)")
-    runner = open_torch(info, arch, arch_kwargs or {}, trust, torch.device(device), data)
+    if runner is None:
+        runner = open_torch(info, arch, arch_kwargs or {}, trust, torch.device(device), data)
     module = runner.module
     own = list(getattr(runner, "bn", {})) or [spec.name for spec in runner.layers]
     names = static_names(info, own, getattr(runner, "file_names", {}))
