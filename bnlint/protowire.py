@@ -151,6 +151,33 @@ def iter_fields(buf: Buffer, start: int = 0, end: int | None = None) -> Iterator
             raise WireError(f"invalid wire type {wire_type} at byte {key_start}")
 
 
+def leading_fields(head: bytes, count: int) -> list[Field]:
+    """Up to `count` leading fields of a message's first bytes (a sniffer's window): a field whose
+    key or value runs past `head` ends the list, and so does a group or an unknown wire type."""
+    out: list[Field] = []
+    pos = 0
+    try:
+        while pos < len(head) and len(out) < count:
+            key, after = read_varint(head, pos, len(head))
+            number, wire = key >> 3, key & 7
+            if number == 0 or wire not in (VARINT, LEN, FIXED32, FIXED64):
+                break
+            if wire == VARINT:
+                value, nxt = read_varint(head, after, len(head))
+                out.append(Field(number, wire, value, after, nxt))
+            elif wire == LEN:
+                length, payload = read_varint(head, after, len(head))
+                out.append(Field(number, wire, length, payload, payload + length))
+                nxt = payload + length
+            else:
+                nxt = after + (4 if wire == FIXED32 else 8)
+                out.append(Field(number, wire, 0, after, nxt))
+            pos = nxt
+    except WireError:
+        pass
+    return out
+
+
 class MessageView:
     """A message as a byte range of a shared buffer, with its nesting depth; nothing is copied."""
 

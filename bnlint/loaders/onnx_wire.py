@@ -34,6 +34,11 @@ UNDEFINED, FLOAT, INT, STRING, TENSOR, GRAPH, FLOATS, INTS, STRINGS, TENSORS, GR
 _VALUE_FIELDS = {FLOAT: "f", INT: "i", STRING: "s", TENSOR: "t", GRAPH: "g", FLOATS: "floats", INTS: "ints", STRINGS: "strings",
                  TENSORS: "tensors", GRAPHS: "graphs"}
 EXTERNAL = 1  # TensorProto.DataLocation
+# ModelProto's fields and their wire types (onnx.proto): ir_version 1, producer_name 2,
+# producer_version 3, domain 4, model_version 5, doc_string 6, graph 7, opset_import 8,
+# metadata_props 14, training_info 20, functions 25. Sniffers tell a model from other protobufs by them.
+MODEL_FIELD_WIRES: Mapping[int, int] = MappingProxyType({1: VARINT, 2: LEN, 3: LEN, 4: LEN, 5: VARINT, 6: LEN, 7: LEN, 8: LEN,
+                                                          14: LEN, 20: LEN, 25: LEN})
 # TensorProto payload fields
 FLOAT_DATA, INT32_DATA, STRING_DATA, INT64_DATA, DOUBLE_DATA, UINT64_DATA = 4, 5, 6, 7, 10, 11
 # How a schema entry (attribute name, kind, extra) reads its field. extra: the message class for

@@ -12,7 +12,7 @@ from __future__ import annotations
 from bnlint.errors import ModelPlaceholder, NotAModel
 from bnlint.formats import Sniff
 from bnlint.loaders.keras_h5 import HDF5_SIGNATURE
-from bnlint.protowire import FIXED32, FIXED64, LEN, VARINT, WireError, read_varint
+from bnlint.protowire import FIXED32, FIXED64, LEN, VARINT, leading_fields
 
 # First member names of a Keras 3 archive (a torch zip's first member is `<root>/data.pkl` or `<root>/.data/...`).
 KERAS_MEMBERS = (b"metadata.json", b"config.json", b"model.weights.h5", b"model.weights.npz")
@@ -98,56 +98,37 @@ def caffe_by_suffix(file: Sniff) -> bool:
     return file.suffix in CAFFE_EXTENSIONS  # no signature: a caffemodel's first byte can look like ONNX's
 
 
-# Wire types of ModelProto's fields (onnx.proto) and of TensorProto's: a protobuf's leading fields
-# tell the two apart (field 2 is ModelProto's producer_name, a string, and TensorProto's data_type,
-# a varint). ONNX test data (test_data_set_0/input_0.pb, shipped next to model zoo models) is
-# TensorProto.
-ONNX_MODEL_WIRES = {1: {VARINT}, 2: {LEN}, 3: {LEN}, 4: {LEN}, 5: {VARINT}, 6: {LEN}, 7: {LEN}, 8: {LEN}, 14: {LEN},
-                    20: {LEN}, 25: {LEN}}
+# TensorProto's fields and their wire types (onnx.proto; packed or not): a protobuf's leading
+# fields tell it from a ModelProto (field 2 is the model's producer_name, a string, and the
+# tensor's data_type, a varint). ONNX test data (test_data_set_0/input_0.pb, shipped next to model
+# zoo models) is TensorProto.
 ONNX_TENSOR_WIRES = {1: {VARINT, LEN}, 2: {VARINT}, 3: {LEN}, 4: {LEN, FIXED32}, 5: {LEN, VARINT}, 6: {LEN}, 7: {LEN, VARINT},
                      8: {LEN}, 9: {LEN}, 10: {LEN, FIXED64}, 11: {LEN, VARINT}, 12: {LEN}, 13: {LEN}, 14: {VARINT}}
+LEADING_FIELDS = 64  # how many of a protobuf's first fields a sniffer looks at (within its 512-byte head)
 
 
-def _leading_fields(head: bytes) -> list[tuple[int, int]]:
-    """(field number, wire type) of a protobuf's fields that start within `head`, in order; stops at
-    the first field that does not fit (a long payload runs past the head)."""
-    fields: list[tuple[int, int]] = []
-    pos, end = 0, len(head)
-    try:
-        while pos < end:
-            key, pos = read_varint(head, pos, end)
-            number, wire = key >> 3, key & 7
-            if number == 0:
-                return fields
-            fields.append((number, wire))
-            if wire == VARINT:
-                _, pos = read_varint(head, pos, end)
-            elif wire == LEN:
-                length, pos = read_varint(head, pos, end)
-                pos += length
-            elif wire in (FIXED32, FIXED64):
-                pos += 4 if wire == FIXED32 else 8
-            else:
-                return fields
-    except WireError:
-        pass
-    return fields
+def _keys(head: bytes) -> list[tuple[int, int]]:
+    return [(f.number, f.wire_type) for f in leading_fields(head, LEADING_FIELDS)]
 
 
-def _fits(fields: list[tuple[int, int]], wires: dict[int, set[int]]) -> bool:
-    return all(wire in wires[number] for number, wire in fields if number in wires)
+def _fits_model(keys: list[tuple[int, int]]) -> bool:
+    from bnlint.loaders.onnx_wire import MODEL_FIELD_WIRES  # only for files no signature claimed
+
+    return all(MODEL_FIELD_WIRES[number] == wire for number, wire in keys if number in MODEL_FIELD_WIRES)
 
 
 def onnx_by_content(file: Sniff) -> bool:
     if file.suffix == ".onnx":
         return True
-    return file.head[:1] in (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x3a", b"\x42") and _fits(_leading_fields(file.head), ONNX_MODEL_WIRES)
+    return file.head[:1] in (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x3a", b"\x42") and _fits_model(_keys(file.head))
 
 
 def onnx_tensor(file: Sniff) -> bool:
     """An ONNX TensorProto (a test input or output) is data next to a model, not a model."""
-    fields = _leading_fields(file.head)
-    if (file.suffix == ".pb" and (2, VARINT) in fields and not _fits(fields, ONNX_MODEL_WIRES)
-            and all(number in ONNX_TENSOR_WIRES for number, _ in fields) and _fits(fields, ONNX_TENSOR_WIRES)):
+    if file.suffix != ".pb":
+        return False
+    keys = _keys(file.head)
+    if ((2, VARINT) in keys and not _fits_model(keys)
+            and all(number in ONNX_TENSOR_WIRES and wire in ONNX_TENSOR_WIRES[number] for number, wire in keys)):
         raise NotAModel(str(file.path), "ONNX test data (a TensorProto or sequence, as in test_data_set_0/input_0.pb), not a model")
     return False

@@ -20,6 +20,7 @@ import numpy as np
 
 from bnlint import protowire as pw
 from bnlint.errors import InputError
+from bnlint.loaders.onnx_wire import MODEL_FIELD_WIRES
 from bnlint.protowire import FIXED32, FIXED64, LEN, VARINT, Buffer, Field, WireError
 
 # types.proto DataType -> numpy-style name (as bnlint.model.TensorRef.dtype spells them). A
@@ -491,40 +492,14 @@ def read_saved_model(buf: Buffer) -> list[MetaGraph]:
 
 # ---- content sniffing -------------------------------------------------------------------------
 
-def _first_fields(head: bytes, count: int = 3) -> list[Field]:
-    """Up to `count` leading fields of `head` (a truncated last field is left out)."""
-    out: list[Field] = []
-    pos = 0
-    try:
-        while pos < len(head) and len(out) < count:
-            key, after = pw.read_varint(head, pos, len(head))
-            number, wire = key >> 3, key & 7
-            if number == 0 or wire not in (VARINT, LEN, FIXED32, FIXED64):
-                break
-            if wire == VARINT:
-                value, nxt = pw.read_varint(head, after, len(head))
-                out.append(Field(number, wire, value, after, nxt))
-            elif wire == LEN:
-                length, payload = pw.read_varint(head, after, len(head))
-                out.append(Field(number, wire, length, payload, payload + length))
-                nxt = payload + length
-            else:
-                nxt = after + (4 if wire == FIXED32 else 8)
-                out.append(Field(number, wire, 0, after, nxt))
-            pos = nxt
-    except WireError:
-        pass
-    return out
-
-
 def _looks_like_node(head: bytes, f: Field) -> bool:
     """A NodeDef starts with name (1) then op (2), both strings."""
-    inner = _first_fields(head[f.start:min(f.end, len(head))], 2)
+    inner = pw.leading_fields(head[f.start:min(f.end, len(head))], 2)
     return len(inner) >= 1 and inner[0].number == 1 and inner[0].wire_type == LEN and \
         (len(inner) == 1 or (inner[1].number in (2, 3, 4, 5) and inner[1].wire_type == LEN))
 
 
-_ONNX_KEYS = {(2, LEN), (3, LEN), (4, LEN), (5, VARINT), (6, LEN), (7, LEN), (8, LEN), (14, LEN), (20, LEN), (25, LEN)}
+_ONNX_KEYS = {(number, wire) for number, wire in MODEL_FIELD_WIRES.items() if number != 1}  # what follows ir_version
 
 
 def sniff_pb(head: bytes, path: object = None) -> str | None:
@@ -535,7 +510,7 @@ def sniff_pb(head: bytes, path: object = None) -> str | None:
     op), or only library (2) / versions (4). ONNX ModelProto: ir_version (1, varint) then its own
     fields. `path` breaks ties: a file named saved_model.pb is a SavedModel when the bytes allow it.
     """
-    fields = _first_fields(head)
+    fields = pw.leading_fields(head, 3)
     if not fields:
         return None
     first = fields[0]
