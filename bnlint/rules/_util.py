@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from bnlint.conventions import conventions
@@ -35,6 +37,12 @@ def channel_text(mask: np.ndarray, limit: int = 5) -> str:
     more = int(mask.sum()) - len(picked)
     text = ", ".join(str(i) for i in picked)
     return f"{text}, ... (+{more})" if more > 0 else text
+
+
+def listed(names: Sequence[str], limit: int = 3, sep: str = ", ") -> str:
+    """The first `limit` names, then how many more: "bn1, bn2, bn3, ... (+5)"."""
+    shown = sep.join(names[:limit])
+    return shown + (f"{sep}... (+{len(names) - limit})" if len(names) > limit else "")
 
 
 def eps_of(layer: BNLayer) -> float:

@@ -9,7 +9,7 @@ import numpy as np
 from bnlint.context import RuleContext
 from bnlint.findings import Severity
 from bnlint.model import BNLayer, ModelInfo, ModuleRecord
-from bnlint.rules._util import eps_of, num
+from bnlint.rules._util import eps_of, listed, num
 from bnlint.rules.registry import Hit, rule
 
 
@@ -23,8 +23,7 @@ def _saved_modes(model: ModelInfo) -> tuple[list[BNLayer], list[BNLayer]]:
 
 
 def _names(layers: list[BNLayer], limit: int = 3) -> str:
-    shown = ", ".join(layer.name for layer in layers[:limit])
-    return shown + (f", ... (+{len(layers) - limit})" if len(layers) > limit else "")
+    return listed([layer.name for layer in layers], limit)
 
 
 @rule(

@@ -10,7 +10,7 @@ import numpy as np
 from bnlint.context import RuleContext
 from bnlint.findings import Severity, reestimate
 from bnlint.model import BN_TENSORS, BNLayer, ModelInfo
-from bnlint.rules._util import num
+from bnlint.rules._util import listed, num
 from bnlint.rules.registry import Hit, rule
 
 HALF_DTYPES = ("float16", "bfloat16")
@@ -66,17 +66,16 @@ def half_precision_buffers(model: ModelInfo, ctx: RuleContext) -> Iterator[Hit]:
     if not half:
         return
     names = list(half)
-    shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
+
     kinds = sorted({d for dtypes in half.values() for d in dtypes.values()})
     tensors = sorted({t for dtypes in half.values() for t in dtypes})
     if damaged:
-        verdict = (f"{len(damaged)} of them hold Inf, a value float16 could not store ({', '.join(damaged[:3])}"
-                   f"{', ...' if len(damaged) > 3 else ''})")
+        verdict = f"{len(damaged)} of them hold Inf, a value float16 could not store ({listed(damaged)})"
     else:
         verdict = ("every value is finite, so inference with them is unaffected; training on from this file in half "
                    "precision would lose the small updates momentum makes")
     yield Hit(
-        message=f"{len(names)} BatchNorm layer(s) store {', '.join(tensors)} in {' and '.join(kinds)} ({shown}): {verdict}",
+        message=f"{len(names)} BatchNorm layer(s) store {', '.join(tensors)} in {' and '.join(kinds)} ({listed(names)}): {verdict}",
         values={"layers": names, "dtypes": half, "damaged": damaged},
         severity=None if damaged else Severity.INFO,
     )
@@ -238,5 +237,5 @@ def unchecked_statistics(layer: BNLayer, ctx: RuleContext) -> Iterator[Hit]:
     - Keras `saving_lib` (`H5IOStore.get`: variables loaded by group path).
     """
     if layer.unchecked:
-        shown = "; ".join(layer.unchecked[:5]) + (f"; ... (+{len(layer.unchecked) - 5})" if len(layer.unchecked) > 5 else "")
+        shown = listed(layer.unchecked, 5, "; ")
         yield Hit(message=f"statistics not checked: {shown}", layer=layer.name, values={"reasons": list(layer.unchecked)})
