@@ -166,3 +166,20 @@ def test_a_handful_of_samples_is_refused_before_anything_runs(tmp_path: Path) ->
     assert "4 sample(s)" in result.output and "--min-samples 4" in result.output and "Traceback" not in result.output
     allowed = CliRunner().invoke(main, ["fix", f"{FIX}/convnet_scripted.pt", "--data", str(few), "-o", str(out), "--min-samples", "4"])
     assert allowed.exit_code == 0 and out.exists(), allowed.output
+
+
+def test_the_sample_floor_counts_the_array_the_model_reads(tmp_path: Path) -> None:
+    """Other arrays in the .npz do not decide: a 3-value normalisation vector beside 64 inputs is
+    no reason to refuse, and 100 rows of something else beside 4 inputs do not make 4 enough
+    (that case is refused in the isolated child, once the input array is known)."""
+    with np.load(SHIFTED) as data:
+        images = data["input"]
+    ok, small = tmp_path / "ok.npz", tmp_path / "small.npz"
+    np.savez(ok, input=images[:64], mean=np.zeros(3, np.float32))
+    np.savez(small, input=images[:4], extra=np.zeros((100, 2), np.float32))
+    out = tmp_path / "fixed.pt"
+    accepted = CliRunner().invoke(main, ["fix", f"{FIX}/convnet_scripted.pt", "--data", str(ok), "-o", str(out)])
+    assert accepted.exit_code == 0 and out.exists(), accepted.output
+    out.unlink()
+    refused = CliRunner().invoke(main, ["fix", f"{FIX}/convnet_scripted.pt", "--data", str(small), "-o", str(out)])
+    assert refused.exit_code == 2 and not out.exists() and "4 sample(s)" in refused.output, refused.output

@@ -168,24 +168,27 @@ def run_fix(options: FixOptions, config: Config | None = None) -> FixOutcome:
     _refuse_unsafe(info, options)
     target = _target(options)
     _fixer(info, options)  # a format without a repair is refused before anything runs
-    _refuse_small_sample(options)
+    if options.data is not None:
+        _refuse_small_sample(_largest_array(options.data), options)
     if options.process_group is not None:
         return _run_in_process(info, options, config, target)
     return _run_isolated(options, config, target, info)
 
 
-def _refuse_small_sample(options: FixOptions) -> None:
-    """Refuse --data with fewer than options.min_samples samples, before anything runs."""
-    if options.data is None:
-        return
-    from bnlint.dynamic.data import Dataset
-
-    sources = Dataset(options.data).sources.values()
-    samples = min((source.stored for source in sources), default=0)
+def _refuse_small_sample(samples: int, options: FixOptions) -> None:
+    """Refuse to re-estimate statistics from fewer than options.min_samples samples."""
     if samples < options.min_samples:
         raise UsageError(f"{options.data}: {samples} sample(s): statistics estimated from so few are noise and would replace "
                          f"the trained ones; give at least {options.min_samples} samples of the deployment data (hundreds are "
                          f"better), or --min-samples {samples} to write them anyway")
+
+
+def _largest_array(data: str) -> int:
+    """Samples in the largest array of --data (headers only): the model's input can hold no more,
+    so a sample smaller than the floor is refused before any model runs, and nothing larger is."""
+    from bnlint.dynamic.data import Dataset
+
+    return max((source.stored for source in Dataset(data).sources.values()), default=0)
 
 
 def _run_isolated(options: FixOptions, config: Config, target: str | None, info: Any) -> FixOutcome:
@@ -264,6 +267,8 @@ def fix_in_child(options: FixOptions, config: Config, staged_name: str | None, o
 
         opened = open_runner(info, _dynamic_options(options), config)
     before = measure(info, _dynamic_options(options), config, runner=opened) if options.data is not None else None
+    if before is not None:
+        _refuse_small_sample(before.samples, options)  # the array the model reads, now known exactly
     outcome = FixOutcome(options.model, staged, info.framework, [], [], None, None, opened=opened)
     events.stage("repairing")
     _repair(info, local, outcome, staged)
