@@ -222,18 +222,16 @@ def _settings(options: DynamicOptions, config: Config) -> DynamicThresholds:
     return settings
 
 
-def open_runner(model: ModelInfo, options: DynamicOptions, config: Config) -> Runner:
-    """The runner `measure` would open for this model, with the same settings."""
+def open_runner(model: ModelInfo, options: DynamicOptions, config: Config, module: Any = None) -> Runner:
+    """The runner `measure` runs the model with (`module`: a live nn.Module, run where it is)."""
     events.stage("opening the model")
-    return _open_runner(model, options, _settings(options, config))
+    return _open_runner(model, options, _settings(options, config), module)
 
 
 def _measure(model: ModelInfo, options: DynamicOptions, config: Config, module: Any, runner: Runner | None = None) -> Measurements:
     settings = _settings(options, config)
     dataset = Dataset(options.data, max_samples=settings.max_samples)
-    if runner is None:
-        events.stage("opening the model")
-        runner = _open_runner(model, options, settings, module)
+    runner = runner if runner is not None else open_runner(model, options, config, module)
     sources = dataset.select(runner.input_names, options.inputs)
     for source, shape, name in zip(sources, runner.input_shapes, runner.input_names):
         check_layout(source, shape, name, options.data)
