@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from bnlint.measurements import Measurements
 
 
+# lint_file's skip_unrecognised for what a folder search found: files that are no model at all
+# become notes; a Git LFS pointer, standing in for an unchecked model, stays an error.
+DATA_FILES: Literal["data"] = "data"
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """One model to lint: a file, and the file that completes it (a caffemodel's deploy prototxt)."""
@@ -225,9 +230,8 @@ def lint_paths(
     inputs, notes = expand_paths(paths, config.exclude)
     reference_model = load_model(Path(reference)) if reference else None
     report = Report(notes=notes)
-    data_files: Literal["data"] = "data"  # what a folder search found: data files are notes, LFS pointers errors
     tasks: list[tuple[Path, Path | None, bool | Literal["data"]]] = [
-        (item.path, item.companion, True if skip_unrecognised else data_files if item.searched else False) for item in inputs]
+        (item.path, item.companion, True if skip_unrecognised else DATA_FILES if item.searched else False) for item in inputs]
     if dynamic is not None and tasks and jobs <= 1:
         from bnlint.sandbox import warm_up
 

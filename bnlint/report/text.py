@@ -124,29 +124,24 @@ def fix_under(code: str, rules: Mapping[str, RuleSpec], framework: str | None = 
     return None if spec is None else f"    fix: {printable(fix_text(spec, [framework]))} (bnlint rule {code})"
 
 
-def grouped_run_notes(notes: Iterable[str], limit: int = 3) -> list[str]:
+def grouped_run_notes(notes: Sequence[str], limit: int = 3) -> list[str]:
     """The run's notes for stderr: files skipped for one reason (a folder of ONNX test data gives
     hundreds) become one line with a count and the first few paths once there are more than `limit`."""
     skipped: dict[str, list[str]] = {}
-    out: list[str | tuple[str]] = []
     for note in notes:
         path, sep, reason = note.partition(": skipped: ")
         if sep:
-            if reason not in skipped:
-                out.append((reason,))
             skipped.setdefault(reason, []).append(path)
-        else:
-            out.append(note)
-    lines = []
-    for item in out:
-        if isinstance(item, str):
-            lines.append(item)
-            continue
-        paths = skipped[item[0]]
+    lines: list[str] = []
+    summarised: set[str] = set()
+    for note in notes:
+        _, sep, reason = note.partition(": skipped: ")
+        paths = skipped.get(reason, []) if sep else []
         if len(paths) <= limit:
-            lines.extend(f"{path}: skipped: {item[0]}" for path in paths)
-        else:
-            lines.append(f"skipped {len(paths)} files: {item[0]} ({', '.join(paths[:limit])}, ... (+{len(paths) - limit}))")
+            lines.append(note)
+        elif reason not in summarised:  # the one line, where the first of them was
+            summarised.add(reason)
+            lines.append(f"skipped {len(paths)} files: {reason} ({', '.join(paths[:limit])}, ... (+{len(paths) - limit}))")
     return lines
 
 
