@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from bnlint.measurements import Measurements
 
 
-# lint_file's skip_unrecognised for what a folder search found: files that are no model at all
-# become notes; a Git LFS pointer, standing in for an unchecked model, stays an error.
+# lint_file's skip_unrecognised for what a folder search found: plain data files become notes
+# (`_data_file`); anything else that is no model stays an error.
 DATA_FILES: Literal["data"] = "data"
 
 
@@ -94,8 +94,8 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
     `model`: this file already loaded (`bnlint fix` judges its input without reading it again).
 
     With skip_unrecognised, a file in no model format (a Git LFS pointer, a plain HDF5 data
-    file) gives a note in `notes` and None instead of an error; with "data", only files that are
-    no model at all (not a Git LFS pointer standing in for one): what a folder search found.
+    file) gives a note in `notes` and None instead of an error; with DATA_FILES (what a folder
+    search found), only a file that is plain data (`_data_file`).
     """
     shown = _display(path)
     result = FileResult(path=shown)
@@ -112,7 +112,7 @@ def lint_file(path: Path, config: Config, *, reference: ModelInfo | None = None,
             except DynamicNotRun as failed:  # the static findings stand; only the dynamic part did not run
                 result.dynamic_error = _own_problem(failed.cause, path, shown)
     except BnlintError as exc:  # unreadable file, a tensor that cannot be decoded, unusable --data
-        if skip_unrecognised and isinstance(exc, NotAModel) and (skip_unrecognised is True or not isinstance(exc, ModelPlaceholder)):
+        if isinstance(exc, NotAModel) and (skip_unrecognised is True or skip_unrecognised == DATA_FILES and _data_file(path, exc)):
             if notes is not None:
                 notes.append(f"{shown}: skipped: {exc.problem}")
             return None
@@ -205,6 +205,14 @@ def _own_problem(exc: BnlintError, path: Path, shown: str) -> str:
         if text.startswith(f"{name}: "):
             return text[len(name) + 2:]
     return text
+
+
+def _data_file(path: Path, exc: NotAModel) -> bool:
+    """A file a folder search may skip: no model in it, under an extension data shares with models
+    (formats.DATA_EXTENSIONS), and not a Git LFS pointer standing in for a model."""
+    from bnlint.formats import DATA_EXTENSIONS
+
+    return not isinstance(exc, ModelPlaceholder) and path.name.lower().endswith(DATA_EXTENSIONS)
 
 
 def lint_paths(

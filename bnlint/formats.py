@@ -99,6 +99,12 @@ def function_at(spec: str) -> Callable[..., Any]:
 # by the function), tried among the sniffers by priority: (priority, "module:function"(Sniff) -> bool).
 NOT_MODELS: list[tuple[int, str]] = [(65, "bnlint.loaders.sniff:lfs_pointer"), (83, "bnlint.loaders.sniff:onnx_tensor")]
 
+# Extensions model files share with plain data (an ONNX TensorProto .pb, a CoreML weight.bin, an
+# HDF5 dataset): a file a folder search finds by one of these and that holds no model is noted and
+# skipped. Under a model-only extension (.pt, .onnx, ...) an unrecognised file stays an error: it may
+# be a model in a form the sniffers miss, and a skipped one would pass unchecked.
+DATA_EXTENSIONS = (".bin", ".pb", ".h5", ".hdf5")
+
 _FORMATS: dict[str, FormatRecord] = {}
 FORMATS: Mapping[str, FormatRecord] = types.MappingProxyType(_FORMATS)
 

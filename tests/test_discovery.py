@@ -174,3 +174,17 @@ def test_a_git_lfs_pointer_found_by_a_folder_search_is_still_an_error(tmp_path: 
     result = CliRunner().invoke(main, [str(folder)])
     assert result.exit_code == 2 and "resnet.pt: error: a Git LFS pointer" in result.output
     assert CliRunner().invoke(main, [str(folder), "--skip-unrecognised"]).exit_code == 0
+
+
+def test_an_unrecognised_file_under_a_model_only_extension_stays_an_error(tmp_path: Path) -> None:
+    """An attacker's model in a form the sniffers miss must not pass a folder lint as a note: only
+    extensions data shares with models (.bin, .pb, .h5, .hdf5) are skipped when they hold no model."""
+    from click.testing import CliRunner
+
+    from bnlint.cli import main
+
+    folder = _onnx_zoo_folder(tmp_path)  # its weight.bin and TensorProto .pb files are skipped
+    (folder / "weights" / "model.pt").write_bytes(bytes(range(256)) * 4)
+    result = CliRunner().invoke(main, [str(folder)])
+    assert result.exit_code == 2 and "model.pt: error: not a recognised model file" in result.output
+    assert "weight.bin: skipped" in result.stderr
