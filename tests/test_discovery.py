@@ -188,3 +188,22 @@ def test_an_unrecognised_file_under_a_model_only_extension_stays_an_error(tmp_pa
     result = CliRunner().invoke(main, [str(folder)])
     assert result.exit_code == 2 and "model.pt: error: not a recognised model file" in result.output
     assert "weight.bin: skipped" in result.stderr
+
+
+@pytest.mark.parametrize("head", [b"\xff" * 512, b"\x08" + b"\xff" * 511, b"\x12\xff\xff\xff\xff\x0f", b"\x0b\x0c" * 256,
+                                  b"\x10\x01" * 256, b"\x08\x01\x12\x7f" + b"\x00" * 20, b""])
+def test_protobuf_sniffers_take_hostile_heads_in_stride(tmp_path: Path, head: bytes) -> None:
+    """Overlong varints, groups, lengths past the window, a field repeated 256 times: the leading-field
+    reader stops (at most 64 fields of a 512-byte head), and the sniffers answer or name the file as data."""
+    from bnlint.errors import NotAModel
+    from bnlint.formats import Sniff
+    from bnlint.loaders.sniff import onnx_by_content, onnx_tensor
+    from bnlint.protowire import leading_fields
+
+    assert len(leading_fields(head, 64)) <= 64
+    file = Sniff(tmp_path / "x.pb", head)
+    assert onnx_by_content(file) in (True, False)
+    try:
+        assert onnx_tensor(file) is False
+    except NotAModel:
+        assert head.startswith(b"\x10")  # the data_type-first TensorProto shape
